@@ -1,0 +1,40 @@
+"""The per-process aiohttp client towards engines (one keep-alive pool per worker)."""
+
+from __future__ import annotations
+
+import aiohttp
+from django.conf import settings
+
+_session: aiohttp.ClientSession | None = None
+
+
+def engine_session() -> aiohttp.ClientSession:
+    """The worker's shared ClientSession, created on first use inside the running loop."""
+    global _session
+    if _session is None or _session.closed:
+        connector = aiohttp.TCPConnector(
+            limit=settings.ENGINE_POOL_SIZE, limit_per_host=0, ttl_dns_cache=300
+        )
+        _session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
+    return _session
+
+
+async def close_engine_session() -> None:
+    global _session
+    if _session is not None and not _session.closed:
+        await _session.close()
+    _session = None
+
+
+def request_timeout(read_seconds: float) -> aiohttp.ClientTimeout:
+    """No overall limit (generations are long); bounded connect and gap between bytes."""
+    return aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=settings.ENGINE_CONNECT_TIMEOUT_SECONDS,
+        sock_read=read_seconds,
+    )

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.utils import timezone
+
+
+class Engine(models.Model):
+    """An OpenAI-compatible inference server (llama-server, vLLM, ...)."""
+
+    class Kind(models.TextChoices):
+        EXTERNAL = "external", "external (runs elsewhere)"
+
+    class Flavor(models.TextChoices):
+        LLAMACPP = "llamacpp", "llama.cpp llama-server"
+        VLLM = "vllm", "vLLM"
+        OPENAI = "openai", "other OpenAI-compatible"
+
+    name = models.SlugField(max_length=64, unique=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.EXTERNAL)
+    flavor = models.CharField(max_length=16, choices=Flavor.choices, default=Flavor.LLAMACPP)
+    base_url = models.URLField(
+        max_length=500,
+        help_text="The engine's root, e.g. http://127.0.0.1:8080 (the gateway appends /v1/...).",
+    )
+    upstream_api_key = models.CharField(
+        max_length=500, blank=True, help_text="Sent as the Bearer token to the engine, if set."
+    )
+    timeout_seconds = models.FloatField(
+        default=600.0,
+        validators=[MinValueValidator(0.1)],
+        help_text="Longest wait for the engine's next bytes before the request fails with 504.",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args, **kwargs) -> None:
+        self.base_url = self.base_url.rstrip("/")
+        super().save(*args, **kwargs)
+
+
+class ServedModel(models.Model):
+    """A model name tenants ask for; served by one or more engine variants."""
+
+    name = models.CharField(max_length=200, unique=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class EngineVariant(models.Model):
+    """One way an engine serves a model (its context size and launch settings)."""
+
+    engine = models.ForeignKey(Engine, on_delete=models.CASCADE, related_name="variants")
+    model = models.ForeignKey(ServedModel, on_delete=models.CASCADE, related_name="variants")
+    ctx_size = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Context size in tokens; empty when unknown."
+    )
+
+    class Meta:
+        ordering = ["model__name", "ctx_size"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["engine", "model", "ctx_size"],
+                name="unique_variant",
+                nulls_distinct=False,
+            ),
+        ]
+
+    def __str__(self) -> str:
+        ctx = f" ctx={self.ctx_size}" if self.ctx_size else ""
+        return f"{self.model.name} on {self.engine.name}{ctx}"

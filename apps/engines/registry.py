@@ -1,0 +1,101 @@
+"""An in-process snapshot of engines and served models, for the /v1 hot path.
+
+Re-read from the database at most every REGISTRY_CACHE_SECONDS, by one coroutine at a time;
+the others keep using the previous snapshot meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from apps.engines.models import Engine, EngineVariant
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRoute:
+    name: str
+    flavor: str
+    base_url: str
+    upstream_api_key: str
+    timeout_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class VariantRoute:
+    engine: EngineRoute
+    ctx_size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    id: int
+    name: str
+    created: int  # unix seconds, for /v1/models
+    variants: tuple[VariantRoute, ...]
+
+    @property
+    def owned_by(self) -> str:
+        return self.variants[0].engine.name if self.variants else "gateway"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    models: dict[str, ModelRoute] = field(default_factory=dict)
+    engines: tuple[EngineRoute, ...] = ()
+
+
+def _engine_route(engine: Engine) -> EngineRoute:
+    return EngineRoute(
+        name=engine.name,
+        flavor=engine.flavor,
+        base_url=engine.base_url,
+        upstream_api_key=engine.upstream_api_key,
+        timeout_seconds=engine.timeout_seconds,
+    )
+
+
+def load_snapshot() -> Snapshot:
+    engines = {engine.pk: _engine_route(engine) for engine in Engine.objects.all()}
+    grouped: dict[int, list[EngineVariant]] = {}
+    names: dict[int, tuple[str, int]] = {}
+    for variant in EngineVariant.objects.select_related("model").order_by("model_id", "ctx_size"):
+        grouped.setdefault(variant.model_id, []).append(variant)
+        names[variant.model_id] = (variant.model.name, int(variant.model.created_at.timestamp()))
+    models = {}
+    for model_id, variants in grouped.items():
+        name, created = names[model_id]
+        routes = tuple(VariantRoute(engines[v.engine_id], v.ctx_size) for v in variants)
+        models[name] = ModelRoute(id=model_id, name=name, created=created, variants=routes)
+    return Snapshot(models=models, engines=tuple(engines.values()))
+
+
+_load_snapshot_async = database_sync_to_async(load_snapshot, thread_sensitive=False)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._snapshot: Snapshot | None = None
+        self._loaded_at = 0.0
+        self._lock: asyncio.Lock | None = None
+
+    async def get(self) -> Snapshot:
+        if self._snapshot is not None and not self._stale():
+            return self._snapshot
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one reload at a time; the others wait for its result
+            if self._snapshot is None or self._stale():
+                self._snapshot = await _load_snapshot_async()
+                self._loaded_at = time.monotonic()
+        return self._snapshot
+
+    def _stale(self) -> bool:
+        return time.monotonic() - self._loaded_at >= settings.REGISTRY_CACHE_SECONDS
+
+
+registry = Registry()

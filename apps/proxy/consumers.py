@@ -1,0 +1,224 @@
+"""The /v1 endpoints: thin Channels consumers over the pipeline stages.
+
+Each request runs as a task next to a watcher of the client connection: when the client
+disconnects, the task is cancelled, which closes the upstream request at once (Channels'
+AsyncHttpConsumer alone would not notice a disconnect while it streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+from channels.generic.http import AsyncHttpConsumer
+from django.conf import settings
+
+from apps.engines.registry import ModelRoute, registry
+from apps.proxy import validation
+from apps.proxy.errors import ApiError, model_not_found
+from apps.proxy.exchange import Exchange
+from apps.proxy.request_log import request_log_writer
+from apps.proxy.sse import SseRelay
+from apps.proxy.upstream import forward
+from apps.tenants.auth import Principal, authenticate
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def _read_body(receive: Any) -> bytes | None:
+    """The whole request body, or None if the client left first (or sent too much)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > settings.MAX_REQUEST_BYTES:
+            raise ApiError(413, f"Request body exceeds {settings.MAX_REQUEST_BYTES} bytes.")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _wait_for_disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class V1Consumer(AsyncHttpConsumer):
+    """Base: method check, JSON errors, and the disconnect-cancels-work rule."""
+
+    methods: tuple[str, ...] = ("POST",)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        self.scope = scope
+        self.base_send = send
+        try:
+            body = await _read_body(receive)
+        except ApiError as err:
+            await self.send_error(err)
+            return
+        if body is None:
+            return
+        work = asyncio.ensure_future(self.respond(body))
+        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        done, _ = await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            watcher.cancel()
+            work.result()
+            return
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+
+    async def respond(self, body: bytes) -> None:
+        if self.scope["method"] not in self.methods:
+            await self.send_error(
+                ApiError(
+                    405,
+                    f"Method {self.scope['method']} is not allowed here.",
+                    code="method_not_allowed",
+                )
+            )
+            return
+        try:
+            await self.handle(body)
+        except ApiError as err:
+            await self.send_error(err)
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return value
+        return None
+
+    async def send_json(self, status: int, payload: Any, headers: list | None = None) -> None:
+        await self.send_response(
+            status, orjson.dumps(payload), headers=JSON_HEADERS + (headers or [])
+        )
+
+    async def send_error(self, err: ApiError) -> None:
+        await self.send_response(err.status, err.body(), headers=JSON_HEADERS + err.headers)
+
+
+async def resolve_model(principal: Principal, name: str) -> ModelRoute:
+    route = (await registry.get()).models.get(name)
+    if route is None or not route.variants or not principal.may_use(route.id):
+        raise model_not_found(name)
+    return route
+
+
+class ProxyConsumer(V1Consumer):
+    """POST endpoints relayed to an engine: chat completions, completions, embeddings."""
+
+    endpoint = ""
+    upstream_path = ""
+    streams = True
+
+    def validate(self, payload: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def handle(self, body: bytes) -> None:
+        ex = Exchange(endpoint=self.endpoint)
+        try:
+            await self.proxy(ex, body)
+        except ApiError as err:
+            ex.status, ex.error_code = err.status, err.code or err.type
+            raise
+        except asyncio.CancelledError:
+            ex.client_disconnected = True
+            ex.status = ex.status or 499  # nginx's "client closed request"
+            if not ex.usage_recorded and ex.engine:
+                ex.record_usage(None)  # the engine got the prompt; count it
+            raise
+        finally:
+            if ex.principal is not None:
+                request_log_writer.add(ex.to_log())
+
+    async def proxy(self, ex: Exchange, body: bytes) -> None:
+        ex.principal = await authenticate(self.header(b"authorization"))
+        payload = validation.parse_json_object(body)
+        self.validate(payload)
+        route = await resolve_model(ex.principal, payload["model"])
+        variant = route.variants[0]
+        ex.model, ex.engine = route.name, variant.engine.name
+        ex.prompt_estimate = validation.estimate_prompt_tokens(payload)
+        relay = None
+        if self.streams and payload.get("stream") is True:
+            ex.stream = True
+            relay, body = self._ask_for_usage(payload)
+        await forward(
+            self,
+            ex,
+            engine=variant.engine,
+            path=self.upstream_path,
+            body=body,
+            client_headers=self.scope["headers"],
+            relay=relay,
+        )
+
+    @staticmethod
+    def _ask_for_usage(payload: dict[str, Any]) -> tuple[SseRelay, bytes]:
+        """Always have the engine report usage; the client sees it only if it asked."""
+        options = payload.get("stream_options") or {}
+        relay = SseRelay(client_wants_usage=options.get("include_usage") is True)
+        payload["stream_options"] = {**options, "include_usage": True}
+        return relay, orjson.dumps(payload)
+
+
+class ChatCompletionsConsumer(ProxyConsumer):
+    endpoint = "chat.completions"
+    upstream_path = "/v1/chat/completions"
+    validate = staticmethod(validation.validate_chat)
+
+
+class CompletionsConsumer(ProxyConsumer):
+    endpoint = "completions"
+    upstream_path = "/v1/completions"
+    validate = staticmethod(validation.validate_completion)
+
+
+class EmbeddingsConsumer(ProxyConsumer):
+    endpoint = "embeddings"
+    upstream_path = "/v1/embeddings"
+    streams = False
+    validate = staticmethod(validation.validate_embedding)
+
+
+def _model_object(route: ModelRoute) -> dict[str, Any]:
+    return {
+        "id": route.name,
+        "object": "model",
+        "created": route.created,
+        "owned_by": route.owned_by,
+    }
+
+
+class ModelsConsumer(V1Consumer):
+    methods = ("GET",)
+
+    async def handle(self, body: bytes) -> None:
+        principal = await authenticate(self.header(b"authorization"))
+        models = (await registry.get()).models.values()
+        data = [_model_object(route) for route in models if principal.may_use(route.id)]
+        await self.send_json(200, {"object": "list", "data": sorted(data, key=lambda m: m["id"])})
+
+
+class ModelDetailConsumer(V1Consumer):
+    methods = ("GET",)
+
+    async def handle(self, body: bytes) -> None:
+        principal = await authenticate(self.header(b"authorization"))
+        name = self.scope["url_route"]["kwargs"]["model_id"]
+        await self.send_json(200, _model_object(await resolve_model(principal, name)))
+
+
+class NotFoundConsumer(V1Consumer):
+    methods = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+    async def handle(self, body: bytes) -> None:
+        raise ApiError(404, f"Unknown endpoint {self.scope['path']}.", code="unknown_url")

@@ -1,0 +1,48 @@
+"""`manage.py serve`: migrate, make sure an admin exists, then serve with uvicorn."""
+
+from __future__ import annotations
+
+import os
+
+import uvicorn
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandParser
+
+from apps.proxy.services import admin_user_ensure
+
+
+class Command(BaseCommand):
+    help = "Migrate and serve the gateway (ASGI, uvicorn with uvloop + httptools)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+        parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1)),
+            help="Worker processes (default: one per core).",
+        )
+        parser.add_argument("--access-log", action="store_true", help="Log every request line.")
+
+    def handle(self, *args, host: str, port: int, workers: int, access_log: bool, **options) -> None:
+        call_command("migrate", interactive=False, verbosity=0)
+        password = admin_user_ensure()
+        shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        if password is not None:
+            self.stdout.write(f"Created superuser `admin` with password: {password}")
+        self.stdout.write(f"Admin: http://{shown_host}:{port}/admin/")
+        self.stdout.write(f"OpenAI base_url: http://{shown_host}:{port}/v1")
+        self.stdout.flush()
+        uvicorn.run(
+            "config.asgi:application",
+            host=host,
+            port=port,
+            workers=max(1, workers),
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=access_log,
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+        )

@@ -1,0 +1,113 @@
+"""API key authentication for /v1, with a short in-process cache.
+
+A hit costs a dict lookup; a miss costs one query (key + tenant + allowed models). Revoking
+a key, letting it expire or deactivating its tenant takes effect within
+AUTH_CACHE_SECONDS (expiry itself is checked on every request).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from apps.proxy.errors import ApiError
+from apps.tenants.models import ApiKey
+from apps.tenants.services import hash_key, split_key
+
+_CACHE_MAX_ENTRIES = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a tenant through one of its keys."""
+
+    key_id: int
+    key_name: str
+    tenant_id: int
+    tenant_slug: str
+    tenant_active: bool
+    expires_at: datetime | None
+    revoked: bool
+    allowed_model_ids: frozenset[int] | None  # None: every model
+
+    def may_use(self, model_id: int) -> bool:
+        return self.allowed_model_ids is None or model_id in self.allowed_model_ids
+
+
+_cache: dict[str, tuple[float, Principal | None]] = {}
+
+
+def _load_principal(raw_key: str) -> Principal | None:
+    prefix = split_key(raw_key)
+    if prefix is None:
+        return None
+    key = ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
+    if key is None or not hmac.compare_digest(key.key_hash, hash_key(raw_key)):
+        return None
+    allowed = frozenset(key.tenant.allowed_models.values_list("pk", flat=True))
+    return Principal(
+        key_id=key.pk,
+        key_name=key.name,
+        tenant_id=key.tenant_id,
+        tenant_slug=key.tenant.slug,
+        tenant_active=key.tenant.active,
+        expires_at=key.expires_at,
+        revoked=key.revoked_at is not None,
+        allowed_model_ids=allowed or None,
+    )
+
+
+_load_principal_async = database_sync_to_async(_load_principal, thread_sensitive=False)
+
+
+async def _cached_principal(raw_key: str) -> Principal | None:
+    now = time.monotonic()
+    hit = _cache.get(raw_key)
+    if hit is not None and now - hit[0] < settings.AUTH_CACHE_SECONDS:
+        return hit[1]
+    principal = await _load_principal_async(raw_key)
+    if len(_cache) >= _CACHE_MAX_ENTRIES:
+        _cache.clear()  # bounded: unknown keys from a scanner must not grow memory forever
+    _cache[raw_key] = (now, principal)
+    return principal
+
+
+def bearer_token(authorization: bytes | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+async def authenticate(authorization: bytes | None) -> Principal:
+    """The caller's Principal, or an ApiError (401 bad key, 403 inactive tenant)."""
+    raw_key = bearer_token(authorization)
+    if raw_key is None:
+        raise ApiError(
+            401,
+            "Missing API key. Send it as `Authorization: Bearer sk-...`.",
+            code="invalid_api_key",
+        )
+    principal = await _cached_principal(raw_key)
+    if principal is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    if principal.revoked:
+        raise ApiError(401, "This API key has been revoked.", code="invalid_api_key")
+    if principal.expires_at is not None and principal.expires_at <= timezone.now():
+        raise ApiError(401, "This API key has expired.", code="invalid_api_key")
+    if not principal.tenant_active:
+        raise ApiError(
+            403,
+            f"Tenant `{principal.tenant_slug}` is inactive.",
+            type="permission_error",
+            code="tenant_inactive",
+        )
+    return principal

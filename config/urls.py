@@ -1,0 +1,9 @@
+from django.contrib import admin
+from django.urls import path
+
+admin.site.site_header = "LLM gateway"
+admin.site.site_title = "LLM gateway admin"
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+]
