@@ -102,6 +102,8 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "config.urls"
+# Session storage keeps one-time messages (such as a newly created API key) server-side.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 ASGI_APPLICATION = "config.asgi.application"
 
 TEMPLATES = [

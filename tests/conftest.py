@@ -117,6 +117,17 @@ def start_gateway(
 
 
 @pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix) -> None:
+    """A test database per pytest run, so concurrent runs on one cluster never collide."""
+    from django.conf import settings
+
+    settings.DATABASES["default"]["TEST"]["NAME"] = f"test_gateway_{os.getpid()}"
+    # In-process async tests use worker threads; close their connections after each call
+    # so the test database can be dropped at the end.
+    settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+
+
+@pytest.fixture(scope="session")
 def fake_engine() -> Iterator[FakeEngineProcess]:
     with FakeEngineProcess().start("--model", FAKE_MODEL, "--model", "other-model") as engine:
         yield engine
@@ -130,6 +141,15 @@ def gateway(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Ga
     gateway = start_gateway(connection.settings_dict, log_path)
     yield gateway
     gateway.stop()
+
+
+@pytest.fixture(autouse=True)
+def _let_the_gateway_settle(request) -> Iterator[None]:
+    """After an end-to-end test, give the gateway time to write its batched request logs,
+    so the test's table flush never races with (or deadlocks against) that write."""
+    yield
+    if "gateway" in request.fixturenames:
+        time.sleep(0.15)
 
 
 @dataclass

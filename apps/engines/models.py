@@ -1,8 +1,20 @@
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
+
+
+def validate_engine_url(value: str) -> None:
+    """http(s) with a host; unlike URLField, dotless hosts (`http://llama:8080`) are fine."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError(
+            f"Enter an http(s) URL with a host, e.g. http://127.0.0.1:8080 ({value!r})."
+        )
 
 
 class Engine(models.Model):
@@ -19,8 +31,9 @@ class Engine(models.Model):
     name = models.SlugField(max_length=64, unique=True)
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.EXTERNAL)
     flavor = models.CharField(max_length=16, choices=Flavor.choices, default=Flavor.LLAMACPP)
-    base_url = models.URLField(
+    base_url = models.CharField(
         max_length=500,
+        validators=[validate_engine_url],
         help_text="The engine's root, e.g. http://127.0.0.1:8080 (the gateway appends /v1/...).",
     )
     upstream_api_key = models.CharField(

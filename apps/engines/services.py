@@ -14,16 +14,18 @@ def engine_register_external(
     base_url: str,
     models: list[str],
     ctx_size: int | None = None,
-    flavor: str = Engine.Flavor.LLAMACPP,
+    flavor: str | None = None,
 ) -> Engine:
     """Create or update an external engine and add a variant for each model name.
 
-    Running it again for the same engine adds models; an existing base URL is replaced.
+    Running it again for the same engine adds models; an existing base URL is replaced;
+    the flavor is kept unless one is given (a new engine defaults to llama.cpp).
     """
     engine = Engine.objects.filter(name=name).first() or Engine(name=name)
     engine.base_url = base_url
     engine.kind = Engine.Kind.EXTERNAL
-    engine.flavor = flavor
+    if flavor is not None:
+        engine.flavor = flavor
     engine.full_clean()
     engine.save()
     for model_name in models:

@@ -77,13 +77,21 @@ def upstream_error_body(status: int, raw: bytes) -> bytes:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
         parsed = None
+    error_type = "api_error" if status >= 500 else "invalid_request_error"
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        return raw
+        error = parsed["error"]
+        if {"message", "type", "param", "code"} <= error.keys():
+            return raw  # already OpenAI-shaped: byte for byte as the engine sent it
+        # llama.cpp omits `param`; keep everything it sent and add what OpenAI clients expect.
+        error.setdefault("message", f"Engine returned HTTP {status}")
+        error.setdefault("type", error_type)
+        error.setdefault("param", None)
+        error.setdefault("code", None)
+        return orjson.dumps(parsed)
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
         message = parsed["error"]  # vLLM/FastAPI style {"error": "..."} or {"detail": ...}
     elif isinstance(parsed, dict) and "detail" in parsed:
         message = str(parsed["detail"])
     else:
         message = raw.decode("utf-8", "replace").strip() or f"Engine returned HTTP {status}"
-    error_type = "api_error" if status >= 500 else "invalid_request_error"
     return ApiError(status, message, type=error_type, code=str(status)).body()

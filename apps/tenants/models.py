@@ -36,6 +36,7 @@ class ApiKey(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
+        verbose_name = "API key"
         ordering = ["tenant__slug", "name"]
         constraints = [
             models.UniqueConstraint(fields=["tenant", "name"], name="unique_key_name_per_tenant"),

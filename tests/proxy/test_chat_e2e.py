@@ -63,7 +63,9 @@ def test_it_streams_usage_when_the_client_asks(engine, openai_client, alice):
     assert log.ttft_ms is not None and log.ttft_ms <= log.latency_ms
 
 
-def test_it_records_usage_of_a_stream_the_client_did_not_ask_usage_for(engine, openai_client, alice):
+def test_it_records_usage_of_a_stream_the_client_did_not_ask_usage_for(
+    engine, openai_client, alice
+):
     list(
         openai_client.chat.completions.create(
             model=FAKE_MODEL, messages=[{"role": "user", "content": "a b c d"}], stream=True
@@ -157,6 +159,8 @@ def test_it_passes_the_usage_chunk_through_untouched_when_asked(engine, gateway,
     with httpx.stream(
         "POST", f"{gateway.base_url}/chat/completions", json=body, headers=alice.auth
     ) as response:
-        events = [orjson.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        events = [
+            orjson.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")
+        ]
     assert events[-1]["usage"]["total_tokens"] == 6
     assert "timings" in events[-1]  # llama.cpp's extra fields pass through

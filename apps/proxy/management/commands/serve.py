@@ -25,7 +25,9 @@ class Command(BaseCommand):
         )
         parser.add_argument("--access-log", action="store_true", help="Log every request line.")
 
-    def handle(self, *args, host: str, port: int, workers: int, access_log: bool, **options) -> None:
+    def handle(
+        self, *args, host: str, port: int, workers: int, access_log: bool, **options
+    ) -> None:
         call_command("migrate", interactive=False, verbosity=0)
         password = admin_user_ensure()
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host

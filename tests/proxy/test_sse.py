@@ -1,0 +1,75 @@
+"""SseRelay: event framing, usage capture and stripping, without any I/O."""
+
+from __future__ import annotations
+
+import orjson
+
+from apps.proxy.sse import SseRelay
+
+
+def event(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def content(text: str) -> dict:
+    return {
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+        "usage": None,
+    }
+
+
+USAGE = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+
+def test_it_forwards_complete_events_and_holds_partial_ones():
+    relay = SseRelay(client_wants_usage=False)
+    whole = event(content("a")) + event(content("b"))
+    assert relay.feed(whole[:10]) == b""
+    assert relay.feed(whole[10:]) == whole
+    assert relay.content_events == 2
+    assert relay.first_token_at is not None
+
+
+def test_it_drops_the_usage_only_chunk_the_client_did_not_ask_for():
+    relay = SseRelay(client_wants_usage=False)
+    out = relay.feed(event(content("a")) + event(USAGE) + b"data: [DONE]\n\n")
+    assert out == event(content("a"))
+    assert relay.usage == USAGE["usage"]
+    assert relay.saw_done
+
+
+def test_it_keeps_the_usage_chunk_when_asked():
+    relay = SseRelay(client_wants_usage=True)
+    assert relay.feed(event(USAGE)) == event(USAGE)
+    assert relay.usage == USAGE["usage"]
+
+
+def test_it_strips_usage_riding_on_a_chunk_with_choices():
+    chunk = {**content("z"), "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    relay = SseRelay(client_wants_usage=False)
+    out = orjson.loads(relay.feed(event(chunk))[6:])
+    assert "usage" not in out
+    assert out["choices"][0]["delta"]["content"] == "z"
+    assert relay.usage == {"prompt_tokens": 1, "completion_tokens": 1}
+
+
+def test_it_handles_crlf_framing_comments_and_a_trailing_event():
+    relay = SseRelay(client_wants_usage=False)
+    out = relay.feed(b": ping\r\n\r\n" + event(content("a")).replace(b"\n", b"\r\n"))
+    assert out == b": ping\n\n" + event(content("a"))
+    assert relay.feed(b"data: " + orjson.dumps(content("b"))) == b""
+    assert relay.finish() == event(content("b"))
+
+
+def test_it_does_not_count_role_only_chunks_as_the_first_token():
+    relay = SseRelay(client_wants_usage=False)
+    relay.feed(event({"choices": [{"delta": {"role": "assistant", "content": ""}}]}))
+    assert relay.first_token_at is None
+    relay.feed(event(content("x")))
+    assert relay.first_token_at is not None
+
+
+def test_it_remembers_an_error_event_from_the_engine():
+    relay = SseRelay(client_wants_usage=False)
+    relay.feed(event(content("x")) + event({"error": {"message": "boom", "code": 500}}))
+    assert relay.upstream_error == {"message": "boom", "code": 500}
