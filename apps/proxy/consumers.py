@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import orjson
@@ -23,6 +24,8 @@ from apps.proxy.request_log import request_log_writer
 from apps.proxy.sse import SseRelay
 from apps.proxy.upstream import forward
 from apps.tenants.auth import Principal, authenticate
+
+logger = logging.getLogger(__name__)
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -53,6 +56,7 @@ class V1Consumer(AsyncHttpConsumer):
     """Base: method check, JSON errors, and the disconnect-cancels-work rule."""
 
     methods: tuple[str, ...] = ("POST",)
+    response_started = False
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         self.scope = scope
@@ -89,6 +93,16 @@ class V1Consumer(AsyncHttpConsumer):
             await self.handle(body)
         except ApiError as err:
             await self.send_error(err)
+        except Exception:
+            logger.exception("unhandled error on %s", self.scope["path"])
+            if not self.response_started:
+                await self.send_error(
+                    ApiError(500, "The gateway failed to handle this request.", type="api_error")
+                )
+
+    async def send_headers(self, *, status: int = 200, headers: Any = None) -> None:
+        self.response_started = True
+        await super().send_headers(status=status, headers=headers)
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.scope["headers"]:
