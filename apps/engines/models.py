@@ -78,6 +78,10 @@ class EngineVariant(models.Model):
     ctx_size = models.PositiveIntegerField(
         null=True, blank=True, help_text="Context size in tokens; empty when unknown."
     )
+    system_prompt = models.TextField(
+        blank=True,
+        help_text="Default system prompt for this model variant (overrides the tenant's).",
+    )
 
     class Meta:
         ordering = ["model__name", "ctx_size"]

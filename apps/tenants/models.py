@@ -14,6 +14,14 @@ class Tenant(models.Model):
         related_name="tenants",
         help_text="Leave empty to allow every model.",
     )
+    system_prompt = models.TextField(
+        blank=True, help_text="Default system prompt for this tenant's chats (least specific)."
+    )
+    requests_per_minute = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Requests per minute for the whole tenant; empty = no limit.",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -34,6 +42,9 @@ class ApiKey(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Requests per minute for this key; empty = no limit."
+    )
 
     class Meta:
         verbose_name = "API key"
