@@ -24,6 +24,7 @@ from apps.proxy.request_log import request_log_writer
 from apps.proxy.sse import SseRelay
 from apps.proxy.upstream import forward
 from apps.tenants.auth import Principal, authenticate
+from apps.tenants.rate_limits import rate_limit_check
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,12 @@ class V1Consumer(AsyncHttpConsumer):
         self.response_started = True
         await super().send_headers(status=status, headers=headers)
 
+    async def authorize(self) -> Principal:
+        """Authenticate the caller's key and count the request against its rate limits."""
+        principal = await authenticate(self.header(b"authorization"))
+        await rate_limit_check(principal)
+        return principal
+
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.scope["headers"]:
             if key == name:
@@ -154,7 +161,7 @@ class ProxyConsumer(V1Consumer):
                 request_log_writer.add(ex.to_log())
 
     async def proxy(self, ex: Exchange, body: bytes) -> None:
-        ex.principal = await authenticate(self.header(b"authorization"))
+        ex.principal = await self.authorize()
         payload = validation.parse_json_object(body)
         self.validate(payload)
         route = await resolve_model(ex.principal, payload["model"])
@@ -216,7 +223,7 @@ class ModelsConsumer(V1Consumer):
     methods = ("GET",)
 
     async def handle(self, body: bytes) -> None:
-        principal = await authenticate(self.header(b"authorization"))
+        principal = await self.authorize()
         models = (await registry.get()).models.values()
         data = [_model_object(route) for route in models if principal.may_use(route.id)]
         await self.send_json(200, {"object": "list", "data": sorted(data, key=lambda m: m["id"])})
@@ -226,7 +233,7 @@ class ModelDetailConsumer(V1Consumer):
     methods = ("GET",)
 
     async def handle(self, body: bytes) -> None:
-        principal = await authenticate(self.header(b"authorization"))
+        principal = await self.authorize()
         name = self.scope["url_route"]["kwargs"]["model_id"]
         await self.send_json(200, _model_object(await resolve_model(principal, name)))
 

@@ -35,6 +35,8 @@ class Principal:
     expires_at: datetime | None
     revoked: bool
     allowed_model_ids: frozenset[int] | None  # None: every model
+    key_rpm: int | None = None
+    tenant_rpm: int | None = None
 
     def may_use(self, model_id: int) -> bool:
         return self.allowed_model_ids is None or model_id in self.allowed_model_ids
@@ -60,6 +62,8 @@ def _load_principal(raw_key: str) -> Principal | None:
         expires_at=key.expires_at,
         revoked=key.revoked_at is not None,
         allowed_model_ids=allowed or None,
+        key_rpm=key.requests_per_minute,
+        tenant_rpm=key.tenant.requests_per_minute,
     )
 
 
