@@ -476,19 +476,12 @@ class FakeEngine:
         await response.prepare(request)
         head = completion.role_chunk() or b""
         n = knobs.chunks if knobs.drop_after is None else min(knobs.chunks, knobs.drop_after)
-        if knobs.chunk_delay <= 0:
-            # Instant path: one write for the whole body keeps benchmarks engine-cheap.
-            body = head + b"".join(completion.content_chunk(i) for i in range(n))
-            count_chunk(request, n)
-            if knobs.drop_after is not None and knobs.drop_after < knobs.chunks:
-                await response.write(body)
-                return self.drop(request, response)
-            await response.write_eof(body + completion.tail())
-            return response
         if head:
             await response.write(head)
         for i in range(n):
-            await asyncio.sleep(knobs.chunk_delay)
+            # One write per chunk even when instant, as a real engine emits one per token.
+            if knobs.chunk_delay > 0:
+                await asyncio.sleep(knobs.chunk_delay)
             await response.write(completion.content_chunk(i))
             count_chunk(request)
         if knobs.drop_after is not None and knobs.drop_after < knobs.chunks:

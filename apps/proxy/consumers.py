@@ -1,14 +1,13 @@
 """The /v1 endpoints: thin Channels consumers over the pipeline stages.
 
-Each request runs as a task next to a watcher of the client connection: when the client
-disconnects, the task is cancelled, which closes the upstream request at once (Channels'
+Each request has a watcher task on the client connection: when the client disconnects,
+the request's task is cancelled, which closes the upstream request at once (Channels'
 AsyncHttpConsumer alone would not notice a disconnect while it streams).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -48,9 +47,10 @@ async def _read_body(receive: Any) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _wait_for_disconnect(receive: Any) -> None:
+async def _cancel_on_disconnect(receive: Any, task: asyncio.Task) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+    task.cancel()
 
 
 class V1Consumer(AsyncHttpConsumer):
@@ -69,16 +69,15 @@ class V1Consumer(AsyncHttpConsumer):
             return
         if body is None:
             return
-        work = asyncio.ensure_future(self.respond(body))
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        done, _ = await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if work in done:
+        # The request runs in this task; a watcher cancels it if the client disconnects.
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, asyncio.current_task()))
+        try:
+            await self.respond(body)
+        except asyncio.CancelledError:
+            if not watcher.done():
+                raise  # cancelled by the server (shutdown), not by the client leaving
+        finally:
             watcher.cancel()
-            work.result()
-            return
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await work
 
     async def respond(self, body: bytes) -> None:
         if self.scope["method"] not in self.methods:
@@ -158,7 +157,7 @@ class ProxyConsumer(V1Consumer):
             raise
         finally:
             if ex.principal is not None:
-                request_log_writer.add(ex.to_log())
+                request_log_writer.add(ex.to_log_row())
 
     async def proxy(self, ex: Exchange, body: bytes) -> None:
         ex.principal = await self.authorize()

@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from apps.proxy.models import RequestLog
+from django.utils import timezone
+
 from apps.tenants.auth import Principal
 
 
@@ -40,24 +41,26 @@ class Exchange:
         self.completion_tokens = fallback_completion
         self.usage_estimated = True
 
-    def to_log(self) -> RequestLog:
+    def to_log_row(self) -> tuple:
+        """This request as a request-log row (columns: request_log.LOG_COLUMNS)."""
         assert self.principal is not None
         ttft = None
         if self.first_token_at is not None:
             ttft = (self.first_token_at - self.started) * 1000
-        return RequestLog(
-            tenant_id=self.principal.tenant_id,
-            api_key_id=self.principal.key_id,
-            endpoint=self.endpoint,
-            model=self.model,
-            engine=self.engine,
-            stream=self.stream,
-            status_code=self.status,
-            error_code=self.error_code,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            usage_estimated=self.usage_estimated,
-            client_disconnected=self.client_disconnected,
-            ttft_ms=ttft,
-            latency_ms=(time.perf_counter() - self.started) * 1000,
+        return (
+            timezone.now(),
+            self.principal.tenant_id,
+            self.principal.key_id,
+            self.endpoint,
+            self.model,
+            self.engine,
+            self.stream,
+            self.status,
+            self.error_code,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.usage_estimated,
+            self.client_disconnected,
+            ttft,
+            (time.perf_counter() - self.started) * 1000,
         )

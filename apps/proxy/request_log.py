@@ -12,6 +12,7 @@ import logging
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from apps.proxy.models import RequestLog
@@ -20,9 +21,34 @@ from apps.tenants.services import api_keys_touch
 logger = logging.getLogger(__name__)
 
 
-def _write(entries: list[RequestLog]) -> None:
-    RequestLog.objects.bulk_create(entries)
-    key_ids = sorted({entry.api_key_id for entry in entries if entry.api_key_id})
+# COPY is several times cheaper than a multi-row INSERT, and rows stay plain tuples: no
+# model instances are built on the hot path (this thread shares the GIL with the loop).
+LOG_COLUMNS = (
+    "created_at",
+    "tenant_id",
+    "api_key_id",
+    "endpoint",
+    "model",
+    "engine",
+    "stream",
+    "status_code",
+    "error_code",
+    "prompt_tokens",
+    "completion_tokens",
+    "usage_estimated",
+    "client_disconnected",
+    "ttft_ms",
+    "latency_ms",
+)
+_API_KEY_INDEX = LOG_COLUMNS.index("api_key_id")
+_COPY_SQL = f"COPY {RequestLog._meta.db_table} ({', '.join(LOG_COLUMNS)}) FROM STDIN"
+
+
+def _write(rows: list[tuple]) -> None:
+    with connection.cursor() as cursor, cursor.cursor.copy(_COPY_SQL) as copy:
+        for row in rows:
+            copy.write_row(row)
+    key_ids = sorted({row[_API_KEY_INDEX] for row in rows if row[_API_KEY_INDEX]})
     api_keys_touch(key_ids=key_ids, used_at=timezone.now())
 
 
@@ -31,11 +57,12 @@ _write_async = database_sync_to_async(_write, thread_sensitive=False)
 
 class RequestLogWriter:
     def __init__(self) -> None:
-        self._pending: list[RequestLog] = []
+        self._pending: list[tuple] = []
         self._task: asyncio.Task | None = None
 
-    def add(self, entry: RequestLog) -> None:
-        self._pending.append(entry)
+    def add(self, row: tuple) -> None:
+        """Queue one row, its values in LOG_COLUMNS order."""
+        self._pending.append(row)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 

@@ -1,0 +1,34 @@
+-- wrk script for bench/run.py: POST a fixed JSON body, print a machine-readable summary.
+-- Inputs come from the environment so one script serves every scenario and target:
+--   BENCH_PATH  request path (default /v1/chat/completions)
+--   BENCH_BODY  the JSON body
+--   BENCH_KEY   API key sent as "Authorization: Bearer <key>" (omitted when empty)
+-- No response() callback on purpose: defining one makes wrk hand every response to Lua,
+-- which would slow the load generator that shares the machine's two cores.
+
+wrk.method = "POST"
+wrk.path = os.getenv("BENCH_PATH") or "/v1/chat/completions"
+wrk.body = os.getenv("BENCH_BODY") or "{}"
+wrk.headers["Content-Type"] = "application/json"
+local key = os.getenv("BENCH_KEY") or ""
+if key ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. key
+end
+
+request = function()
+  return wrk.format(nil, wrk.path)
+end
+
+-- One line, prefixed so bench/run.py can find it among wrk's own output.
+-- Latencies are in microseconds, as wrk records them.
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"latency_us":{"p50":%d,"p90":%d,"p99":%d,"max":%d,"mean":%.1f}}\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.max, latency.mean))
+end

@@ -1,0 +1,533 @@
+"""Overhead benchmark: the same load through the gateway and straight to the engine.
+
+Run from the repo root:  python bench/run.py [--duration 10] [--connections 50]
+
+It starts the fake engine (tests/fake_engine.py) and a gateway on its own data dir
+(var/bench, with its own embedded PostgreSQL), drives both with wrk and compares them
+per scenario against the budgets below. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.fake_engine import FakeEngineProcess  # noqa: E402  (needs the repo on sys.path)
+
+BENCH_DIR = REPO / "bench"
+DATA_DIR = REPO / "var" / "bench"
+LUA_SCRIPT = BENCH_DIR / "post.lua"
+RESULTS_FILE = DATA_DIR / "results.json"
+MODEL = "fake-model"
+THREADS = 2
+WARMUP_SECONDS = 2
+HEALTH_TIMEOUT_SECONDS = 60.0
+MANAGE_TIMEOUT_SECONDS = 300.0
+
+
+class BenchError(Exception):
+    """The benchmark cannot run; the message says why."""
+
+
+# --- scenarios and budgets -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    stream: bool
+    fake: dict[str, Any]
+    budget: str
+    check: Callable[[Comparison], bool]
+
+    def body(self) -> str:
+        body: dict[str, Any] = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hello there"}],
+            "fake": self.fake,
+        }
+        if self.stream:
+            body["stream"] = True
+        return json.dumps(body, separators=(",", ":"))
+
+
+@dataclasses.dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    duration_s: float
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    non_2xx: int
+    socket_errors: dict[str, int]
+
+    @property
+    def error_count(self) -> int:
+        return self.non_2xx + sum(self.socket_errors.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    direct: WrkResult
+    gateway: WrkResult
+
+    @property
+    def ratio(self) -> float:
+        return self.gateway.rps / self.direct.rps if self.direct.rps else 0.0
+
+    @property
+    def added_p50_ms(self) -> float:
+        return self.gateway.p50_ms - self.direct.p50_ms
+
+    @property
+    def added_p99_ms(self) -> float:
+        return self.gateway.p99_ms - self.direct.p99_ms
+
+
+SCENARIOS = [
+    Scenario(
+        "a",
+        "non-streaming, instant",
+        stream=False,
+        fake={"chunks": 5},
+        budget="ratio >= 0.25",
+        check=lambda c: c.ratio >= 0.25,
+    ),
+    Scenario(
+        "b",
+        "stream 20 chunks, instant",
+        stream=True,
+        fake={"chunks": 20},
+        budget="ratio >= 0.70",
+        check=lambda c: c.ratio >= 0.70,
+    ),
+    Scenario(
+        "c",
+        "stream 20 chunks, 10 ms apart",
+        stream=True,
+        fake={"chunks": 20, "chunk_delay": 0.01},
+        budget="added p50 <= 2 ms and added p99 <= 20 ms",
+        check=lambda c: c.added_p50_ms <= 2.0 and c.added_p99_ms <= 20.0,
+    ),
+]
+
+
+# --- wrk -------------------------------------------------------------------------------
+
+
+def run_wrk(url: str, body: str, api_key: str, duration: int, connections: int) -> WrkResult:
+    """One wrk run; numbers come from the Lua done() hook, not from scraping wrk's text."""
+    cmd = [
+        "wrk",
+        f"-t{THREADS}",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        # wrk's default 2 s would count slow responses as errors, hiding real latency.
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA_SCRIPT),
+        url,
+    ]
+    env = {**os.environ, "BENCH_BODY": body, "BENCH_KEY": api_key}
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=duration + 60, check=False
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return parse_wrk_json(json.loads(line[len("BENCH_JSON ") :]))
+    raise BenchError(f"wrk gave no summary (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+
+
+def parse_wrk_json(data: dict[str, Any]) -> WrkResult:
+    duration_s = data["duration_us"] / 1e6
+    latency = data["latency_us"]
+    errors = data["errors"]
+    return WrkResult(
+        requests=data["requests"],
+        duration_s=duration_s,
+        rps=data["requests"] / duration_s if duration_s else 0.0,
+        p50_ms=latency["p50"] / 1000,
+        p90_ms=latency["p90"] / 1000,
+        p99_ms=latency["p99"] / 1000,
+        max_ms=latency["max"] / 1000,
+        non_2xx=errors["status"],
+        socket_errors={k: errors[k] for k in ("connect", "read", "write", "timeout")},
+    )
+
+
+def measure(url: str, scenario: Scenario, api_key: str, args: argparse.Namespace) -> WrkResult:
+    body = scenario.body()
+    # Warm-up fills connection pools and caches so the measured run sees steady state.
+    run_wrk(url, body, api_key, WARMUP_SECONDS, args.connections)
+    return run_wrk(url, body, api_key, args.duration, args.connections)
+
+
+def measure_target(
+    target: str, base_url: str, scenario: Scenario, api_key: str, args: argparse.Namespace
+) -> WrkResult:
+    url = base_url + "/v1/chat/completions"
+    smoke_test(url, scenario, api_key)
+    note(f"{scenario.key}) {scenario.title}: {target} ...")
+    return measure(url, scenario, api_key, args)
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: str, api_key: str = "") -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def smoke_test(url: str, scenario: Scenario, api_key: str) -> None:
+    """One request before the load, so a misconfiguration fails with its real answer."""
+    status, content = post(url, scenario.body(), api_key)
+    complete = b"data: [DONE]" in content if scenario.stream else b'"choices"' in content
+    if status != 200 or not complete:
+        raise BenchError(f"smoke request to {url} failed: HTTP {status}\n{content[:500]!r}")
+
+
+class Gateway:
+    """The gateway on its own DATA_DIR, set up through its management commands."""
+
+    def __init__(self, engine_url: str) -> None:
+        self.engine_url = engine_url
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = DATA_DIR / "gateway.log"
+        self.env = {**os.environ, "DATA_DIR": str(DATA_DIR), "LOG_LEVEL": "WARNING"}
+        # Unset so settings start the embedded PostgreSQL under DATA_DIR and never reach
+        # the developer's database or cache.
+        self.env.pop("DATABASE_URL", None)
+        self.env.pop("REDIS_URL", None)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=MANAGE_TIMEOUT_SECONDS,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            output = (proc.stdout + proc.stderr).strip()
+            hint = (
+                " (is that management command written yet?)" if "Unknown command" in output else ""
+            )
+            raise BenchError(f"manage.py {args[0]} failed{hint}:\n{output}")
+        return proc
+
+    def setup(self) -> str:
+        """Migrate, create tenant, key and engine; return the raw API key."""
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        self.manage("migrate", "--no-input")
+        tenant = self.manage("create_tenant", "bench", check=False)
+        output = (tenant.stdout + tenant.stderr).strip()
+        if tenant.returncode != 0 and "already exists" not in output:
+            # Not fatal: create_api_key below fails clearly if the tenant is really missing.
+            note(f"create_tenant bench: {output[-300:]}")
+        key_out = self.manage("create_api_key", "bench", "--name", f"bench-{secrets.token_hex(4)}")
+        lines = key_out.stdout.strip().splitlines()
+        api_key = lines[-1].strip() if lines else ""
+        if not api_key.startswith("sk-"):
+            raise BenchError(f"create_api_key printed no sk-... key:\n{key_out.stdout}")
+        self.manage("add_engine", "fake", "--base-url", self.engine_url, "--model", MODEL)
+        return api_key
+
+    def start(self) -> None:
+        cmd = [sys.executable, "manage.py", "serve", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--workers", "1"]
+        with self.log_path.open("wb") as log:
+            # Own session: Ctrl-C reaches only us, and stop() can end the server's
+            # whole process group (it may fork workers) in order.
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.wait_healthy()
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BenchError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.url + "/health", timeout=2) as response,
+            ):
+                if response.status == 200:
+                    return
+            time.sleep(0.25)
+        raise BenchError(
+            f"gateway not healthy after {HEALTH_TIMEOUT_SECONDS:.0f}s:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, chars: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-chars:]
+        return ""
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        # SIGINT, not SIGTERM: uvicorn re-raises the signal it caught after shutting down,
+        # and only SIGINT (as KeyboardInterrupt) lets atexit run, which releases the
+        # embedded PostgreSQL; after SIGTERM the database server is left running.
+        for sig, wait in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            self._signal_group(proc, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=wait)
+                return
+
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        # The group id is the pid we started (start_new_session), so this reaches only it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+
+# --- report --------------------------------------------------------------------------
+
+
+def note(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+def fmt_pair(a: float, b: float) -> str:
+    return f"{a:6.2f} /{b:7.2f}"
+
+
+def print_table(rows: list[tuple[Scenario, Comparison]]) -> None:
+    header = (
+        f"{'scenario':<33} {'direct r/s':>10} {'gateway r/s':>11} {'ratio':>6}  "
+        f"{'direct p50/p99 ms':>17}  {'gateway p50/p99 ms':>18}  {'added p50/p99 ms':>16}  "
+        f"{'errors d/g':>10}"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
+    for scenario, c in rows:
+        errors = f"{c.direct.error_count}/{c.gateway.error_count}"
+        print(
+            f"{scenario.key + ') ' + scenario.title:<33} {c.direct.rps:10.0f} "
+            f"{c.gateway.rps:11.0f} {c.ratio:6.3f}  "
+            f"{fmt_pair(c.direct.p50_ms, c.direct.p99_ms):>17}  "
+            f"{fmt_pair(c.gateway.p50_ms, c.gateway.p99_ms):>18}  "
+            f"{fmt_pair(c.added_p50_ms, c.added_p99_ms):>16}  {errors:>10}"
+        )
+    print()
+
+
+def print_direct_table(rows: list[tuple[Scenario, WrkResult]]) -> None:
+    header = f"{'scenario':<33} {'direct r/s':>10}  {'p50/p99 ms':>16}  {'errors':>6}"
+    print()
+    print(header)
+    print("-" * len(header))
+    for scenario, r in rows:
+        print(
+            f"{scenario.key + ') ' + scenario.title:<33} {r.rps:10.0f}  "
+            f"{fmt_pair(r.p50_ms, r.p99_ms):>16}  {r.error_count:>6}"
+        )
+    print()
+
+
+def error_lines(scenario: Scenario, target: str, result: WrkResult) -> Iterator[str]:
+    if result.non_2xx:
+        yield f"{scenario.key}) {target}: {result.non_2xx} non-2xx responses"
+    for kind, count in result.socket_errors.items():
+        if count:
+            yield f"{scenario.key}) {target}: {count} socket {kind} errors"
+
+
+def verdicts(rows: list[tuple[Scenario, Comparison]]) -> tuple[bool, bool]:
+    """Print PASS/MISS per scenario and any errors; return (valid, all_passed)."""
+    problems = [
+        line
+        for scenario, c in rows
+        for target, result in (("direct", c.direct), ("gateway", c.gateway))
+        for line in error_lines(scenario, target, result)
+    ]
+    all_passed = True
+    for scenario, c in rows:
+        passed = scenario.check(c)
+        all_passed &= passed
+        print(
+            f"{'PASS' if passed else 'MISS'}  {scenario.key}) {scenario.title}: {scenario.budget}"
+        )
+    if problems:
+        bar = "!" * 78
+        print(f"\n{bar}\nINVALID RUN: errors during the load (numbers above are not comparable)")
+        for line in problems:
+            print(f"  {line}")
+        print(bar)
+    return not problems, all_passed
+
+
+def result_dict(result: WrkResult) -> dict[str, Any]:
+    data = dataclasses.asdict(result)
+    data["error_count"] = result.error_count
+    return data
+
+
+def write_results(rows: list[tuple[Scenario, Comparison]], args: argparse.Namespace) -> None:
+    scenarios = []
+    for scenario, c in rows:
+        scenarios.append(
+            {
+                "key": scenario.key,
+                "title": scenario.title,
+                "body": json.loads(scenario.body()),
+                "direct": result_dict(c.direct),
+                "gateway": result_dict(c.gateway),
+                "ratio": c.ratio,
+                "added_p50_ms": c.added_p50_ms,
+                "added_p99_ms": c.added_p99_ms,
+                "budget": scenario.budget,
+                "passed": scenario.check(c),
+                "valid": c.direct.error_count == 0 and c.gateway.error_count == 0,
+            }
+        )
+    valid = all(s["valid"] for s in scenarios)
+    document = {
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "threads": THREADS,
+        "cpus": os.cpu_count(),
+        "valid": valid,
+        "passed": valid and all(s["passed"] for s in scenarios),
+        "scenarios": scenarios,
+    }
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    RESULTS_FILE.write_text(json.dumps(document, indent=2) + "\n")
+    note(f"results written to {RESULTS_FILE.relative_to(REPO)}")
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument(
+        "--scenarios", default="abc", help="which scenarios to run, e.g. 'ac' (default: abc)"
+    )
+    parser.add_argument(
+        "--direct-only",
+        action="store_true",
+        help="only drive the engine directly (checks the harness without a gateway)",
+    )
+    args = parser.parse_args(argv)
+    if args.connections < THREADS:
+        parser.error(f"--connections must be at least {THREADS}")
+    return args
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    # SIGTERM takes the same path as Ctrl-C, so the finally blocks stop the servers.
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
+    engine = FakeEngineProcess()
+    gateway: Gateway | None = None
+    try:
+        engine.start("--no-record", "--model", MODEL)
+        note(f"fake engine at {engine.url}")
+        api_key = ""
+        if not args.direct_only:
+            gateway = Gateway(engine.url)
+            note(f"setting up the gateway in {DATA_DIR.relative_to(REPO)} (migrate, tenant, key)")
+            api_key = gateway.setup()
+            gateway.start()
+            note(f"gateway at {gateway.url} (log: {gateway.log_path.relative_to(REPO)})")
+        direct_rows: list[tuple[Scenario, WrkResult]] = []
+        rows: list[tuple[Scenario, Comparison]] = []
+        for scenario in scenarios:
+            direct = measure_target("direct", engine.url, scenario, "", args)
+            direct_rows.append((scenario, direct))
+            if gateway is not None:
+                through = measure_target("gateway", gateway.url, scenario, api_key, args)
+                rows.append((scenario, Comparison(direct, through)))
+        if gateway is None:
+            print_direct_table(direct_rows)
+            note("--direct-only: no gateway, no budgets checked, no results file written")
+            return 0
+        print_table(rows)
+        valid, passed = verdicts(rows)
+        write_results(rows, args)
+        return 0 if valid and passed else 1
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        engine.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed. Install it with:\n    apt-get install -y wrk", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        return run(args)
+    except BenchError as exc:
+        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; servers stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
