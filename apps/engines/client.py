@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import aiohttp
+import yarl
 from django.conf import settings
 
 _session: aiohttp.ClientSession | None = None
@@ -17,6 +20,8 @@ def engine_session() -> aiohttp.ClientSession:
         )
         _session = aiohttp.ClientSession(
             connector=connector,
+            # Never keep an engine's cookies: the session is shared by every tenant.
+            cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None),
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),
@@ -31,6 +36,13 @@ async def close_engine_session() -> None:
     _session = None
 
 
+@functools.cache
+def engine_url(base_url: str, path: str) -> yarl.URL:
+    """The parsed URL of an engine endpoint (parsed once, not per request)."""
+    return yarl.URL(base_url + path)
+
+
+@functools.cache
 def request_timeout(read_seconds: float) -> aiohttp.ClientTimeout:
     """No overall limit (generations are long); bounded connect and gap between bytes."""
     return aiohttp.ClientTimeout(

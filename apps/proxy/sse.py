@@ -49,9 +49,28 @@ class SseRelay:
         buffer = self._tail + data
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
-        *events, self._tail = buffer.split(b"\n\n")
-        out = [self._relay(event) for event in events if event]
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            self._tail = buffer
+            return b""
+        complete, self._tail = buffer[: end + 2], buffer[end + 2 :]
+        if self._plain(complete):
+            # Steady state: nothing to look at, so forward the bytes as they are.
+            self.content_events += complete.count(b"\n\n")
+            return complete
+        out = [self._relay(event) for event in complete.split(b"\n\n") if event]
         return b"".join(event for event in out if event)
+
+    def _plain(self, events: bytes) -> bool:
+        """True when no event needs parsing: the first token is seen, no usage, no error,
+        no [DONE] (which the gateway itself sends last)."""
+        return (
+            self.first_token_at is not None
+            and b'"usage":{' not in events
+            and b'"usage": {' not in events
+            and b'"error"' not in events
+            and b"[DONE]" not in events
+        )
 
     def _relay(self, event: bytes) -> bytes:
         if not event.startswith(b"data:"):

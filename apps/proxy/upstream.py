@@ -9,7 +9,7 @@ from typing import Protocol
 import aiohttp
 import orjson
 
-from apps.engines.client import engine_session, request_timeout
+from apps.engines.client import engine_session, engine_url, request_timeout
 from apps.engines.registry import EngineRoute
 from apps.proxy.errors import ApiError, engine_timeout, engine_unreachable, upstream_error_body
 from apps.proxy.exchange import Exchange
@@ -95,7 +95,7 @@ async def forward(
     """POST `body` to the engine and relay the answer; ApiError if nothing was relayed."""
     try:
         async with engine_session().post(
-            engine.base_url + path,
+            engine_url(engine.base_url, path),
             data=body,
             headers=upstream_headers(client_headers, engine),
             timeout=request_timeout(engine.timeout_seconds),

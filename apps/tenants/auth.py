@@ -7,6 +7,7 @@ AUTH_CACHE_SECONDS (expiry itself is checked on every request).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class Principal:
 
 
 _cache: dict[str, tuple[float, Principal | None]] = {}
+_pending: dict[str, asyncio.Future] = {}
 
 
 def _load_principal(raw_key: str) -> Principal | None:
@@ -75,7 +77,13 @@ async def _cached_principal(raw_key: str) -> Principal | None:
     hit = _cache.get(raw_key)
     if hit is not None and now - hit[0] < settings.AUTH_CACHE_SECONDS:
         return hit[1]
-    principal = await _load_principal_async(raw_key)
+    # One lookup per key at a time: concurrent requests with the same key share it.
+    pending = _pending.get(raw_key)
+    if pending is None:
+        pending = asyncio.ensure_future(_load_principal_async(raw_key))
+        _pending[raw_key] = pending
+        pending.add_done_callback(lambda _: _pending.pop(raw_key, None))
+    principal = await asyncio.shield(pending)
     if len(_cache) >= _CACHE_MAX_ENTRIES:
         _cache.clear()  # bounded: unknown keys from a scanner must not grow memory forever
     _cache[raw_key] = (now, principal)
