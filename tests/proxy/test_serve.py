@@ -1,0 +1,111 @@
+"""`manage.py serve` on its own embedded PostgreSQL: first start, admin login, clean stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import httpx
+import psutil
+
+from tests.conftest import ROOT, free_port, wait_until
+
+
+def start_serve(data_dir, port: int, *args: str, password: str | None = None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ADMIN_PASSWORD")}
+    env["DATA_DIR"] = str(data_dir)
+    if password:
+        env["ADMIN_PASSWORD"] = password
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "serve", "--port", str(port), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def read_until_admin_url(process: subprocess.Popen) -> list[str]:
+    lines = []
+    for line in process.stdout:
+        lines.append(line.rstrip())
+        if line.startswith("Admin:"):
+            return lines
+    raise AssertionError(f"serve exited without printing the admin URL: {lines}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health").status_code == 200
+    except httpx.ConnectError:
+        return False
+
+
+def embedded_postgres_running(data_dir) -> bool:
+    marker = str(data_dir / "postgres")
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "postgres" and marker in " ".join(proc.info["cmdline"] or []):
+            return True
+    return False
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+def admin_login(url: str, password: str) -> httpx.Response:
+    with httpx.Client(base_url=url, follow_redirects=False) as client:
+        page = client.get("/admin/login/")
+        token = client.cookies["csrftoken"]
+        return (
+            client.post(
+                "/admin/login/?next=/admin/",
+                data={"username": "admin", "password": password, "csrfmiddlewaretoken": token},
+                headers={"Referer": f"{url}/admin/login/"},
+            )
+            if page.status_code == 200
+            else page
+        )
+
+
+def test_it_migrates_creates_the_admin_and_prints_its_password_once(tmp_path):
+    port = free_port()
+    process = start_serve(tmp_path, port, "--workers", "2")
+    try:
+        lines = read_until_admin_url(process)
+        password = re.search(r"password: (\S+)", "\n".join(lines)).group(1)
+        assert lines[-1] == f"Admin: http://127.0.0.1:{port}/admin/"
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: healthy(url), timeout=30)
+        assert admin_login(url, password).headers["location"] == "/admin/"
+    finally:
+        stop(process)
+    # SIGTERM (what systemd and docker send) stops the embedded PostgreSQL with the gateway.
+    wait_until(lambda: not embedded_postgres_running(tmp_path), timeout=15)
+
+    process = start_serve(tmp_path, port)
+    try:
+        lines = read_until_admin_url(process)
+        assert not any("password" in line for line in lines)  # shown once, on first start only
+    finally:
+        stop(process)
+
+
+def test_it_takes_the_admin_password_from_the_environment(tmp_path):
+    port = free_port()
+    process = start_serve(tmp_path, port, "--workers", "1", password="from-the-env-123")
+    try:
+        lines = read_until_admin_url(process)
+        assert "Created superuser `admin` with password: from-the-env-123" in lines
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: healthy(url), timeout=30)
+        assert admin_login(url, "from-the-env-123").status_code == 302
+        assert admin_login(url, "wrong-password").status_code == 200  # the form again
+    finally:
+        stop(process)
+    wait_until(lambda: not embedded_postgres_running(tmp_path), timeout=15)
