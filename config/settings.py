@@ -88,6 +88,7 @@ INSTALLED_APPS = [
     "apps.tenants",
     "apps.engines",
     "apps.proxy",
+    "apps.sessions",
 ]
 
 MIDDLEWARE = [
@@ -191,6 +192,9 @@ ENGINE_CONNECT_TIMEOUT_SECONDS = env_float("ENGINE_CONNECT_TIMEOUT_SECONDS", 5.0
 ENGINE_POOL_SIZE = env_int("ENGINE_POOL_SIZE", 200)
 # Largest request body accepted on /v1 (bytes).
 MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 16 * 1024 * 1024)
+# Tokens kept free for the answer when a request gives no max_tokens (history trimming,
+# quota reservations).
+DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 512)
 HEALTH_PROBE_TIMEOUT_SECONDS = env_float("HEALTH_PROBE_TIMEOUT_SECONDS", 2.0)
 
 REST_FRAMEWORK = {

@@ -1,9 +1,10 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 admin.site.site_header = "LLM gateway"
 admin.site.site_title = "LLM gateway admin"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("api/", include("apps.sessions.urls")),
 ]

@@ -29,6 +29,7 @@ class EngineRoute:
 class VariantRoute:
     engine: EngineRoute
     ctx_size: int | None
+    system_prompt: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,9 @@ def load_snapshot() -> Snapshot:
     models = {}
     for model_id, variants in grouped.items():
         name, created = names[model_id]
-        routes = tuple(VariantRoute(engines[v.engine_id], v.ctx_size) for v in variants)
+        routes = tuple(
+            VariantRoute(engines[v.engine_id], v.ctx_size, v.system_prompt) for v in variants
+        )
         models[name] = ModelRoute(id=model_id, name=name, created=created, variants=routes)
     return Snapshot(models=models, engines=tuple(engines.values()))
 

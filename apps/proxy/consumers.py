@@ -8,6 +8,7 @@ AsyncHttpConsumer alone would not notice a disconnect while it streams).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -15,11 +16,12 @@ import orjson
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 
-from apps.engines.registry import ModelRoute, registry
+from apps.engines.registry import ModelRoute, VariantRoute, registry
 from apps.proxy import validation
 from apps.proxy.errors import ApiError, model_not_found
 from apps.proxy.exchange import Exchange
 from apps.proxy.request_log import request_log_writer
+from apps.proxy.session_stage import session_id_of, session_prepare, session_record
 from apps.proxy.sse import SseRelay
 from apps.proxy.upstream import forward
 from apps.tenants.auth import Principal, authenticate
@@ -166,34 +168,52 @@ class ProxyConsumer(V1Consumer):
         route = await resolve_model(ex.principal, payload["model"])
         variant = route.variants[0]
         ex.model, ex.engine = route.name, variant.engine.name
+        rewritten = await self.prepare(ex, payload, variant)
         ex.prompt_estimate = validation.estimate_prompt_tokens(payload)
         relay = None
         if self.streams and payload.get("stream") is True:
             ex.stream = True
-            relay, body = self._ask_for_usage(payload)
+            relay = self._ask_for_usage(payload, collect_reply=ex.wants_reply)
+            rewritten = True
         await forward(
             self,
             ex,
             engine=variant.engine,
             path=self.upstream_path,
-            body=body,
+            body=orjson.dumps(payload) if rewritten else body,
             client_headers=self.scope["headers"],
             relay=relay,
         )
 
+    async def prepare(self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute) -> bool:
+        """Endpoint-specific stages before the engine call; True if `payload` changed."""
+        return False
+
     @staticmethod
-    def _ask_for_usage(payload: dict[str, Any]) -> tuple[SseRelay, bytes]:
+    def _ask_for_usage(payload: dict[str, Any], *, collect_reply: bool) -> SseRelay:
         """Always have the engine report usage; the client sees it only if it asked."""
         options = payload.get("stream_options") or {}
-        relay = SseRelay(client_wants_usage=options.get("include_usage") is True)
         payload["stream_options"] = {**options, "include_usage": True}
-        return relay, orjson.dumps(payload)
+        return SseRelay(
+            client_wants_usage=options.get("include_usage") is True, collect_reply=collect_reply
+        )
 
 
 class ChatCompletionsConsumer(ProxyConsumer):
     endpoint = "chat.completions"
     upstream_path = "/v1/chat/completions"
     validate = staticmethod(validation.validate_chat)
+
+    async def prepare(self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute) -> bool:
+        external_id = session_id_of(self.header(b"x-session-id"), payload)
+        if external_id is None:
+            return False
+        turn = await session_prepare(
+            ex=ex, external_id=external_id, payload=payload, variant=variant
+        )
+        ex.before_finish = functools.partial(session_record, ex=ex, turn=turn)
+        ex.response_headers.append((b"x-session-id", external_id.encode()))
+        return True
 
 
 class CompletionsConsumer(ProxyConsumer):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from django.utils import timezone
@@ -28,11 +30,23 @@ class Exchange:
     client_disconnected: bool = False
     first_token_at: float | None = None
     timings: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
     usage_recorded: bool = False
+    started_wall: float = field(default_factory=time.time)
+    sent_at: float | None = None  # perf_counter() when the request went to the engine
+    last_token_at: float | None = None
+    received_at: float | None = None  # perf_counter() when a whole response arrived
+    wants_reply: bool = False  # keep the assistant's reply (session history)
+    reply: dict[str, Any] | None = None
+    # Awaited just before the response completes (after a successful engine answer), so
+    # what it writes is visible to the client's next request.
+    before_finish: Callable[[], Awaitable[None]] | None = None
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def record_usage(self, usage: dict[str, Any] | None, *, fallback_completion: int = 0) -> None:
         """Take the engine's usage, or estimate it when the engine sent none."""
         self.usage_recorded = True
+        self.usage = usage if isinstance(usage, dict) else None
         if usage and isinstance(usage.get("prompt_tokens"), int):
             self.prompt_tokens = usage["prompt_tokens"]
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
@@ -40,6 +54,16 @@ class Exchange:
         self.prompt_tokens = self.prompt_estimate
         self.completion_tokens = fallback_completion
         self.usage_estimated = True
+
+    def wall(self, perf: float | None) -> datetime | None:
+        """A perf_counter() reading as a wall-clock datetime."""
+        if perf is None:
+            return None
+        return datetime.fromtimestamp(self.started_wall + (perf - self.started), tz=UTC)
+
+    async def finish(self) -> None:
+        if self.before_finish is not None and 200 <= self.status < 300:
+            await self.before_finish()
 
     def to_log_row(self) -> tuple:
         """This request as a request-log row (columns: request_log.LOG_COLUMNS)."""

@@ -33,10 +33,54 @@ def error_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+class ReplyCollector:
+    """Rebuilds the assistant message from chat-completion deltas (for session history)."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                self.content.append(delta["content"])
+            if isinstance(delta.get("reasoning_content"), str):
+                self.reasoning.append(delta["reasoning_content"])
+            for call in delta.get("tool_calls") or ():
+                self._merge_tool_call(call)
+
+    def _merge_tool_call(self, call: dict[str, Any]) -> None:
+        slot = self.tool_calls.setdefault(
+            int(call.get("index", 0)),
+            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        slot["id"] = call.get("id") or slot["id"]
+        function = call.get("function") or {}
+        slot["function"]["name"] += function.get("name") or ""
+        slot["function"]["arguments"] += function.get("arguments") or ""
+
+    def message(self) -> dict[str, Any] | None:
+        """The reply so far, or None when nothing was generated."""
+        if not (self.content or self.reasoning or self.tool_calls):
+            return None
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return message
+
+
 class SseRelay:
-    def __init__(self, *, client_wants_usage: bool) -> None:
+    def __init__(self, *, client_wants_usage: bool, collect_reply: bool = False) -> None:
         self.client_wants_usage = client_wants_usage
+        self.reply = ReplyCollector() if collect_reply else None
         self.first_token_at: float | None = None  # perf_counter() of the first generated token
+        self.last_token_at: float | None = None
         self.content_events = 0  # events carrying generated text: ~1 token each
         self.usage: dict[str, Any] | None = None
         self.timings: dict[str, Any] | None = None
@@ -57,6 +101,7 @@ class SseRelay:
         if self._plain(complete):
             # Steady state: nothing to look at, so forward the bytes as they are.
             self.content_events += complete.count(b"\n\n")
+            self.last_token_at = time.perf_counter()
             return complete
         out = [self._relay(event) for event in complete.split(b"\n\n") if event]
         return b"".join(event for event in out if event)
@@ -65,7 +110,8 @@ class SseRelay:
         """True when no event needs parsing: the first token is seen, no usage, no error,
         no [DONE] (which the gateway itself sends last)."""
         return (
-            self.first_token_at is not None
+            self.reply is None
+            and self.first_token_at is not None
             and b'"usage":{' not in events
             and b'"usage": {' not in events
             and b'"error"' not in events
@@ -80,12 +126,14 @@ class SseRelay:
             self.saw_done = True
             return b""
         wants_parse = (
-            self.first_token_at is None
+            self.reply is not None
+            or self.first_token_at is None
             or (b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data)
             or b'"error"' in data
         )
         if not wants_parse:
             self.content_events += 1
+            self.last_token_at = time.perf_counter()
             return event + b"\n\n"
         try:
             chunk = orjson.loads(data)
@@ -98,10 +146,13 @@ class SseRelay:
     def _relay_chunk(self, event: bytes, chunk: dict[str, Any]) -> bytes:
         if isinstance(chunk.get("error"), dict):
             self.upstream_error = chunk["error"]
+        if self.reply is not None:
+            self.reply.add(chunk)
         if _has_generated_content(chunk):
             self.content_events += 1
+            self.last_token_at = time.perf_counter()
             if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
+                self.first_token_at = self.last_token_at
         if isinstance(chunk.get("timings"), dict):
             self.timings = chunk["timings"]
         usage = chunk.get("usage")

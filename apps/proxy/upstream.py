@@ -93,6 +93,7 @@ async def forward(
     relay: SseRelay | None,
 ) -> None:
     """POST `body` to the engine and relay the answer; ApiError if nothing was relayed."""
+    ex.sent_at = time.perf_counter()
     try:
         async with engine_session().post(
             engine_url(engine.base_url, path),
@@ -120,35 +121,42 @@ def _is_event_stream(resp: aiohttp.ClientResponse) -> bool:
 
 async def _relay_whole(responder: Responder, ex: Exchange, resp: aiohttp.ClientResponse) -> None:
     raw = await resp.read()
-    received_at = time.perf_counter()
+    ex.received_at = time.perf_counter()
     ex.status = resp.status
     content_type = None
-    usage = None
+    parsed = None
     if resp.status >= 400:
         raw = upstream_error_body(resp.status, raw)
         content_type = b"application/json"
         ex.error_code = f"engine_{resp.status}"
-    elif b'"usage"' in raw:
-        usage, ex.timings = _usage_and_timings(raw)
-    ex.record_usage(usage)
-    ex.first_token_at = _first_token_from_timings(ex.timings, received_at)
-    await responder.send_headers(
-        status=resp.status, headers=_client_headers(resp, content_type=content_type)
-    )
+    elif b'"usage"' in raw or ex.wants_reply:
+        parsed = _json_object(raw)
+    timings = parsed.get("timings") if parsed else None
+    ex.timings = timings if isinstance(timings, dict) else None
+    ex.record_usage(parsed.get("usage") if parsed else None)
+    ex.first_token_at = _first_token_from_timings(ex.timings, ex.received_at)
+    if ex.wants_reply and parsed:
+        ex.reply = _first_message(parsed)
+    headers = _client_headers(resp, content_type=content_type) + ex.response_headers
+    await responder.send_headers(status=resp.status, headers=headers)
+    await ex.finish()
     await responder.send_body(raw)
 
 
-def _usage_and_timings(raw: bytes) -> tuple[dict | None, dict | None]:
+def _json_object(raw: bytes) -> dict | None:
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return None, None
-    if not isinstance(parsed, dict):
-        return None, None
-    usage, timings = parsed.get("usage"), parsed.get("timings")
-    return (usage if isinstance(usage, dict) else None), (
-        timings if isinstance(timings, dict) else None
-    )
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _first_message(response: dict) -> dict | None:
+    choices = response.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message")
+        return message if isinstance(message, dict) else None
+    return None
 
 
 def _first_token_from_timings(timings: dict | None, received_at: float) -> float | None:
@@ -168,7 +176,7 @@ async def _relay_stream(
     engine: EngineRoute,
 ) -> None:
     ex.status = resp.status
-    headers = _client_headers(resp)
+    headers = _client_headers(resp) + ex.response_headers
     headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
     await responder.send_headers(status=resp.status, headers=headers)
     failure: ApiError | None = None
@@ -192,11 +200,16 @@ async def _relay_stream(
     finally:
         # Runs on a client disconnect (cancellation) too: usage so far is still recorded.
         ex.first_token_at = relay.first_token_at
+        ex.last_token_at = relay.last_token_at
         ex.timings = relay.timings
+        if relay.reply is not None:
+            ex.reply = relay.reply.message()
         ex.record_usage(relay.usage, fallback_completion=relay.content_events)
     if failure is not None:
         ex.status, ex.error_code = failure.status, failure.code or ""
         await responder.send_body(error_event(failure.payload()), more_body=True)
     elif relay.upstream_error is not None:
         ex.error_code = str(relay.upstream_error.get("code") or "engine_stream_error")
+    else:
+        await ex.finish()
     await responder.send_body(DONE_EVENT)

@@ -1,0 +1,119 @@
+"""Pipeline stage for server-side chat history (apps.sessions does the storing).
+
+Before the engine: load the session's history and system prompt, trim the history to the
+variant's context (in tokens), send [system] + history + new messages. After a successful
+answer, before the response completes: store the new messages and the reply with their
+PP/TG/cache metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from apps.engines.registry import VariantRoute
+from apps.engines.tokens import (
+    MESSAGE_OVERHEAD_TOKENS,
+    count_message_tokens,
+    heuristic_message_tokens,
+)
+from apps.proxy.errors import ApiError
+from apps.proxy.exchange import Exchange
+from apps.sessions import services as sessions
+
+_load = database_sync_to_async(sessions.session_context_load, thread_sensitive=False)
+_record = database_sync_to_async(sessions.turn_record, thread_sensitive=False)
+
+
+@dataclass
+class SessionTurn:
+    session_pk: int
+    new_messages: list[dict[str, Any]]
+    token_counts: dict[int, int]
+    history_dropped: int
+
+
+def session_id_of(header: bytes | None, payload: dict[str, Any]) -> str | None:
+    try:
+        return sessions.session_id_from_request(
+            header=header.decode("latin-1") if header is not None else None, payload=payload
+        )
+    except sessions.InvalidSessionId as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_session_id") from None
+
+
+def completion_reserve(payload: dict[str, Any]) -> int:
+    """Tokens to keep free for the answer: the client's max_tokens, else the default."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        if isinstance(payload.get(name), int):
+            return payload[name]
+    return settings.DEFAULT_MAX_TOKENS
+
+
+async def session_prepare(
+    *, ex: Exchange, external_id: str, payload: dict[str, Any], variant: VariantRoute
+) -> SessionTurn:
+    """Replace payload["messages"] with the session's history plus the new messages."""
+    assert ex.principal is not None
+    context = await _load(
+        tenant_id=ex.principal.tenant_id,
+        external_id=external_id,
+        variant_system_prompt=variant.system_prompt,
+    )
+    new_messages = payload["messages"]
+    counts = await count_message_tokens(variant.engine, new_messages)
+    by_identity = {id(message): count for message, count in zip(new_messages, counts, strict=True)}
+    budget = None
+    if variant.ctx_size:
+        budget = max(1, variant.ctx_size - completion_reserve(payload))
+    payload["messages"], dropped = sessions.prompt_build(
+        system_prompt=context.system_prompt,
+        history=context.history,
+        new_messages=new_messages,
+        budget_tokens=budget,
+        count_tokens=lambda m: by_identity.get(id(m)) or heuristic_message_tokens(m),
+    )
+    ex.wants_reply = True
+    return SessionTurn(context.session_pk, new_messages, dict(enumerate(counts)), dropped)
+
+
+def turn_metrics(ex: Exchange) -> sessions.TurnMetrics:
+    """PP/TG figures from the engine's usage and timings, else as the gateway saw them."""
+    usage, timings = ex.usage or {}, ex.timings or {}
+    details = usage.get("prompt_tokens_details") or {}
+    cached = int(details.get("cached_tokens") or timings.get("cache_n") or 0)
+    pp_tokens = int(timings.get("prompt_n", max(0, ex.prompt_tokens - cached)))
+    pp_started = ex.sent_at
+    pp_finished = ex.first_token_at
+    if ex.sent_at is not None and "prompt_ms" in timings:
+        pp_finished = ex.sent_at + float(timings["prompt_ms"]) / 1000
+    tg_started = ex.first_token_at if ex.stream else pp_finished
+    tg_finished = ex.last_token_at if ex.stream else ex.received_at
+    if not ex.stream and pp_finished is not None and "predicted_ms" in timings:
+        tg_finished = pp_finished + float(timings["predicted_ms"]) / 1000
+    return sessions.TurnMetrics(
+        prompt_tokens=ex.prompt_tokens,
+        cached_tokens=cached,
+        pp_tokens=pp_tokens,
+        pp_started_at=ex.wall(pp_started),
+        pp_finished_at=ex.wall(pp_finished),
+        tg_tokens=ex.completion_tokens,
+        tg_started_at=ex.wall(tg_started),
+        tg_finished_at=ex.wall(tg_finished),
+    )
+
+
+async def session_record(*, ex: Exchange, turn: SessionTurn) -> None:
+    await _record(
+        session_pk=turn.session_pk,
+        new_messages=turn.new_messages,
+        reply=ex.reply,
+        model=ex.model,
+        metrics=turn_metrics(ex),
+        token_counts=turn.token_counts,
+        # As history, the reply costs its tokens plus the template's role markers.
+        reply_tokens=ex.completion_tokens + MESSAGE_OVERHEAD_TOKENS,
+    )

@@ -1,0 +1,94 @@
+"""Tenant API-key authentication for DRF views, with the same rules as /v1.
+
+No cache here (unlike /v1): these endpoints are not on the hot path, so a revoked key
+stops working at once. Reusable by any tenant-facing REST API (e.g. quotas).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from django.utils import timezone
+from rest_framework import exceptions
+from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.parsers import JSONParser
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from apps.sessions.api_errors import openai_exception_handler
+from apps.tenants.models import ApiKey, Tenant
+from apps.tenants.services import hash_key, split_key
+
+
+@dataclass(frozen=True)
+class TenantPrincipal:
+    """`request.user` of a tenant API request: the tenant, through one of its keys."""
+
+    tenant: Tenant
+    api_key: ApiKey
+    is_authenticated: ClassVar[bool] = True
+    is_anonymous: ClassVar[bool] = False
+
+    @property
+    def pk(self) -> int:
+        # DRF's user-keyed throttles read request.user.pk; limits belong to the tenant.
+        return self.tenant.pk
+
+
+def _bad_key(message: str) -> exceptions.AuthenticationFailed:
+    return exceptions.AuthenticationFailed(message, code="invalid_api_key")
+
+
+class TenantApiKeyAuthentication(BaseAuthentication):
+    """`Authorization: Bearer sk-...`: 401 for a bad, revoked or expired key, 403 for an
+    inactive tenant. No header at all is left to the permission check (401)."""
+
+    def authenticate(self, request: Request) -> tuple[TenantPrincipal, ApiKey] | None:
+        scheme, _, token = get_authorization_header(request).decode("latin-1").partition(" ")
+        if not scheme:
+            return None
+        raw_key = token.strip()
+        if scheme.lower() != "bearer" or not raw_key:
+            raise _bad_key("Send the API key as `Authorization: Bearer sk-...`.")
+        api_key = self._key(raw_key)
+        if api_key.revoked_at is not None:
+            raise _bad_key("This API key has been revoked.")
+        if api_key.is_expired(now=timezone.now()):
+            raise _bad_key("This API key has expired.")
+        if not api_key.tenant.active:
+            raise exceptions.PermissionDenied(
+                f"Tenant `{api_key.tenant.slug}` is inactive.", code="tenant_inactive"
+            )
+        return TenantPrincipal(tenant=api_key.tenant, api_key=api_key), api_key
+
+    def authenticate_header(self, request: Request) -> str:
+        # Non-empty, so DRF answers 401 (not 403) to missing or bad credentials.
+        return 'Bearer realm="api"'
+
+    @staticmethod
+    def _key(raw_key: str) -> ApiKey:
+        prefix = split_key(raw_key)
+        api_key = None
+        if prefix is not None:
+            api_key = ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
+        if api_key is None or not hmac.compare_digest(api_key.key_hash, hash_key(raw_key)):
+            raise _bad_key("Incorrect API key provided.")
+        return api_key
+
+
+class TenantApiView(APIView):
+    """Base for tenant-facing JSON APIs: API-key auth and OpenAI-shaped errors."""
+
+    authentication_classes = [TenantApiKeyAuthentication]
+    permission_classes = [IsAuthenticated]
+    parser_classes = [JSONParser]
+
+    def get_exception_handler(self) -> Any:
+        return openai_exception_handler
+
+    @property
+    def principal(self) -> TenantPrincipal:
+        return self.request.user
