@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
@@ -60,7 +61,26 @@ class Engine(models.Model):
 class ServedModel(models.Model):
     """A model name tenants ask for; served by one or more engine variants."""
 
+    class Tier(models.TextChoices):
+        NONE = "", "none"
+        LIGHT = "light", "light"
+        MEDIUM = "medium", "medium"
+        HEAVY = "heavy", "heavy"
+
     name = models.CharField(max_length=200, unique=True)
+    aliases = ArrayField(
+        models.CharField(max_length=200),
+        default=list,
+        blank=True,
+        help_text="Other names clients may use for this model (comma-separated).",
+    )
+    tier = models.CharField(
+        max_length=16,
+        choices=Tier.choices,
+        blank=True,
+        help_text="Clients may ask for the tier name (light/medium/heavy) instead; "
+        "if several models share a tier, the first by name serves it.",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:

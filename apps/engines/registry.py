@@ -48,6 +48,27 @@ class ModelRoute:
 class Snapshot:
     models: dict[str, ModelRoute] = field(default_factory=dict)
     engines: tuple[EngineRoute, ...] = ()
+    # Every name a client may use: model names, their aliases, and tiers (light/medium/heavy).
+    names: dict[str, ModelRoute] = field(default_factory=dict)
+
+    def find(self, name: str) -> ModelRoute | None:
+        return self.names.get(name)
+
+
+def _names(
+    models: dict[str, ModelRoute], extra: dict[str, tuple[list[str], str]]
+) -> dict[str, ModelRoute]:
+    """Model names win over aliases, aliases over tiers; a tier goes to the first model by name."""
+    names: dict[str, ModelRoute] = {}
+    for name in sorted(models):
+        tier = extra[name][1]
+        if tier:
+            names.setdefault(tier, models[name])
+    for name in sorted(models):
+        for alias in extra[name][0]:
+            names[alias] = models[name]
+    names.update(models)
+    return names
 
 
 def _engine_route(engine: Engine) -> EngineRoute:
@@ -64,9 +85,11 @@ def load_snapshot() -> Snapshot:
     engines = {engine.pk: _engine_route(engine) for engine in Engine.objects.all()}
     grouped: dict[int, list[EngineVariant]] = {}
     names: dict[int, tuple[str, int]] = {}
+    extra: dict[str, tuple[list[str], str]] = {}
     for variant in EngineVariant.objects.select_related("model").order_by("model_id", "ctx_size"):
         grouped.setdefault(variant.model_id, []).append(variant)
         names[variant.model_id] = (variant.model.name, int(variant.model.created_at.timestamp()))
+        extra[variant.model.name] = (variant.model.aliases, variant.model.tier)
     models = {}
     for model_id, variants in grouped.items():
         name, created = names[model_id]
@@ -74,7 +97,7 @@ def load_snapshot() -> Snapshot:
             VariantRoute(engines[v.engine_id], v.ctx_size, v.system_prompt) for v in variants
         )
         models[name] = ModelRoute(id=model_id, name=name, created=created, variants=routes)
-    return Snapshot(models=models, engines=tuple(engines.values()))
+    return Snapshot(models=models, engines=tuple(engines.values()), names=_names(models, extra))
 
 
 _load_snapshot_async = database_sync_to_async(load_snapshot, thread_sensitive=False)

@@ -128,7 +128,7 @@ class V1Consumer(AsyncHttpConsumer):
 
 
 async def resolve_model(principal: Principal, name: str) -> ModelRoute:
-    route = (await registry.get()).models.get(name)
+    route = (await registry.get()).find(name)
     if route is None or not route.variants or not principal.may_use(route.id):
         raise model_not_found(name)
     return route
@@ -169,6 +169,9 @@ class ProxyConsumer(V1Consumer):
         variant = route.variants[0]
         ex.model, ex.engine = route.name, variant.engine.name
         rewritten = await self.prepare(ex, payload, variant)
+        if payload["model"] != route.name:  # an alias or a tier: the engine knows the name
+            payload["model"] = route.name
+            rewritten = True
         ex.prompt_estimate = validation.estimate_prompt_tokens(payload)
         relay = None
         if self.streams and payload.get("stream") is True:

@@ -16,6 +16,7 @@ from apps.proxy.exchange import Exchange
 from apps.proxy.sse import DONE_EVENT, SseRelay, error_event
 
 Headers = list[tuple[bytes, bytes]]
+NO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0}
 
 HOP_BY_HOP = frozenset(
     {
@@ -133,7 +134,10 @@ async def _relay_whole(responder: Responder, ex: Exchange, resp: aiohttp.ClientR
         parsed = _json_object(raw)
     timings = parsed.get("timings") if parsed else None
     ex.timings = timings if isinstance(timings, dict) else None
-    ex.record_usage(parsed.get("usage") if parsed else None)
+    if resp.status >= 400:
+        ex.record_usage(NO_USAGE)  # the engine refused: nothing was generated
+    else:
+        ex.record_usage(parsed.get("usage") if parsed else None)
     ex.first_token_at = _first_token_from_timings(ex.timings, ex.received_at)
     if ex.wants_reply and parsed:
         ex.reply = _first_message(parsed)

@@ -22,6 +22,10 @@ class Tenant(models.Model):
         blank=True,
         help_text="Requests per minute for the whole tenant; empty = no limit.",
     )
+    scheduling_weight = models.PositiveIntegerField(
+        default=1,
+        help_text="Share of engine slots when tenants compete (2 = twice the share of 1).",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:

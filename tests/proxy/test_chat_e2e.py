@@ -164,3 +164,17 @@ def test_it_passes_the_usage_chunk_through_untouched_when_asked(engine, gateway,
         ]
     assert events[-1]["usage"]["total_tokens"] == 6
     assert "timings" in events[-1]  # llama.cpp's extra fields pass through
+
+
+def test_it_resolves_aliases_and_tiers_to_the_model_name(engine, openai_client, fake_engine):
+    from apps.engines.models import ServedModel
+
+    ServedModel.objects.filter(name=FAKE_MODEL).update(aliases=["fm", "fake"], tier="light")
+    for name in ("fm", "light", FAKE_MODEL):
+        reply = openai_client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.choices[0].message.content == "w0 w1 w2 w3 w4 "
+        assert fake_engine.requests()[-1]["body"]["model"] == FAKE_MODEL
+    assert openai_client.models.retrieve("light").id == FAKE_MODEL
+    assert sorted(m.id for m in openai_client.models.list()) == [FAKE_MODEL, "other-model"]

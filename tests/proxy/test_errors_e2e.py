@@ -207,6 +207,8 @@ def test_it_passes_engine_errors_through_with_their_status(engine, openai_client
         (400, "engine_400"),
         (503, "engine_503"),
     ]
+    # A refused request generated nothing: no tokens are charged for it.
+    assert [(entry.prompt_tokens, entry.completion_tokens) for entry in log] == [(0, 0), (0, 0)]
 
 
 def test_it_wraps_non_json_engine_errors_in_openai_shape(engine, gateway, alice):
