@@ -83,12 +83,14 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django.contrib.postgres",
     "rest_framework",
     "channels",
     "apps.tenants",
     "apps.engines",
     "apps.proxy",
     "apps.sessions",
+    "apps.quotas",
 ]
 
 MIDDLEWARE = [
@@ -195,6 +197,9 @@ MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 16 * 1024 * 1024)
 # Tokens kept free for the answer when a request gives no max_tokens (history trimming,
 # quota reservations).
 DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 512)
+# How long a quota reservation may stay open before the sweep gives its tokens back (a
+# crashed process); a later settlement is still charged.
+QUOTA_RESERVATION_TTL_SECONDS = env_float("QUOTA_RESERVATION_TTL_SECONDS", 900.0)
 HEALTH_PROBE_TIMEOUT_SECONDS = env_float("HEALTH_PROBE_TIMEOUT_SECONDS", 2.0)
 
 REST_FRAMEWORK = {

@@ -6,5 +6,6 @@ admin.site.site_title = "LLM gateway admin"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("api/", include("apps.quotas.urls")),
     path("api/", include("apps.sessions.urls")),
 ]

@@ -24,6 +24,12 @@ from apps.proxy.request_log import request_log_writer
 from apps.proxy.session_stage import session_id_of, session_prepare, session_record
 from apps.proxy.sse import SseRelay
 from apps.proxy.upstream import forward
+from apps.quotas.pipeline import (
+    quota_headers,
+    quota_stage_reserve,
+    quota_stage_settle,
+    tokens_to_reserve,
+)
 from apps.tenants.auth import Principal, authenticate
 from apps.tenants.rate_limits import rate_limit_check
 
@@ -158,6 +164,8 @@ class ProxyConsumer(V1Consumer):
                 ex.record_usage(None)  # the engine got the prompt; count it
             raise
         finally:
+            spent = ex.prompt_tokens + ex.completion_tokens if ex.usage_recorded else 0
+            quota_stage_settle(ex.quota_ticket, actual_tokens=spent)
             if ex.principal is not None:
                 request_log_writer.add(ex.to_log_row())
 
@@ -173,6 +181,8 @@ class ProxyConsumer(V1Consumer):
             payload["model"] = route.name
             rewritten = True
         ex.prompt_estimate = validation.estimate_prompt_tokens(payload)
+        if ex.principal.has_quotas:
+            await self.reserve_quota(ex, payload, variant)
         relay = None
         if self.streams and payload.get("stream") is True:
             ex.stream = True
@@ -191,6 +201,22 @@ class ProxyConsumer(V1Consumer):
     async def prepare(self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute) -> bool:
         """Endpoint-specific stages before the engine call; True if `payload` changed."""
         return False
+
+    async def reserve_quota(
+        self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute
+    ) -> None:
+        """Reserve the most this request can cost (429 if a quota cannot cover it)."""
+        assert ex.principal is not None
+        tokens = tokens_to_reserve(
+            payload,
+            prompt_tokens=ex.prompt_estimate,
+            ctx_size=variant.ctx_size,
+            completes=self.streams,
+        )
+        ex.quota_ticket = await quota_stage_reserve(
+            tenant_id=ex.principal.tenant_id, api_key_id=ex.principal.key_id, tokens=tokens
+        )
+        ex.response_headers += quota_headers(ex.quota_ticket.states)
 
     @staticmethod
     def _ask_for_usage(payload: dict[str, Any], *, collect_reply: bool) -> SseRelay:

@@ -10,6 +10,7 @@ from typing import Any
 
 from django.utils import timezone
 
+from apps.quotas.state import ReservationTicket
 from apps.tenants.auth import Principal
 
 
@@ -42,6 +43,7 @@ class Exchange:
     # what it writes is visible to the client's next request.
     before_finish: Callable[[], Awaitable[None]] | None = None
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    quota_ticket: ReservationTicket | None = None
 
     def record_usage(self, usage: dict[str, Any] | None, *, fallback_completion: int = 0) -> None:
         """Take the engine's usage, or estimate it when the engine sent none."""

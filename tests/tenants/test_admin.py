@@ -130,6 +130,7 @@ def test_it_edits_a_tenants_allowed_models(
             "slug": "acme",
             "name": "Acme",
             "active": "on",
+            "scheduling_weight": "1",
             "allowed_models": [model.pk],
             "api_keys-TOTAL_FORMS": "0",
             "api_keys-INITIAL_FORMS": "0",

@@ -1,0 +1,106 @@
+"""The quota stage of the async /v1 pipeline: how much to reserve, reserve, settle.
+
+    ticket = await quota_stage_reserve(tenant_id=..., api_key_id=..., tokens=...)  # or 429
+    try:
+        ... call the engine ...
+    finally:
+        quota_stage_settle(ticket, actual_tokens=prompt + completion)  # 0 if no engine work
+
+Settling runs as a background task: it never delays the response, and it still runs when
+the request task is being cancelled (client disconnect). `quota_stage_drain()` awaits the
+ones in flight (call it at shutdown, next to the request-log flush).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from apps.quotas.errors import quota_exceeded_error
+from apps.quotas.services import QuotaExceeded, ReservationTicket, quota_reserve, quota_settle
+from apps.quotas.state import QuotaState, human_duration
+
+logger = logging.getLogger(__name__)
+
+_reserve = database_sync_to_async(quota_reserve, thread_sensitive=False)
+_settle = database_sync_to_async(quota_settle, thread_sensitive=False)
+_settling: set[asyncio.Task] = set()
+
+
+def tokens_to_reserve(
+    payload: dict[str, Any], *, prompt_tokens: int, ctx_size: int | None, completes: bool = True
+) -> int:
+    """The most a request can cost: its prompt plus the completion tokens it may get.
+
+    The completion budget is max_completion_tokens or max_tokens (times `n` choices), else
+    what the context leaves after the prompt (DEFAULT_MAX_TOKENS when the context size is
+    unknown); 0 for embeddings (`completes=False`). Settlement charges the real usage either way; reserving the worst
+    case is what keeps used + reserved within the limit.
+    """
+    if not completes:
+        return max(0, prompt_tokens)
+    budget = _int(payload.get("max_completion_tokens"))
+    if budget is None:
+        budget = _int(payload.get("max_tokens"))
+    if budget is None:
+        # No max_tokens: the engine may generate until the context is full; unknown context
+        # size: the configured default answer budget.
+        budget = max(0, ctx_size - prompt_tokens) if ctx_size else settings.DEFAULT_MAX_TOKENS
+    choices = _int(payload.get("n")) or 1
+    return max(0, prompt_tokens) + max(0, budget) * max(1, choices)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+async def quota_stage_reserve(*, tenant_id: int, api_key_id: int, tokens: int) -> ReservationTicket:
+    """Reserve, or raise the OpenAI-shaped 429 `insufficient_quota` (with Retry-After)."""
+    try:
+        return await _reserve(tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens)
+    except QuotaExceeded as exc:
+        raise quota_exceeded_error(exc) from exc
+
+
+def quota_stage_settle(ticket: ReservationTicket | None, *, actual_tokens: int) -> None:
+    """Settle in the background (0 tokens releases). Safe to call from `finally` of a
+    cancelled task and more than once (settling is idempotent)."""
+    if ticket is None or ticket.reservation_id is None:
+        return
+    task = asyncio.get_running_loop().create_task(_settle_logged(ticket, max(0, actual_tokens)))
+    _settling.add(task)
+    task.add_done_callback(_settling.discard)
+
+
+async def _settle_logged(ticket: ReservationTicket, actual_tokens: int) -> None:
+    try:
+        await _settle(ticket=ticket, actual_tokens=actual_tokens)
+    except Exception:
+        # The sweep gives the reservation back after the TTL; the usage would be lost.
+        logger.exception("could not settle quota reservation %s", ticket.reservation_id)
+
+
+async def quota_stage_drain() -> None:
+    """Wait for settlements in flight (shutdown)."""
+    while _settling:
+        await asyncio.gather(*list(_settling), return_exceptions=True)
+
+
+def quota_headers(states: list[QuotaState]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-*-tokens headers for the tightest quota (least remaining)."""
+    if not states:
+        return []
+    tightest = min(states, key=lambda state: state.remaining)
+    headers = [
+        (b"x-ratelimit-limit-tokens", str(tightest.limit).encode()),
+        (b"x-ratelimit-remaining-tokens", str(tightest.remaining).encode()),
+    ]
+    if tightest.resets_at is not None:
+        seconds = (tightest.resets_at - timezone.now()).total_seconds()
+        headers.append((b"x-ratelimit-reset-tokens", human_duration(seconds).encode()))
+    return headers
