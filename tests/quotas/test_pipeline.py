@@ -36,7 +36,7 @@ def window_state() -> tuple[int, int]:
         ({"max_completion_tokens": 20, "max_tokens": 50}, {"ctx_size": 4096}, 120),
         ({"max_tokens": 50, "n": 3}, {"ctx_size": None}, 250),
         ({}, {"ctx_size": 4096}, 4096),  # no limit asked: whatever the context leaves
-        ({}, {"ctx_size": None}, 100),  # nothing known: the prompt only
+        ({}, {"ctx_size": None}, 100 + 512),  # nothing known: DEFAULT_MAX_TOKENS
         ({"max_tokens": "50"}, {"ctx_size": 1000}, 1000),  # not an int: ignored
         ({"max_tokens": 50}, {"ctx_size": 4096, "completes": False}, 100),  # embeddings
     ],
