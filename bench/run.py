@@ -260,8 +260,12 @@ class Gateway:
             raise BenchError(f"manage.py {args[0]} failed{hint}:\n{output}")
         return proc
 
-    def setup(self) -> str:
-        """Migrate, create tenant, key and engine; return the raw API key."""
+    def setup(self, *, limits: bool) -> str:
+        """Migrate, create tenant, key and engine; return the raw API key.
+
+        With `limits`, the tenant gets a token quota and a rate limit too (both far above
+        what the run uses), so every request also reserves and settles in PostgreSQL.
+        """
         DATA_DIR.mkdir(parents=True, exist_ok=True)
         self.manage("migrate", "--no-input")
         tenant = self.manage("create_tenant", "bench", check=False)
@@ -275,6 +279,9 @@ class Gateway:
         if not api_key.startswith("sk-"):
             raise BenchError(f"create_api_key printed no sk-... key:\n{key_out.stdout}")
         self.manage("add_engine", "fake", "--base-url", self.engine_url, "--model", MODEL)
+        tokens, rpm = ("1000000000000", "10000000") if limits else ("0", "0")
+        self.manage("set_quota", "bench", "--tokens", tokens, "--period", "day")
+        self.manage("set_rate_limit", "bench", "--rpm", rpm)
         return api_key
 
     def start(self) -> None:
@@ -466,6 +473,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only drive the engine directly (checks the harness without a gateway)",
     )
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="give the bench tenant a token quota and a rate limit (exercises both stages)",
+    )
     args = parser.parse_args(argv)
     if args.connections < THREADS:
         parser.error(f"--connections must be at least {THREADS}")
@@ -488,7 +500,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.direct_only:
             gateway = Gateway(engine.url)
             note(f"setting up the gateway in {DATA_DIR.relative_to(REPO)} (migrate, tenant, key)")
-            api_key = gateway.setup()
+            api_key = gateway.setup(limits=args.limits)
             gateway.start()
             note(f"gateway at {gateway.url} (log: {gateway.log_path.relative_to(REPO)})")
         direct_rows: list[tuple[Scenario, WrkResult]] = []
