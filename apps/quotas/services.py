@@ -94,6 +94,17 @@ WHERE w.id = d.id
 """
 
 
+def _commit_without_waiting_for_disk() -> None:
+    """Every request reserves and settles on the same few window rows, whose locks are held
+    until COMMIT; waiting for the WAL fsync there serialises all requests on disk latency
+    (measured: 136 req/s instead of 2,000+). Row locks, visibility and so exactness are
+    unaffected; a PostgreSQL crash (not a gateway crash) may lose the last ~0.6 s of
+    bookkeeping, i.e. under-count a little usage.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL synchronous_commit TO OFF")
+
+
 # --- reserve ---------------------------------------------------------------------------
 
 
@@ -129,6 +140,7 @@ def _reserve(*, tenant_id: int, api_key_id: int, tokens: int, now: datetime) -> 
         return ReservationTicket(reservation_id=None, tokens=tokens, states=[])
     starts = {quota_id: window_start(period, now) for quota_id, period, *_ in quotas}
     with transaction.atomic():
+        _commit_without_waiting_for_disk()
         with connection.cursor() as cursor:
             cursor.execute(
                 _RESERVE_SQL,
@@ -221,6 +233,7 @@ def quota_settle(*, ticket: ReservationTicket, actual_tokens: int) -> list[Quota
     if ticket.reservation_id is None:
         return []
     with transaction.atomic():
+        _commit_without_waiting_for_disk()
         with connection.cursor() as cursor:
             cursor.execute(_CLAIM_SQL, [ticket.reservation_id])
             claimed = cursor.fetchone()
@@ -250,6 +263,7 @@ def reservations_release_stale(
     released = 0
     while True:
         with transaction.atomic():
+            _commit_without_waiting_for_disk()
             with connection.cursor() as cursor:
                 cursor.execute(_RELEASE_STALE_SQL, [now, cutoff, SWEEP_BATCH_SIZE])
                 claimed = cursor.fetchall()
