@@ -181,7 +181,7 @@ class ProxyConsumer(V1Consumer):
             payload["model"] = route.name
             rewritten = True
         ex.prompt_estimate = validation.estimate_prompt_tokens(payload)
-        if ex.principal.has_quotas:
+        if ex.principal.quotas:
             await self.reserve_quota(ex, payload, variant)
         relay = None
         if self.streams and payload.get("stream") is True:
@@ -214,7 +214,10 @@ class ProxyConsumer(V1Consumer):
             completes=self.streams,
         )
         ex.quota_ticket = await quota_stage_reserve(
-            tenant_id=ex.principal.tenant_id, api_key_id=ex.principal.key_id, tokens=tokens
+            tenant_id=ex.principal.tenant_id,
+            api_key_id=ex.principal.key_id,
+            tokens=tokens,
+            quotas=list(ex.principal.quotas),
         )
         ex.response_headers += quota_headers(ex.quota_ticket.states)
 

@@ -59,10 +59,14 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-async def quota_stage_reserve(*, tenant_id: int, api_key_id: int, tokens: int) -> ReservationTicket:
+async def quota_stage_reserve(
+    *, tenant_id: int, api_key_id: int, tokens: int, quotas: list | None = None
+) -> ReservationTicket:
     """Reserve, or raise the OpenAI-shaped 429 `insufficient_quota` (with Retry-After)."""
     try:
-        return await _reserve(tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens)
+        return await _reserve(
+            tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, quotas=quotas
+        )
     except QuotaExceeded as exc:
         raise quota_exceeded_error(exc) from exc
 
@@ -79,7 +83,7 @@ def quota_stage_settle(ticket: ReservationTicket | None, *, actual_tokens: int) 
 
 async def _settle_logged(ticket: ReservationTicket, actual_tokens: int) -> None:
     try:
-        await _settle(ticket=ticket, actual_tokens=actual_tokens)
+        await _settle(ticket=ticket, actual_tokens=actual_tokens, with_states=False)
     except Exception:
         # The sweep gives the reservation back after the TTL; the usage would be lost.
         logger.exception("could not settle quota reservation %s", ticket.reservation_id)

@@ -83,22 +83,36 @@ WHERE w.id = d.id
 
 
 def quota_reserve(
-    *, tenant_id: int, api_key_id: int, tokens: int, now: datetime | None = None
+    *,
+    tenant_id: int,
+    api_key_id: int,
+    tokens: int,
+    now: datetime | None = None,
+    quotas: list[ApplicableQuota] | None = None,
 ) -> ReservationTicket:
     """Hold `tokens` in every quota that applies (the tenant's and this key's), or raise
-    QuotaExceeded holding nothing. With no quota, one SELECT and no write."""
+    QuotaExceeded holding nothing. With no quota, one SELECT and no write.
+
+    `quotas` (from quotas_applicable, e.g. cached with the caller's key) saves the lookup;
+    limits are always checked against the live rows.
+    """
     _require_non_negative(tokens, "tokens")
     now = now or timezone.now()
     _sweep_if_due()
     try:
-        return _reserve(tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, now=now)
+        return _reserve(
+            tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, now=now, quotas=quotas
+        )
     except IntegrityError:
         # A quota was deleted between our lookup and our insert (its window's FK failed):
         # look again, once; a second failure is a real error.
         return _reserve(tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, now=now)
 
 
-def _applicable(*, tenant_id: int, api_key_id: int) -> list[tuple[int, str, int, str | None, str]]:
+ApplicableQuota = tuple[int, str, int, str | None, str]
+
+
+def quotas_applicable(*, tenant_id: int, api_key_id: int) -> list[ApplicableQuota]:
     """(id, period, limit, key name or None, tenant slug) of each applicable quota, by id."""
     return list(
         Quota.objects.filter(tenant_id=tenant_id)
@@ -108,8 +122,16 @@ def _applicable(*, tenant_id: int, api_key_id: int) -> list[tuple[int, str, int,
     )
 
 
-def _reserve(*, tenant_id: int, api_key_id: int, tokens: int, now: datetime) -> ReservationTicket:
-    quotas = _applicable(tenant_id=tenant_id, api_key_id=api_key_id)
+def _reserve(
+    *,
+    tenant_id: int,
+    api_key_id: int,
+    tokens: int,
+    now: datetime,
+    quotas: list[ApplicableQuota] | None = None,
+) -> ReservationTicket:
+    if quotas is None:
+        quotas = quotas_applicable(tenant_id=tenant_id, api_key_id=api_key_id)
     if not quotas:
         return ReservationTicket(reservation_id=None, tokens=tokens, states=[])
     starts = {quota_id: window_start(period, now) for quota_id, period, *_ in quotas}
@@ -166,7 +188,9 @@ def _exceeded(
 # --- settle, release, sweep ------------------------------------------------------------
 
 
-def quota_settle(*, ticket: ReservationTicket, actual_tokens: int) -> list[QuotaState]:
+def quota_settle(
+    *, ticket: ReservationTicket, actual_tokens: int, with_states: bool = True
+) -> list[QuotaState]:
     """Replace the reservation by what the request really used, charged in full even above
     the reservation (the engine is the truth). A request that outlived the TTL, whose
     reservation the sweep already released, is still charged. Idempotent: settling an
@@ -179,7 +203,7 @@ def quota_settle(*, ticket: ReservationTicket, actual_tokens: int) -> list[Quota
             "SELECT * FROM gateway_quota_settle(%s, %s)", [ticket.reservation_id, actual_tokens]
         )
         window_ids = [row[0] for row in cursor.fetchall()]
-    return _window_states(window_ids) if window_ids else []
+    return _window_states(window_ids) if window_ids and with_states else []
 
 
 def quota_release(*, ticket: ReservationTicket) -> None:

@@ -15,11 +15,10 @@ from datetime import datetime
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db.models import Q
 from django.utils import timezone
 
 from apps.proxy.errors import ApiError
-from apps.quotas.models import Quota
+from apps.quotas.services import quotas_applicable
 from apps.tenants.models import ApiKey
 from apps.tenants.services import hash_key, split_key
 
@@ -40,7 +39,9 @@ class Principal:
     allowed_model_ids: frozenset[int] | None  # None: every model
     key_rpm: int | None = None
     tenant_rpm: int | None = None
-    has_quotas: bool = False  # any token quota for the tenant or this key
+    # Token quotas that apply (apps.quotas.services.ApplicableQuota rows); quota changes
+    # take effect within AUTH_CACHE_SECONDS like everything else here.
+    quotas: tuple[tuple[int, str, int, str | None, str], ...] = ()
 
     def may_use(self, model_id: int) -> bool:
         return self.allowed_model_ids is None or model_id in self.allowed_model_ids
@@ -58,9 +59,7 @@ def _load_principal(raw_key: str) -> Principal | None:
     if key is None or not hmac.compare_digest(key.key_hash, hash_key(raw_key)):
         return None
     allowed = frozenset(key.tenant.allowed_models.values_list("pk", flat=True))
-    has_quotas = Quota.objects.filter(
-        Q(api_key__isnull=True) | Q(api_key=key), tenant_id=key.tenant_id
-    ).exists()
+    quotas = tuple(quotas_applicable(tenant_id=key.tenant_id, api_key_id=key.pk))
     return Principal(
         key_id=key.pk,
         key_name=key.name,
@@ -72,7 +71,7 @@ def _load_principal(raw_key: str) -> Principal | None:
         allowed_model_ids=allowed or None,
         key_rpm=key.requests_per_minute,
         tenant_rpm=key.tenant.requests_per_minute,
-        has_quotas=has_quotas,
+        quotas=quotas,
     )
 
 
