@@ -122,6 +122,38 @@ def quotas_applicable(*, tenant_id: int, api_key_id: int) -> list[ApplicableQuot
     )
 
 
+RESERVE_SQL = "SELECT * FROM gateway_quota_reserve(%s, %s, %s, %s, %s::bigint[], %s::timestamptz[])"
+SETTLE_SQL = "SELECT * FROM gateway_quota_settle(%s, %s)"
+
+
+def reserve_params(
+    *, tenant_id: int, api_key_id: int, tokens: int, quotas: list[ApplicableQuota], now: datetime
+) -> list:
+    """Parameters of RESERVE_SQL (shared with the async /v1 path in pipeline.py)."""
+    starts = [window_start(period, now) for _, period, *_ in quotas]
+    quota_ids = [quota[0] for quota in quotas]
+    return [uuid.uuid4(), tenant_id, api_key_id, tokens, quota_ids, starts]
+
+
+def ticket_from_rows(
+    rows: list[tuple], *, params: list, quotas: list[ApplicableQuota], now: datetime
+) -> ReservationTicket:
+    """The ticket for RESERVE_SQL's rows (window, quota, used, reserved, granted), or
+    QuotaExceeded. The numbers were read under the windows' locks."""
+    by_quota = {row[1]: row for row in rows}
+    tokens = params[3]
+    # A quota removed meanwhile has no window row any more: it no longer applies.
+    states = [
+        _state(quota_id, key_name, period, limit, *by_quota[quota_id][2:4], now)
+        for quota_id, period, limit, key_name, _slug in quotas
+        if quota_id in by_quota
+    ]
+    if not all(row[4] for row in rows):
+        refused = [s for s in states if s.used + s.reserved + tokens > s.limit]
+        raise _exceeded(refused, tokens=tokens, tenant_slug=quotas[0][4], now=now)
+    return ReservationTicket(reservation_id=params[0], tokens=tokens, states=states)
+
+
 def _reserve(
     *,
     tenant_id: int,
@@ -134,25 +166,13 @@ def _reserve(
         quotas = quotas_applicable(tenant_id=tenant_id, api_key_id=api_key_id)
     if not quotas:
         return ReservationTicket(reservation_id=None, tokens=tokens, states=[])
-    starts = {quota_id: window_start(period, now) for quota_id, period, *_ in quotas}
-    reservation_id = uuid.uuid4()
+    params = reserve_params(
+        tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, quotas=quotas, now=now
+    )
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT * FROM gateway_quota_reserve(%s, %s, %s, %s, %s::bigint[], %s::timestamptz[])",
-            [reservation_id, tenant_id, api_key_id, tokens, list(starts), list(starts.values())],
-        )
-        rows = {
-            row[1]: row for row in cursor.fetchall()
-        }  # quota_id -> (window, quota, used, reserved, granted)
-    granted = all(row[4] for row in rows.values())
-    states = [
-        _state(quota_id, key_name, period, limit, *rows[quota_id][2:4], now)
-        for quota_id, period, limit, key_name, _slug in quotas
-    ]
-    if not granted:
-        refused = [s for s in states if s.used + s.reserved + tokens > s.limit]
-        raise _exceeded(refused, tokens=tokens, tenant_slug=quotas[0][4], now=now)
-    return ReservationTicket(reservation_id=reservation_id, tokens=tokens, states=states)
+        cursor.execute(RESERVE_SQL, params)
+        rows = cursor.fetchall()
+    return ticket_from_rows(rows, params=params, quotas=quotas, now=now)
 
 
 def _state(
@@ -199,9 +219,7 @@ def quota_settle(
     if ticket.reservation_id is None:
         return []
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT * FROM gateway_quota_settle(%s, %s)", [ticket.reservation_id, actual_tokens]
-        )
+        cursor.execute(SETTLE_SQL, [ticket.reservation_id, actual_tokens])
         window_ids = [row[0] for row in cursor.fetchall()]
     return _window_states(window_ids) if window_ids and with_states else []
 
@@ -289,15 +307,25 @@ _sweep_lock = threading.Lock()
 _last_sweep = float("-inf")
 
 
+def sweep_due() -> bool:
+    """Whether this process should run the stale-reservation sweep now (claims the turn)."""
+    global _last_sweep
+    with _sweep_lock:
+        if time.monotonic() - _last_sweep < SWEEP_INTERVAL_SECONDS:
+            return False
+        _last_sweep = time.monotonic()
+        return True
+
+
 def _sweep_if_due() -> None:
     """Run the stale-reservation sweep from the request path at most once a minute per
     process, so a deployment without a scheduled `release_stale_reservations` still heals.
     A failing sweep is logged and never fails the request."""
-    global _last_sweep
-    with _sweep_lock:
-        if time.monotonic() - _last_sweep < SWEEP_INTERVAL_SECONDS:
-            return
-        _last_sweep = time.monotonic()
+    if sweep_due():
+        sweep_now()
+
+
+def sweep_now() -> None:
     try:
         released = reservations_release_stale()
     except DatabaseError:
