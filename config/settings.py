@@ -205,8 +205,6 @@ DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 512)
 # How long a quota reservation may stay open before the sweep gives its tokens back (a
 # crashed process); a later settlement is still charged.
 QUOTA_RESERVATION_TTL_SECONDS = env_float("QUOTA_RESERVATION_TTL_SECONDS", 900.0)
-# Connections per gateway process for the hot quota statements (async, no threads).
-QUOTA_POOL_SIZE = env_int("QUOTA_POOL_SIZE", 4)
 HEALTH_PROBE_TIMEOUT_SECONDS = env_float("HEALTH_PROBE_TIMEOUT_SECONDS", 2.0)
 
 REST_FRAMEWORK = {

@@ -17,31 +17,18 @@ import asyncio
 import logging
 from typing import Any
 
-import psycopg
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import connections
 from django.utils import timezone
-from psycopg.conninfo import make_conninfo
-from psycopg_pool import AsyncConnectionPool
 
 from apps.quotas.errors import quota_exceeded_error
-from apps.quotas.services import (
-    RESERVE_SQL,
-    SETTLE_SQL,
-    QuotaExceeded,
-    ReservationTicket,
-    quota_reserve,
-    reserve_params,
-    sweep_due,
-    sweep_now,
-    ticket_from_rows,
-)
+from apps.quotas.services import QuotaExceeded, ReservationTicket, quota_reserve, quota_settle
 from apps.quotas.state import QuotaState, human_duration
 
 logger = logging.getLogger(__name__)
 
 _reserve = database_sync_to_async(quota_reserve, thread_sensitive=False)
+_settle = database_sync_to_async(quota_settle, thread_sensitive=False)
 _settling: set[asyncio.Task] = set()
 
 
@@ -73,32 +60,13 @@ def _int(value: Any) -> int | None:
 
 
 async def quota_stage_reserve(
-    *, tenant_id: int, api_key_id: int, tokens: int, quotas: list
+    *, tenant_id: int, api_key_id: int, tokens: int, quotas: list | None = None
 ) -> ReservationTicket:
-    """Reserve, or raise the OpenAI-shaped 429 `insufficient_quota` (with Retry-After).
-
-    One statement on the event loop's own connection pool: no thread hop, and the windows'
-    row locks are held only inside PostgreSQL.
-    """
-    _sweep_in_background_if_due()
-    now = timezone.now()
-    params = reserve_params(
-        tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, quotas=quotas, now=now
-    )
+    """Reserve, or raise the OpenAI-shaped 429 `insufficient_quota` (with Retry-After)."""
     try:
-        async with (await _pool()).connection() as conn:
-            rows = await (await conn.execute(RESERVE_SQL, params)).fetchall()
-        return ticket_from_rows(rows, params=params, quotas=quotas, now=now)
-    except QuotaExceeded as exc:
-        raise quota_exceeded_error(exc) from exc
-    except psycopg.IntegrityError:
-        # A quota was deleted since the caller's lookup: look again, the slow way, once.
-        return await _reserve_fresh(tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens)
-
-
-async def _reserve_fresh(*, tenant_id: int, api_key_id: int, tokens: int) -> ReservationTicket:
-    try:
-        return await _reserve(tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens)
+        return await _reserve(
+            tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, quotas=quotas
+        )
     except QuotaExceeded as exc:
         raise quota_exceeded_error(exc) from exc
 
@@ -115,63 +83,16 @@ def quota_stage_settle(ticket: ReservationTicket | None, *, actual_tokens: int) 
 
 async def _settle_logged(ticket: ReservationTicket, actual_tokens: int) -> None:
     try:
-        async with (await _pool()).connection() as conn:
-            await conn.execute(SETTLE_SQL, [ticket.reservation_id, actual_tokens])
+        await _settle(ticket=ticket, actual_tokens=actual_tokens, with_states=False)
     except Exception:
         # The sweep gives the reservation back after the TTL; the usage would be lost.
         logger.exception("could not settle quota reservation %s", ticket.reservation_id)
 
 
 async def quota_stage_drain() -> None:
-    """Wait for settlements in flight, then close the pool (shutdown)."""
-    global _pool_instance
+    """Wait for settlements in flight (shutdown)."""
     while _settling:
         await asyncio.gather(*list(_settling), return_exceptions=True)
-    if _pool_instance is not None:
-        await _pool_instance.close()
-        _pool_instance = None
-
-
-_pool_instance: AsyncConnectionPool | None = None
-_pool_lock = asyncio.Lock()
-
-
-async def _pool() -> AsyncConnectionPool:
-    """This process's small async pool for the two hot quota statements (autocommit: each
-    statement is its own transaction)."""
-    global _pool_instance
-    if _pool_instance is None:
-        async with _pool_lock:
-            if _pool_instance is None:
-                pool = AsyncConnectionPool(
-                    _conninfo(),
-                    min_size=1,
-                    max_size=settings.QUOTA_POOL_SIZE,
-                    kwargs={"autocommit": True},
-                    open=False,
-                )
-                await pool.open()
-                _pool_instance = pool
-    return _pool_instance
-
-
-def _conninfo() -> str:
-    """libpq connection string of Django's default database (same server, same options)."""
-    db = connections["default"].get_connection_params()
-    db.pop("cursor_factory", None)
-    db.pop("context", None)
-    db.pop("prepare_threshold", None)
-    return make_conninfo(**{k: v for k, v in db.items() if v not in (None, "")})
-
-
-def _sweep_in_background_if_due() -> None:
-    if sweep_due():
-        task = asyncio.get_running_loop().create_task(_sweep())
-        _settling.add(task)
-        task.add_done_callback(_settling.discard)
-
-
-_sweep = database_sync_to_async(sweep_now, thread_sensitive=False)
 
 
 def quota_headers(states: list[QuotaState]) -> list[tuple[bytes, bytes]]:
