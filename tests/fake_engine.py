@@ -71,6 +71,11 @@ class Knobs:
     error_text: str | None = None
     drop_after: int | None = None
     no_usage: bool = False
+    # Reply with this text instead of "w0 w1 ...", cut into `chunks` pieces (a model that
+    # writes e.g. `<tool_call>...</tool_call>` in its text).
+    reply: str | None = None
+    # Prompt tokens to report as served from the prompt cache (llama.cpp's cache_n).
+    cached: int = 0
 
 
 KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
@@ -81,6 +86,8 @@ KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
     "error_text": _parse_str,
     "drop_after": int,
     "no_usage": _parse_bool,
+    "reply": _parse_str,
+    "cached": int,
 }
 # Header lookups are precomputed: header parsing runs on every request of a benchmark.
 KNOB_HEADERS: tuple[tuple[str, str], ...] = tuple(
@@ -273,12 +280,12 @@ def sse(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_of(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": min(cached, prompt_tokens)},
     }
 
 
@@ -287,8 +294,9 @@ def timings_of(prompt_tokens: int, knobs: Knobs) -> dict[str, Any]:
     per_token_ms = knobs.chunk_delay * 1000.0 if knobs.chunk_delay > 0 else 1.0
     prompt_ms = prompt_tokens * 0.5
     predicted_ms = knobs.chunks * per_token_ms
+    cached = min(knobs.cached, prompt_tokens)
     return {
-        "prompt_n": prompt_tokens,
+        "prompt_n": prompt_tokens - cached,
         "prompt_ms": prompt_ms,
         "prompt_per_token_ms": 0.5,
         "prompt_per_second": 2000.0,
@@ -296,7 +304,7 @@ def timings_of(prompt_tokens: int, knobs: Knobs) -> dict[str, Any]:
         "predicted_ms": predicted_ms,
         "predicted_per_token_ms": per_token_ms,
         "predicted_per_second": 1000.0 / per_token_ms,
-        "cache_n": 0,
+        "cache_n": cached,
     }
 
 
@@ -323,8 +331,15 @@ class Completion:
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
+    def piece(self, i: int) -> str:
+        reply = self.knobs.reply
+        if reply is None:
+            return f"w{i} "
+        size = -(-len(reply) // max(1, self.knobs.chunks))
+        return reply[i * size : (i + 1) * size]
+
     def full_response(self) -> dict[str, Any]:
-        text = "".join(f"w{i} " for i in range(self.knobs.chunks))
+        text = "".join(self.piece(i) for i in range(self.knobs.chunks))
         if self.chat:
             message = {"role": "assistant", "content": text}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
@@ -333,7 +348,7 @@ class Completion:
         data = self.head(self.object)
         data["choices"] = [choice]
         if not self.knobs.no_usage:
-            data["usage"] = usage_of(self.prompt_tokens, self.knobs.chunks)
+            data["usage"] = usage_of(self.prompt_tokens, self.knobs.chunks, self.knobs.cached)
             data["timings"] = timings_of(self.prompt_tokens, self.knobs)
         return data
 
@@ -352,7 +367,7 @@ class Completion:
         return self.chunk({"role": "assistant", "content": ""}, None, None) if self.chat else None
 
     def content_chunk(self, i: int) -> bytes:
-        piece = f"w{i} "
+        piece = self.piece(i)
         return self.chunk({"content": piece}, piece, None)
 
     def finish_chunk(self) -> bytes:
@@ -361,7 +376,7 @@ class Completion:
     def usage_chunk(self) -> bytes:
         data = self.head(self.chunk_object)
         data["choices"] = []
-        data["usage"] = usage_of(self.prompt_tokens, self.knobs.chunks)
+        data["usage"] = usage_of(self.prompt_tokens, self.knobs.chunks, self.knobs.cached)
         data["timings"] = timings_of(self.prompt_tokens, self.knobs)
         return sse(data)
 

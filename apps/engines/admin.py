@@ -3,22 +3,33 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
-from django.contrib import admin
-from django.db.models import Count, QuerySet
-from django.http import HttpRequest
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, Prefetch, QuerySet
+from django.http import HttpRequest, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import path, reverse
+from django.views.decorators.http import require_POST
 
-from apps.engines.models import Engine, EngineVariant, ServedModel
+from apps.engines.models import Engine, EngineInstance, EngineVariant, ServedModel
+from apps.engines.selectors import engine_instance_statuses
+from apps.engines.services import engine_instance_request_action
 from apps.tenants.models import Tenant
+
+ACTIONS = (EngineInstance.Action.START, EngineInstance.Action.STOP, EngineInstance.Action.RESTART)
 
 
 class EngineForm(forms.ModelForm):
     class Meta:
-        widgets = {"upstream_api_key": forms.PasswordInput(render_value=True)}
+        widgets = {
+            "upstream_api_key": forms.PasswordInput(render_value=True),
+            "command_template": forms.Textarea(attrs={"rows": 2, "cols": 100}),
+        }
 
 
 class EngineVariantInline(admin.TabularInline):
     model = EngineVariant
-    fields = ["model", "ctx_size"]
+    fields = ["model", "ctx_size", "model_path", "extra_args"]
     autocomplete_fields = ["model"]
     extra = 0
 
@@ -26,28 +37,128 @@ class EngineVariantInline(admin.TabularInline):
         return super().get_queryset(request).select_related("engine", "model")
 
 
+def _request_action(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset, action: str):
+    managed = [engine for engine in queryset if engine.is_managed]
+    for engine in managed:
+        engine_instance_request_action(engine=engine, action=action)
+    skipped = len(queryset) - len(managed)
+    if managed:
+        names = ", ".join(engine.name for engine in managed)
+        modeladmin.message_user(request, f"Asked to {action} {names}; the owning gateway "
+                                "process carries it out within a second.")  # fmt: skip
+    if skipped:
+        modeladmin.message_user(
+            request, f"{skipped} external engine(s) skipped: the gateway does not run them.",
+            messages.WARNING,
+        )  # fmt: skip
+
+
+@admin.action(description="Start selected managed engines (all replicas)")
+def start_engines(modeladmin, request, queryset) -> None:
+    _request_action(modeladmin, request, queryset, EngineInstance.Action.START)
+
+
+@admin.action(description="Stop selected managed engines (all replicas)")
+def stop_engines(modeladmin, request, queryset) -> None:
+    _request_action(modeladmin, request, queryset, EngineInstance.Action.STOP)
+
+
+@admin.action(description="Restart selected managed engines (all replicas)")
+def restart_engines(modeladmin, request, queryset) -> None:
+    _request_action(modeladmin, request, queryset, EngineInstance.Action.RESTART)
+
+
 @admin.register(Engine)
 class EngineAdmin(admin.ModelAdmin):
     form = EngineForm
-    list_display = ["name", "kind", "flavor", "base_url", "variant_count"]
+    list_display = ["name", "kind", "flavor", "where", "slots", "variant_count", "instances"]
     list_filter = ["kind", "flavor"]
     search_fields = ["name", "base_url"]
     readonly_fields = ["created_at"]
     inlines = [EngineVariantInline]
+    actions = [start_engines, stop_engines, restart_engines]
+    fieldsets = [
+        (None, {"fields": ["name", "kind", "flavor", "slots", "timeout_seconds",
+                           "upstream_api_key", "created_at"]}),
+        ("External engine", {"fields": ["base_url", "extra_base_urls"]}),
+        ("Managed engine (the gateway runs it)", {"fields": [
+            "command_template", "replicas", "idle_ttl_seconds", "startup_timeout_seconds",
+            "stop_grace_seconds",
+        ]}),
+    ]  # fmt: skip
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Engine]:
-        return super().get_queryset(request).annotate(num_variants=Count("variants"))
+        instances = EngineInstance.objects.select_related("variant__model")
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(num_variants=Count("variants"))
+            .prefetch_related(Prefetch("instances", queryset=instances))
+        )
 
     @admin.display(description="variants", ordering="num_variants")
     def variant_count(self, obj: Engine) -> int:
         return obj.num_variants
+
+    @admin.display(description="base URL or command")
+    def where(self, obj: Engine) -> str:
+        return obj.command_template if obj.is_managed else ", ".join(obj.base_urls)
+
+    @admin.display(description="instances")
+    def instances(self, obj: Engine) -> str:
+        if not obj.is_managed:
+            return "-"
+        rows = list(obj.instances.all())
+        return " · ".join(s.summary for s in engine_instance_statuses(engine=obj, rows=rows))
+
+    # --- the instances panel on the change page --------------------------------------
+
+    def get_urls(self) -> list:
+        view = self.admin_site.admin_view(require_POST(self.instance_action_view))
+        return [
+            path(
+                "<path:object_id>/instances/<str:action>/",
+                view,
+                name="engines_engine_instance_action",
+            ),
+            *super().get_urls(),
+        ]
+
+    def instance_action_view(self, request: HttpRequest, object_id: str, action: str):
+        engine = get_object_or_404(Engine, pk=object_id)
+        if not self.has_change_permission(request, engine):
+            raise PermissionDenied
+        replica = request.POST.get("replica")
+        if action not in ACTIONS or not engine.is_managed:
+            self.message_user(request, f"Cannot {action} engine {engine.name}.", messages.ERROR)
+        else:
+            engine_instance_request_action(
+                engine=engine, action=action, replica=int(replica) if replica else None
+            )
+            which = f"replica {replica}" if replica else "all replicas"
+            self.message_user(request, f"Asked to {action} {engine.name} ({which}).")
+        return HttpResponseRedirect(reverse("admin:engines_engine_change", args=[engine.pk]))
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ):
+        engine = self.get_object(request, object_id)
+        context = dict(extra_context or {})
+        if engine is not None and engine.is_managed:
+            context["instance_statuses"] = engine_instance_statuses(engine=engine)
+            context["instance_actions"] = ACTIONS
+        return super().change_view(request, object_id, form_url, extra_context=context)
 
 
 class ServedVariantInline(admin.TabularInline):
     """Which engines serve the model, at which context sizes (edit them on the engine)."""
 
     model = EngineVariant
-    fields = ["engine", "ctx_size"]
+    fields = ["engine", "ctx_size", "model_path"]
     readonly_fields = fields
     extra = 0
     can_delete = False

@@ -23,6 +23,11 @@ class EngineRoute:
     base_url: str
     upstream_api_key: str
     timeout_seconds: float
+    id: int = 0
+    managed: bool = False
+    slots: int = 1
+    replicas: int = 1
+    base_urls: tuple[str, ...] = ()  # external replicas' roots, replica 0 first
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +35,7 @@ class VariantRoute:
     engine: EngineRoute
     ctx_size: int | None
     system_prompt: str = ""
+    id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,11 @@ def _engine_route(engine: Engine) -> EngineRoute:
         base_url=engine.base_url,
         upstream_api_key=engine.upstream_api_key,
         timeout_seconds=engine.timeout_seconds,
+        id=engine.pk,
+        managed=engine.is_managed,
+        slots=engine.slots,
+        replicas=engine.replica_count,
+        base_urls=tuple(engine.base_urls),
     )
 
 
@@ -94,7 +105,7 @@ def load_snapshot() -> Snapshot:
     for model_id, variants in grouped.items():
         name, created = names[model_id]
         routes = tuple(
-            VariantRoute(engines[v.engine_id], v.ctx_size, v.system_prompt) for v in variants
+            VariantRoute(engines[v.engine_id], v.ctx_size, v.system_prompt, v.pk) for v in variants
         )
         models[name] = ModelRoute(id=model_id, name=name, created=created, variants=routes)
     return Snapshot(models=models, engines=tuple(engines.values()), names=_names(models, extra))

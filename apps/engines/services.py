@@ -1,10 +1,11 @@
-"""Writes for engines, served models and their variants."""
+"""Writes for engines, served models, their variants, and operator requests on instances."""
 
 from __future__ import annotations
 
 from django.db import transaction
+from django.utils import timezone
 
-from apps.engines.models import Engine, EngineVariant, ServedModel
+from apps.engines.models import Engine, EngineInstance, EngineVariant, ServedModel
 
 
 @transaction.atomic
@@ -15,20 +16,109 @@ def engine_register_external(
     models: list[str],
     ctx_size: int | None = None,
     flavor: str | None = None,
+    extra_base_urls: list[str] | None = None,
+    slots: int | None = None,
 ) -> Engine:
     """Create or update an external engine and add a variant for each model name.
 
     Running it again for the same engine adds models; an existing base URL is replaced;
-    the flavor is kept unless one is given (a new engine defaults to llama.cpp).
+    the flavor, extra URLs and slots are kept unless given (a new engine defaults to
+    llama.cpp, one URL, one slot).
     """
     engine = Engine.objects.filter(name=name).first() or Engine(name=name)
-    engine.base_url = base_url
     engine.kind = Engine.Kind.EXTERNAL
-    if flavor is not None:
-        engine.flavor = flavor
+    engine.base_url = base_url
+    engine.command_template = ""
+    if extra_base_urls is not None:
+        engine.extra_base_urls = extra_base_urls
+    _set_if_given(engine, flavor=flavor, slots=slots)
     engine.full_clean()
     engine.save()
     for model_name in models:
         served, _ = ServedModel.objects.get_or_create(name=model_name)
         EngineVariant.objects.get_or_create(engine=engine, model=served, ctx_size=ctx_size)
     return engine
+
+
+@transaction.atomic
+def engine_register_managed(
+    *,
+    name: str,
+    command_template: str,
+    models: list[str],
+    ctx_size: int | None = None,
+    model_path: str = "",
+    extra_args: str = "",
+    flavor: str | None = None,
+    slots: int | None = None,
+    replicas: int | None = None,
+    idle_ttl_seconds: int | None = None,
+    startup_timeout_seconds: float | None = None,
+    stop_grace_seconds: float | None = None,
+) -> Engine:
+    """Create or update a managed engine (the gateway runs `command_template`) and add a
+    variant per model name with this context size, model file and extra arguments.
+
+    Run it once per variant: the same model with another context size or model path adds
+    a variant; the same one again updates its extra arguments. Settings not given keep
+    their current value (or the default for a new engine). Everything is validated
+    (placeholders, model path inside MODELS_DIR) before anything is written.
+    """
+    engine = Engine.objects.filter(name=name).first() or Engine(name=name)
+    engine.kind = Engine.Kind.MANAGED
+    engine.command_template = command_template
+    engine.base_url, engine.extra_base_urls = "", []
+    _set_if_given(
+        engine,
+        flavor=flavor,
+        slots=slots,
+        replicas=replicas,
+        idle_ttl_seconds=idle_ttl_seconds,
+        startup_timeout_seconds=startup_timeout_seconds,
+        stop_grace_seconds=stop_grace_seconds,
+    )
+    engine.full_clean()
+    engine.save()
+    for model_name in models:
+        served, _ = ServedModel.objects.get_or_create(name=model_name)
+        variant = EngineVariant.objects.filter(
+            engine=engine, model=served, ctx_size=ctx_size, model_path=model_path
+        ).first() or EngineVariant(
+            engine=engine, model=served, ctx_size=ctx_size, model_path=model_path
+        )
+        variant.extra_args = extra_args
+        variant.full_clean(validate_constraints=False)  # get-or-update: never a duplicate
+        variant.save()
+    return engine
+
+
+def _set_if_given(engine: Engine, **values: object) -> None:
+    for field, value in values.items():
+        if value is not None:
+            setattr(engine, field, value)
+
+
+def engine_instances_ensure(*, engine: Engine) -> list[EngineInstance]:
+    """One row per replica of a managed engine, so every replica can be shown and acted on."""
+    rows = [
+        EngineInstance.objects.get_or_create(engine=engine, replica=replica)[0]
+        for replica in range(engine.replicas)
+    ]
+    return rows
+
+
+def engine_instance_request_action(
+    *, engine: Engine, action: str, replica: int | None = None
+) -> int:
+    """Ask the owning gateway process to start, stop or restart the engine's replicas
+    (all of them, or one). The owner (or, for a replica nobody owns, any gateway
+    process) carries it out within ENGINE_OWNER_POLL_SECONDS. Returns the rows asked."""
+    if not engine.is_managed:
+        raise ValueError(f"Engine {engine.name} is not managed by the gateway.")
+    if action not in EngineInstance.Action.values or not action:
+        raise ValueError(f"Unknown action {action!r}.")
+    engine_instances_ensure(engine=engine)
+    rows = EngineInstance.objects.filter(engine=engine, replica__lt=engine.replicas)
+    if replica is not None:
+        rows = rows.filter(replica=replica)
+    return rows.update(requested_action=action, requested_at=timezone.now())

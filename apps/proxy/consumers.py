@@ -16,8 +16,16 @@ import orjson
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 
-from apps.engines.registry import ModelRoute, VariantRoute, registry
+from apps.engines.registry import EngineRoute, ModelRoute, VariantRoute, registry
+from apps.engines.scheduler import SchedulerBusy, scheduler
+from apps.engines.transforms import (
+    ToolCallStreamParser,
+    adapt_response_format,
+    tool_calls_in_response,
+    wants_tool_parsing,
+)
 from apps.proxy import validation
+from apps.proxy.engine_stage import replica_url, size_and_choose
 from apps.proxy.errors import ApiError, model_not_found
 from apps.proxy.exchange import Exchange
 from apps.proxy.request_log import request_log_writer
@@ -133,6 +141,11 @@ class V1Consumer(AsyncHttpConsumer):
         await self.send_response(err.status, err.body(), headers=JSON_HEADERS + err.headers)
 
 
+def largest_variant(route: ModelRoute) -> VariantRoute:
+    """The variant with the most context (unknown size counts as unbounded)."""
+    return max(route.variants, key=lambda v: v.ctx_size if v.ctx_size else float("inf"))
+
+
 async def resolve_model(principal: Principal, name: str) -> ModelRoute:
     route = (await registry.get()).find(name)
     if route is None or not route.variants or not principal.may_use(route.id):
@@ -174,33 +187,98 @@ class ProxyConsumer(V1Consumer):
         payload = validation.parse_json_object(body)
         self.validate(payload)
         route = await resolve_model(ex.principal, payload["model"])
-        variant = route.variants[0]
-        ex.model, ex.engine = route.name, variant.engine.name
-        rewritten = await self.prepare(ex, payload, variant)
+        ex.model = route.name
+        rewritten = await self.prepare(ex, payload, largest_variant(route))
+        variant = await self.choose_variant(ex, payload, route)
+        ex.engine = variant.engine.name
+        rewritten |= self.adapt(ex, payload, variant)
         if payload["model"] != route.name:  # an alias or a tier: the engine knows the name
             payload["model"] = route.name
             rewritten = True
-        ex.prompt_estimate = validation.estimate_prompt_tokens(payload)
+        ex.prompt_estimate = ex.prompt_estimate or validation.estimate_prompt_tokens(payload)
         if ex.principal.quotas:
             await self.reserve_quota(ex, payload, variant)
         relay = None
         if self.streams and payload.get("stream") is True:
             ex.stream = True
-            relay = self._ask_for_usage(payload, collect_reply=ex.wants_reply)
+            relay = self._ask_for_usage(
+                payload, collect_reply=ex.wants_reply, tool_parser=self.stream_tool_parser(payload)
+            )
             rewritten = True
-        await forward(
-            self,
-            ex,
-            engine=variant.engine,
-            path=self.upstream_path,
-            body=orjson.dumps(payload) if rewritten else body,
-            client_headers=self.scope["headers"],
-            relay=relay,
-        )
+        await self.call_engine(ex, payload, variant, body=None if rewritten else body, relay=relay)
+
+    async def call_engine(
+        self,
+        ex: Exchange,
+        payload: dict[str, Any],
+        variant: VariantRoute,
+        *,
+        body: bytes | None,
+        relay: SseRelay | None,
+    ) -> None:
+        """Wait for a slot on a replica (fair across tenants), then forward to it."""
+        assert ex.principal is not None
+        engine = variant.engine
+        try:
+            async with scheduler.slot(
+                engine.name,
+                replicas=engine.replicas,
+                slots=engine.slots,
+                tenant=ex.principal.tenant_slug,
+                weight=ex.principal.tenant_weight,
+                session=self.session_id,
+                max_queue=settings.SCHEDULER_MAX_QUEUE,
+                max_wait=settings.SCHEDULER_MAX_WAIT_SECONDS,
+            ) as placement:
+                if self.session_id and engine.flavor == "llamacpp" and "id_slot" not in payload:
+                    payload["id_slot"] = placement.slot  # the same llama.cpp slot: its KV cache
+                    body = None
+                async with replica_url(variant, placement.replica) as base_url:
+                    await forward(
+                        self,
+                        ex,
+                        engine=engine,
+                        base_url=base_url,
+                        path=self.upstream_path,
+                        body=body if body is not None else orjson.dumps(payload),
+                        client_headers=self.scope["headers"],
+                        relay=relay,
+                    )
+                self.record_cache(ex, engine, placement.replica)
+        except SchedulerBusy as busy:
+            raise ApiError(
+                503,
+                f"Engine `{engine.name}` is busy ({busy.reason.replace('_', ' ')}); retry in {busy.retry_after}s.",
+                type="api_error",
+                code="engine_overloaded",
+                headers=[(b"retry-after", str(busy.retry_after).encode())],
+            ) from None
+
+    @staticmethod
+    def record_cache(ex: Exchange, engine: EngineRoute, replica: int) -> None:
+        """Prompt-cache hits per engine and replica, for this worker's scheduler stats."""
+        if ex.prompt_tokens:
+            scheduler.record_cache(engine.name, ex.prompt_tokens, ex.cached_tokens, replica=replica)
+
+    session_id: str | None = None
 
     async def prepare(self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute) -> bool:
-        """Endpoint-specific stages before the engine call; True if `payload` changed."""
+        """Endpoint-specific stages before sizing (`variant`: the model's largest); True if
+        `payload` changed."""
         return False
+
+    async def choose_variant(
+        self, ex: Exchange, payload: dict[str, Any], route: ModelRoute
+    ) -> VariantRoute:
+        """The variant to use; endpoints that generate pick the smallest that fits."""
+        return route.variants[0]
+
+    def adapt(self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute) -> bool:
+        """Engine-specific request changes once the variant is known; True if changed."""
+        return False
+
+    def stream_tool_parser(self, payload: dict[str, Any]) -> ToolCallStreamParser | None:
+        return None
 
     async def reserve_quota(
         self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute
@@ -222,33 +300,64 @@ class ProxyConsumer(V1Consumer):
         ex.response_headers += quota_headers(ex.quota_ticket.states)
 
     @staticmethod
-    def _ask_for_usage(payload: dict[str, Any], *, collect_reply: bool) -> SseRelay:
+    def _ask_for_usage(
+        payload: dict[str, Any], *, collect_reply: bool, tool_parser: ToolCallStreamParser | None
+    ) -> SseRelay:
         """Always have the engine report usage; the client sees it only if it asked."""
         options = payload.get("stream_options") or {}
         payload["stream_options"] = {**options, "include_usage": True}
         return SseRelay(
-            client_wants_usage=options.get("include_usage") is True, collect_reply=collect_reply
+            client_wants_usage=options.get("include_usage") is True,
+            collect_reply=collect_reply,
+            tool_parser=tool_parser,
         )
 
 
-class ChatCompletionsConsumer(ProxyConsumer):
+class GeneratingConsumer(ProxyConsumer):
+    """Chat and text completions: sized against the model's variants, JSON constraints."""
+
+    async def choose_variant(
+        self, ex: Exchange, payload: dict[str, Any], route: ModelRoute
+    ) -> VariantRoute:
+        ex.prompt_estimate, variant = await size_and_choose(
+            payload, route=route, endpoint=self.endpoint
+        )
+        return variant
+
+    def adapt(self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute) -> bool:
+        return adapt_response_format(payload, variant.engine.flavor)
+
+
+class ChatCompletionsConsumer(GeneratingConsumer):
     endpoint = "chat.completions"
     upstream_path = "/v1/chat/completions"
     validate = staticmethod(validation.validate_chat)
 
     async def prepare(self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute) -> bool:
-        external_id = session_id_of(self.header(b"x-session-id"), payload)
-        if external_id is None:
+        if wants_tool_parsing(payload):
+            ex.rewrite_response = _with_tool_calls
+        self.session_id = session_id_of(self.header(b"x-session-id"), payload)
+        if self.session_id is None:
             return False
         turn = await session_prepare(
-            ex=ex, external_id=external_id, payload=payload, variant=variant
+            ex=ex, external_id=self.session_id, payload=payload, variant=variant
         )
         ex.before_finish = functools.partial(session_record, ex=ex, turn=turn)
-        ex.response_headers.append((b"x-session-id", external_id.encode()))
+        ex.response_headers.append((b"x-session-id", self.session_id.encode()))
         return True
 
+    def stream_tool_parser(self, payload: dict[str, Any]) -> ToolCallStreamParser | None:
+        return ToolCallStreamParser() if wants_tool_parsing(payload) else None
 
-class CompletionsConsumer(ProxyConsumer):
+
+def _with_tool_calls(body: Any) -> Any:
+    """A whole chat completion with `<tool_call>` text turned into OpenAI tool_calls."""
+    if isinstance(body, dict):
+        tool_calls_in_response(body)
+    return body
+
+
+class CompletionsConsumer(GeneratingConsumer):
     endpoint = "completions"
     upstream_path = "/v1/completions"
     validate = staticmethod(validation.validate_completion)

@@ -44,6 +44,9 @@ class Exchange:
     before_finish: Callable[[], Awaitable[None]] | None = None
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     quota_ticket: ReservationTicket | None = None
+    # Reshapes a successful whole (non-streamed) JSON answer before the client sees it
+    # (rerank normalisation, tool calls written as text); ValueError means a bad answer.
+    rewrite_response: Callable[[Any], Any] | None = None
 
     def record_usage(self, usage: dict[str, Any] | None, *, fallback_completion: int = 0) -> None:
         """Take the engine's usage, or estimate it when the engine sent none."""
@@ -56,6 +59,16 @@ class Exchange:
         self.prompt_tokens = self.prompt_estimate
         self.completion_tokens = fallback_completion
         self.usage_estimated = True
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the engine's cache: OpenAI's cached_tokens, else
+        llama.cpp's timings.cache_n."""
+        details = (self.usage or {}).get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens")
+        if cached is None:
+            cached = (self.timings or {}).get("cache_n")
+        return int(cached or 0)
 
     def wall(self, perf: float | None) -> datetime | None:
         """A perf_counter() reading as a wall-clock datetime."""
@@ -85,6 +98,7 @@ class Exchange:
             self.error_code,
             self.prompt_tokens,
             self.completion_tokens,
+            self.cached_tokens,
             self.usage_estimated,
             self.client_disconnected,
             ttft,

@@ -22,6 +22,9 @@ class RequestLog(models.Model):
     error_code = models.CharField(max_length=64, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(
+        default=0, help_text="Prompt tokens the engine took from its cache (llama.cpp cache_n)."
+    )
     usage_estimated = models.BooleanField(
         default=False, help_text="The engine sent no usage (e.g. the client disconnected)."
     )

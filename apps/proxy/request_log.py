@@ -35,6 +35,7 @@ LOG_COLUMNS = (
     "error_code",
     "prompt_tokens",
     "completion_tokens",
+    "cached_tokens",
     "usage_estimated",
     "client_disconnected",
     "ttft_ms",

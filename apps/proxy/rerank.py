@@ -12,6 +12,7 @@ documents as strings; the gateway evens this out so every engine looks the same.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from apps.engines.registry import VariantRoute
@@ -144,10 +145,15 @@ def _usage(raw: Any, documents: list[Any], query: str) -> dict[str, int]:
         total = usage.get("total_tokens", prompt)
         if isinstance(prompt, int) and isinstance(total, int):
             return {"prompt_tokens": prompt, "total_tokens": total}
-    # No usage: each document is scored together with the query.
-    texts = [document_text(document) or "" for document in documents]
-    estimate = sum(heuristic_tokens(query) + heuristic_tokens(text) for text in texts)
+    estimate = rerank_prompt_estimate(query, documents)
     return {"prompt_tokens": estimate, "total_tokens": estimate}
+
+
+def rerank_prompt_estimate(query: str, documents: list[Any]) -> int:
+    """Heuristic prompt tokens of a rerank: each document is scored together with the query
+    (for ex.prompt_estimate / quota reservations, which cannot see `query` + `documents`)."""
+    texts = [document_text(document) or "" for document in documents]
+    return sum(heuristic_tokens(query) + heuristic_tokens(text) for text in texts)
 
 
 # --- consumer --------------------------------------------------------------------------
@@ -174,6 +180,8 @@ class RerankConsumer(ProxyConsumer):
         self.return_documents = payload.get("return_documents") is True
         self.query: str = payload["query"]
         self.client_model: str = payload["model"]
+        ex.prompt_estimate = rerank_prompt_estimate(self.query, self.client_documents)
+        ex.rewrite_response = functools.partial(self.rewrite_response, ex)
         return engine_payload(payload)
 
     def rewrite_response(self, ex: Exchange, body: Any) -> dict[str, Any]:

@@ -82,9 +82,8 @@ async def session_prepare(
 
 def turn_metrics(ex: Exchange) -> sessions.TurnMetrics:
     """PP/TG figures from the engine's usage and timings, else as the gateway saw them."""
-    usage, timings = ex.usage or {}, ex.timings or {}
-    details = usage.get("prompt_tokens_details") or {}
-    cached = int(details.get("cached_tokens") or timings.get("cache_n") or 0)
+    timings = ex.timings or {}
+    cached = ex.cached_tokens
     pp_tokens = int(timings.get("prompt_n", max(0, ex.prompt_tokens - cached)))
     pp_started = ex.sent_at
     pp_finished = ex.first_token_at

@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from apps.engines.transforms import ToolCallStreamParser
+
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
@@ -76,9 +78,17 @@ class ReplyCollector:
 
 
 class SseRelay:
-    def __init__(self, *, client_wants_usage: bool, collect_reply: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        client_wants_usage: bool,
+        collect_reply: bool = False,
+        tool_parser: ToolCallStreamParser | None = None,
+    ) -> None:
         self.client_wants_usage = client_wants_usage
         self.reply = ReplyCollector() if collect_reply else None
+        # Turns `<tool_call>` text into OpenAI tool_calls deltas (requests with tools).
+        self.tool_parser = tool_parser
         self.first_token_at: float | None = None  # perf_counter() of the first generated token
         self.last_token_at: float | None = None
         self.content_events = 0  # events carrying generated text: ~1 token each
@@ -111,6 +121,7 @@ class SseRelay:
         no [DONE] (which the gateway itself sends last)."""
         return (
             self.reply is None
+            and self.tool_parser is None
             and self.first_token_at is not None
             and b'"usage":{' not in events
             and b'"usage": {' not in events
@@ -124,9 +135,10 @@ class SseRelay:
         data = event[5:].strip()
         if data == b"[DONE]":
             self.saw_done = True
-            return b""
+            return self._flush_tool_parser()
         wants_parse = (
             self.reply is not None
+            or self.tool_parser is not None
             or self.first_token_at is None
             or (b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data)
             or b'"error"' in data
@@ -141,9 +153,22 @@ class SseRelay:
             return event + b"\n\n"
         if not isinstance(chunk, dict):
             return event + b"\n\n"
-        return self._relay_chunk(event, chunk)
+        if self.tool_parser is None:
+            return self._relay_chunk(event, chunk)
+        out = self.tool_parser.feed(chunk)
+        if len(out) == 1 and out[0] is chunk:
+            return self._relay_chunk(event, chunk)  # untouched: forward the engine's bytes
+        return b"".join(self._relay_chunk(None, piece) for piece in out)
 
-    def _relay_chunk(self, event: bytes, chunk: dict[str, Any]) -> bytes:
+    def _flush_tool_parser(self) -> bytes:
+        if self.tool_parser is None:
+            return b""
+        return b"".join(self._relay_chunk(None, piece) for piece in self.tool_parser.flush())
+
+    def _relay_chunk(self, event: bytes | None, chunk: dict[str, Any]) -> bytes:
+        """Forward one parsed chunk: the engine's own bytes (`event`), or re-serialised."""
+        if event is None:
+            event = b"data: " + orjson.dumps(chunk)
         if isinstance(chunk.get("error"), dict):
             self.upstream_error = chunk["error"]
         if self.reply is not None:
@@ -169,4 +194,7 @@ class SseRelay:
     def finish(self) -> bytes:
         """Whatever incomplete event is left when the engine closes the stream."""
         tail, self._tail = self._tail.strip(), b""
-        return self._relay(tail) if tail else b""
+        out = self._relay(tail) if tail else b""
+        if not self.saw_done:
+            out += self._flush_tool_parser()
+        return out

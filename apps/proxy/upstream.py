@@ -88,6 +88,7 @@ async def forward(
     ex: Exchange,
     *,
     engine: EngineRoute,
+    base_url: str,
     path: str,
     body: bytes,
     client_headers: Headers,
@@ -97,7 +98,7 @@ async def forward(
     ex.sent_at = time.perf_counter()
     try:
         async with engine_session().post(
-            engine_url(engine.base_url, path),
+            engine_url(base_url, path),
             data=body,
             headers=upstream_headers(client_headers, engine),
             timeout=request_timeout(engine.timeout_seconds),
@@ -130,6 +131,8 @@ async def _relay_whole(responder: Responder, ex: Exchange, resp: aiohttp.ClientR
         raw = upstream_error_body(resp.status, raw)
         content_type = b"application/json"
         ex.error_code = f"engine_{resp.status}"
+    elif ex.rewrite_response is not None:
+        raw, parsed = _rewritten(ex, raw)
     elif b'"usage"' in raw or ex.wants_reply:
         parsed = _json_object(raw)
     timings = parsed.get("timings") if parsed else None
@@ -145,6 +148,20 @@ async def _relay_whole(responder: Responder, ex: Exchange, resp: aiohttp.ClientR
     await responder.send_headers(status=resp.status, headers=headers)
     await ex.finish()
     await responder.send_body(raw)
+
+
+def _rewritten(ex: Exchange, raw: bytes) -> tuple[bytes, dict | None]:
+    assert ex.rewrite_response is not None
+    try:
+        body = ex.rewrite_response(orjson.loads(raw))
+    except ValueError as exc:  # orjson.JSONDecodeError is a ValueError too
+        raise ApiError(
+            502,
+            f"The engine sent an unusable answer: {exc}",
+            type="api_error",
+            code="bad_engine_response",
+        ) from None
+    return orjson.dumps(body), body if isinstance(body, dict) else None
 
 
 def _json_object(raw: bytes) -> dict | None:

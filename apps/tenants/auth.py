@@ -38,6 +38,7 @@ class Principal:
     revoked: bool
     allowed_model_ids: frozenset[int] | None  # None: every model
     key_rpm: int | None = None
+    tenant_weight: int = 1  # share of engine slots when tenants compete
     tenant_rpm: int | None = None
     # Token quotas that apply (apps.quotas.services.ApplicableQuota rows); quota changes
     # take effect within AUTH_CACHE_SECONDS like everything else here.
@@ -72,6 +73,7 @@ def _load_principal(raw_key: str) -> Principal | None:
         key_rpm=key.requests_per_minute,
         tenant_rpm=key.tenant.requests_per_minute,
         quotas=quotas,
+        tenant_weight=key.tenant.scheduling_weight,
     )
 
 

@@ -129,3 +129,120 @@ def test_it_refuses_an_unknown_flavor() -> None:
         run("local", "--base-url", URL, "--model", "a", "--flavor", "tgi")
 
     assert not Engine.objects.exists()
+
+
+# --- managed engines (--command) -----------------------------------------------------
+
+TEMPLATE = "{llama_server} -m {model_path} --port {port} -c {ctx_size} -np {slots} {extra_args}"
+
+
+@pytest.fixture
+def models_dir(settings, tmp_path):
+    settings.MODELS_DIR = tmp_path / "models"
+    (settings.MODELS_DIR / "gemma").mkdir(parents=True)
+    for name in ("gemma/small.gguf", "gemma/large.gguf"):
+        (settings.MODELS_DIR / name).write_bytes(b"GGUF")
+    return settings.MODELS_DIR
+
+
+def managed_variants(engine_name: str) -> set[tuple[str, int | None, str, str]]:
+    variants = EngineVariant.objects.filter(engine__name=engine_name)
+    return set(variants.values_list("model__name", "ctx_size", "model_path", "extra_args"))
+
+
+def test_it_registers_a_managed_engine(models_dir) -> None:
+    out = run(
+        "gemma", "--command", TEMPLATE, "--model", "gemma-3", "--ctx-size", "4096",
+        "--model-path", "gemma/small.gguf", "--extra-args", "--temp 0", "--idle-ttl", "300",
+        "--slots", "2", "--replicas", "2",
+    )  # fmt: skip
+
+    engine = Engine.objects.get()
+    assert (engine.kind, engine.command_template, engine.base_url) == ("managed", TEMPLATE, "")
+    assert (engine.slots, engine.replicas, engine.idle_ttl_seconds) == (2, 2, 300)
+    assert managed_variants("gemma") == {("gemma-3", 4096, "gemma/small.gguf", "--temp 0")}
+    assert "managed" in out and TEMPLATE in out
+    assert "gemma-3 (ctx_size=4096, model_path=gemma/small.gguf, extra_args=--temp 0)" in out
+
+
+def test_it_adds_a_variant_per_run(models_dir) -> None:
+    base = ["gemma", "--command", TEMPLATE, "--model", "gemma-3"]
+    run(*base, "--ctx-size", "4096", "--model-path", "gemma/small.gguf", "--idle-ttl", "60")
+    run(*base, "--ctx-size", "8192", "--model-path", "gemma/small.gguf")
+    run(*base, "--ctx-size", "8192", "--model-path", "gemma/large.gguf")
+    run(*base, "--ctx-size", "8192", "--model-path", "gemma/large.gguf", "--extra-args=-fa")
+
+    assert managed_variants("gemma") == {
+        ("gemma-3", 4096, "gemma/small.gguf", ""),
+        ("gemma-3", 8192, "gemma/small.gguf", ""),
+        ("gemma-3", 8192, "gemma/large.gguf", "-fa"),
+    }
+    assert Engine.objects.get().idle_ttl_seconds == 60  # kept when not given again
+
+
+def test_it_needs_exactly_one_of_base_url_and_command() -> None:
+    with pytest.raises(CommandError, match="not allowed with argument"):
+        run("x", "--base-url", URL, "--command", "srv --port {port}", "--model", "a")
+    with pytest.raises(CommandError, match="one of the arguments --base-url --command"):
+        run("x", "--model", "a")
+    assert not Engine.objects.exists()
+
+
+def test_it_refuses_managed_options_for_an_external_engine() -> None:
+    with pytest.raises(CommandError, match="--model-path, --idle-ttl only apply to managed"):
+        run("x", "--base-url", URL, "--model", "a", "--model-path", "a.gguf", "--idle-ttl", "5")
+    assert not Engine.objects.exists()
+
+
+def test_it_registers_external_replicas_and_slots() -> None:
+    run("vl", "--base-url", URL, "--base-url", "http://10.0.0.2:8000/", "--model", "a",
+        "--slots", "8")  # fmt: skip
+
+    engine = Engine.objects.get()
+    assert engine.base_urls == [URL, "http://10.0.0.2:8000"]
+    assert (engine.replica_count, engine.slots) == (2, 8)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("srv --port {port} --model {model}", r"Unknown placeholder \{model\}"),
+        ("srv -m {model_path}", r"must pass the port with \{port\}"),
+        ("srv --port {port} 'unbalanced", "cannot be parsed"),
+        ("srv --port {port} {0}", r"Unknown placeholder \{0\}"),
+    ],
+)
+def test_it_refuses_a_bad_command_template(template: str, message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        run("x", "--command", template, "--model", "a")
+    assert not Engine.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "model_path", ["../x.gguf", "/etc/passwd", "gemma/../../x.gguf", "gemma/small.bin"]
+)
+def test_it_refuses_a_model_path_outside_the_models_dir(models_dir, model_path: str) -> None:
+    with pytest.raises(CommandError, match="model_path: Model path"):
+        run("x", "--command", TEMPLATE, "--model", "a", "--ctx-size", "8",
+            "--model-path", model_path)  # fmt: skip
+    assert not Engine.objects.exists()
+    assert not ServedModel.objects.exists()
+
+
+def test_it_requires_what_the_command_uses(models_dir) -> None:
+    with pytest.raises(CommandError, match=r"model_path: The engine's command uses \{model_path\}"):
+        run("x", "--command", TEMPLATE, "--model", "a", "--ctx-size", "8")
+    with pytest.raises(CommandError, match=r"ctx_size: The engine's command uses \{ctx_size\}"):
+        run("x", "--command", TEMPLATE, "--model", "a", "--model-path", "gemma/small.gguf")
+    assert not Engine.objects.exists()
+
+
+def test_it_switches_an_engine_between_external_and_managed(models_dir) -> None:
+    run("e", "--base-url", URL, "--model", "a")
+    run("e", "--command", "srv --port {port}", "--model", "a")
+    engine = Engine.objects.get()
+    assert (engine.kind, engine.base_url) == ("managed", "")
+
+    run("e", "--base-url", URL, "--model", "a")
+    engine.refresh_from_db()
+    assert (engine.kind, engine.base_url, engine.command_template) == ("external", URL, "")

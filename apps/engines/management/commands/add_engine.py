@@ -8,7 +8,10 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from apps.engines.models import Engine
-from apps.engines.services import engine_register_external
+from apps.engines.services import engine_register_external, engine_register_managed
+
+# Options that only make sense when the gateway runs the engine.
+MANAGED_ONLY = ("model_path", "extra_args", "idle_ttl", "replicas", "startup_timeout")
 
 
 def checked_base_url(url: str) -> str:
@@ -35,6 +38,12 @@ def checked_ctx_size(ctx_size: int | None) -> int | None:
     return ctx_size
 
 
+def checked_positive(option: str, value: int | None) -> int | None:
+    if value is not None and value <= 0:
+        raise CommandError(f"--{option} must be a positive number, got {value}.")
+    return value
+
+
 def error_text(error: ValidationError) -> str:
     if not hasattr(error, "error_dict"):
         return " ".join(error.messages)
@@ -42,16 +51,31 @@ def error_text(error: ValidationError) -> str:
 
 
 class Command(BaseCommand):
-    help = "Register an OpenAI-compatible engine and the models it serves (adds to existing)."
+    help = (
+        "Register an engine and the models it serves (adds to an existing engine): an "
+        "external one (--base-url) or one the gateway runs itself (--command). For a "
+        "managed engine, run it once per variant (model, context size, model file)."
+    )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("name", help="Unique engine name (letters, digits, - and _).")
-        # Where the engine runs. A managed engine (--command) may become an alternative;
-        # then move --base-url into a required mutually exclusive group with it.
-        parser.add_argument(
+        where = parser.add_mutually_exclusive_group(required=True)
+        where.add_argument(
             "--base-url",
-            required=True,
-            help="Root URL of an external engine, e.g. http://127.0.0.1:8080 (no /v1).",
+            action="append",
+            dest="base_urls",
+            metavar="URL",
+            help="Root URL of an external engine, e.g. http://127.0.0.1:8080 (no /v1); "
+            "repeat for more replicas serving the same models.",
+        )
+        where.add_argument(
+            "--command",
+            dest="command_template",
+            metavar="TEMPLATE",
+            help="Run the engine from the gateway with this command, e.g. "
+            '"{llama_server} -m {model_path} --port {port} -c {ctx_size} -np {slots}". '
+            "Placeholders: {port} (required), {model_path}, {ctx_size}, {extra_args}, "
+            "{slots}, {host}, {python}, {llama_server}.",
         )
         parser.add_argument(
             "--model",
@@ -66,22 +90,90 @@ class Command(BaseCommand):
             choices=Engine.Flavor.values,
             help="Server software (default: llamacpp, or the engine's current flavor).",
         )
+        parser.add_argument(
+            "--slots", type=int, help="Requests one replica serves at once (default 1)."
+        )
+        managed = parser.add_argument_group("managed engines (--command)")
+        managed.add_argument(
+            "--model-path", help="The variant's .gguf file, relative to MODELS_DIR."
+        )
+        managed.add_argument(
+            "--extra-args",
+            help="More arguments for this variant ({extra_args} in the command); write "
+            "--extra-args=-fa when they start with a dash.",
+        )
+        managed.add_argument(
+            "--idle-ttl",
+            type=int,
+            metavar="SECONDS",
+            help="Stop a replica after this long without requests (default: never).",
+        )
+        managed.add_argument("--replicas", type=int, help="Processes to run (default 1).")
+        managed.add_argument(
+            "--startup-timeout",
+            type=float,
+            metavar="SECONDS",
+            help="Longest wait for a new process to become healthy (default 120).",
+        )
 
     def handle(self, *args: Any, name: str, **options: Any) -> None:
-        engine = self.register_external(name, options)
-        self.stdout.write(f"Engine {engine.name} ({engine.flavor}) at {engine.base_url} serves:")
-        for variant in engine.variants.select_related("model"):
-            ctx = f"ctx_size={variant.ctx_size}" if variant.ctx_size else "ctx_size unknown"
-            self.stdout.write(f"  {variant.model.name} ({ctx})")
+        if options["command_template"] is not None:
+            engine = self.register_managed(name, options)
+        else:
+            engine = self.register_external(name, options)
+        self.describe(engine)
 
     def register_external(self, name: str, options: dict[str, Any]) -> Engine:
-        base_url = checked_base_url(options["base_url"])
-        models = checked_models(options["models"])
-        ctx_size = checked_ctx_size(options["ctx_size"])
-        flavor = options["flavor"]
+        given = [f"--{o.replace('_', '-')}" for o in MANAGED_ONLY if options[o] is not None]
+        if given:
+            raise CommandError(f"{', '.join(given)} only apply to managed engines (--command).")
+        base_url, *extra_urls = [checked_base_url(url) for url in options["base_urls"]]
         try:
             return engine_register_external(
-                name=name, base_url=base_url, models=models, ctx_size=ctx_size, flavor=flavor
+                name=name,
+                base_url=base_url,
+                extra_base_urls=extra_urls,
+                models=checked_models(options["models"]),
+                ctx_size=checked_ctx_size(options["ctx_size"]),
+                flavor=options["flavor"],
+                slots=checked_positive("slots", options["slots"]),
             )
         except ValidationError as e:
             raise CommandError(f"Cannot register engine {name!r}: {error_text(e)}") from e
+
+    def register_managed(self, name: str, options: dict[str, Any]) -> Engine:
+        try:
+            return engine_register_managed(
+                name=name,
+                command_template=options["command_template"],
+                models=checked_models(options["models"]),
+                ctx_size=checked_ctx_size(options["ctx_size"]),
+                model_path=options["model_path"] or "",
+                extra_args=options["extra_args"] or "",
+                flavor=options["flavor"],
+                slots=checked_positive("slots", options["slots"]),
+                replicas=checked_positive("replicas", options["replicas"]),
+                idle_ttl_seconds=checked_positive("idle-ttl", options["idle_ttl"]),
+                startup_timeout_seconds=options["startup_timeout"],
+            )
+        except ValidationError as e:
+            raise CommandError(f"Cannot register engine {name!r}: {error_text(e)}") from e
+
+    def describe(self, engine: Engine) -> None:
+        if engine.is_managed:
+            ttl = f"{engine.idle_ttl_seconds} s" if engine.idle_ttl_seconds else "never"
+            self.stdout.write(
+                f"Engine {engine.name} ({engine.flavor}, managed) runs: "
+                f"{engine.command_template}\n"
+                f"  replicas={engine.replicas} slots={engine.slots} idle stop: {ttl}; serves:"
+            )
+        else:
+            urls = ", ".join(engine.base_urls)
+            self.stdout.write(f"Engine {engine.name} ({engine.flavor}) at {urls} serves:")
+        for variant in engine.variants.select_related("model"):
+            details = [f"ctx_size={variant.ctx_size}" if variant.ctx_size else "ctx_size unknown"]
+            if variant.model_path:
+                details.append(f"model_path={variant.model_path}")
+            if variant.extra_args:
+                details.append(f"extra_args={variant.extra_args}")
+            self.stdout.write(f"  {variant.model.name} ({', '.join(details)})")

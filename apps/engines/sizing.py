@@ -1,0 +1,248 @@
+"""How big is a request, and which variant of a model has the context to serve it.
+
+Prompt size is measured exactly where the engine can tell us (llama.cpp: render the chat
+template with /apply-template, count it with /tokenize) and estimated otherwise with the
+documented heuristic of apps.engines.tokens. Choosing a variant is pure: the smallest
+context that holds prompt + completion budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from apps.engines.client import engine_session, engine_url
+from apps.engines.registry import EngineRoute, VariantRoute
+from apps.engines.tokens import heuristic_message_tokens, heuristic_tokens
+
+logger = logging.getLogger(__name__)
+
+TOKENIZE = "tokenize"
+HEURISTIC = "heuristic"
+
+# /tokenize is called with add_special=false (llama-server's default), so the BOS token the
+# engine puts before every prompt is not in the count. Counting it for models that have no
+# BOS (Qwen, ...) overestimates by one token, the safe direction for sizing.
+BOS_TOKENS = 1
+# What the heuristic adds for a chat: the template's opening of the assistant's turn.
+ASSISTANT_PRIMING_TOKENS = 3
+# Sizing sits in front of every request: an engine slower than this to tokenize is treated
+# as unable to (heuristic), rather than delaying the request. Both calls are answered by
+# llama-server's HTTP threads directly, not queued behind generation slots.
+SIZING_TIMEOUT = aiohttp.ClientTimeout(total=2.0, sock_connect=1.0)
+# Fields of a chat request that change the rendered prompt (tools are rendered into it).
+_TEMPLATE_FIELDS = ("tools", "tool_choice", "chat_template_kwargs", "parallel_tool_calls")
+
+PromptPiece = str | int  # text, or a token id the client sent directly
+
+
+class ContextTooLarge(Exception):
+    """No variant of the model has a context large enough for this request.
+
+    Map it to HTTP 400 with code `context_length_exceeded` (OpenAI's code for this case).
+    """
+
+    code = "context_length_exceeded"
+
+    def __init__(
+        self,
+        needed: int,
+        sizes: Sequence[int],
+        *,
+        prompt_tokens: int | None = None,
+        model: str = "",
+    ) -> None:
+        self.needed = needed
+        self.sizes = sorted(set(sizes))
+        self.prompt_tokens = prompt_tokens
+        self.model = model
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        breakdown = ""
+        if self.prompt_tokens is not None:
+            completion = self.needed - self.prompt_tokens
+            breakdown = f" ({self.prompt_tokens} prompt + {completion} max_tokens)"
+        model = f" of model `{self.model}`" if self.model else ""
+        largest = self.sizes[-1] if self.sizes else 0
+        variants = ", ".join(str(size) for size in self.sizes)
+        return (
+            f"This request needs {self.needed} tokens{breakdown} but the largest context"
+            f"{model} is {largest} tokens (variants: {variants})."
+        )
+
+
+# --- variants ----------------------------------------------------------------------------
+
+
+def fitting_variants(variants: Sequence[VariantRoute], needed: int) -> list[VariantRoute]:
+    """The variants that can take `needed` tokens, best first.
+
+    Sized variants that fit come first, smallest context first (the big ones stay free for
+    the requests that need them); variants of unknown size (ctx_size None) follow, since
+    they may fit but nothing says so. Equal sizes keep their given order.
+    """
+    sized = [v for v in variants if v.ctx_size is not None and v.ctx_size >= needed]
+    sized.sort(key=lambda v: v.ctx_size or 0)
+    return sized + [v for v in variants if v.ctx_size is None]
+
+
+def choose_variant(
+    variants: Sequence[VariantRoute],
+    needed: int,
+    *,
+    prompt_tokens: int | None = None,
+    model: str = "",
+) -> VariantRoute:
+    """The smallest variant whose context holds `needed` tokens (prompt + completion).
+
+    `prompt_tokens` and `model` only make the ContextTooLarge message more helpful.
+    """
+    if not variants:
+        raise ValueError("a model without variants cannot serve requests")
+    fitting = fitting_variants(variants, needed)
+    if not fitting:
+        sizes = [v.ctx_size for v in variants if v.ctx_size is not None]
+        raise ContextTooLarge(needed, sizes, prompt_tokens=prompt_tokens, model=model)
+    return fitting[0]
+
+
+def completion_budget(payload: dict[str, Any], default: int) -> int:
+    """The tokens the client lets the answer take: max_completion_tokens (OpenAI's current
+    name) over max_tokens (the older one), else `default`."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = payload.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+# --- prompt size -------------------------------------------------------------------------
+
+
+async def prompt_tokens(
+    engine: EngineRoute,
+    payload: dict[str, Any],
+    endpoint: str,
+    *,
+    engine_running: bool = True,
+) -> tuple[int, str]:
+    """(tokens, method) of the request's prompt; method is "tokenize" or "heuristic".
+
+    `endpoint` is the Exchange endpoint ("chat.completions", "completions", ...). Only
+    llama.cpp engines are asked, and only when `engine_running`: a managed engine that is
+    not started yet must not be woken up (or waited for) just to size a request. For a
+    batch of prompts, the largest one counts: each runs in its own slot.
+    """
+    if engine.flavor != "llamacpp" or not engine_running:
+        return heuristic_prompt_tokens(payload, endpoint), HEURISTIC
+    try:
+        if endpoint == "chat.completions":
+            return await _chat_tokens(engine, payload), TOKENIZE
+        if endpoint == "completions":
+            return await _completion_tokens(engine, payload.get("prompt")), TOKENIZE
+    except (TimeoutError, aiohttp.ClientError, KeyError, TypeError, ValueError) as exc:
+        logger.warning("sizing on %s failed (%r); using the heuristic", engine.name, exc)
+    return heuristic_prompt_tokens(payload, endpoint), HEURISTIC
+
+
+def heuristic_prompt_tokens(payload: dict[str, Any], endpoint: str) -> int:
+    """The estimate when the engine cannot count: ~4 characters a token (tokens.py)."""
+    if endpoint == "chat.completions":
+        messages = [m for m in payload.get("messages") or () if isinstance(m, dict)]
+        total = sum(heuristic_message_tokens(m) for m in messages) + ASSISTANT_PRIMING_TOKENS
+        if payload.get("tools"):
+            total += heuristic_tokens(orjson.dumps(payload["tools"]).decode())
+        return total
+    if endpoint == "completions":
+        prompts = split_prompts(payload.get("prompt"))
+        return max((_heuristic_prompt(p) for p in prompts), default=0)
+    value = payload.get("input")
+    return sum(_heuristic_prompt(p) for p in split_prompts(value))
+
+
+def _heuristic_prompt(pieces: list[PromptPiece]) -> int:
+    return sum(heuristic_tokens(p) if isinstance(p, str) else 1 for p in pieces)
+
+
+def split_prompts(prompt: Any) -> list[list[PromptPiece]]:
+    """The separate prompts of a completions `prompt`, each as text and token pieces.
+
+    Follows llama-server: a string is one prompt; an array of strings is a batch; an array
+    of token ids (possibly mixed with strings) is one prompt; an array of arrays is a batch.
+    """
+    if isinstance(prompt, str):
+        return [[prompt]]
+    if not isinstance(prompt, list) or not prompt:
+        return []
+    if all(isinstance(p, str) for p in prompt):
+        return [[p] for p in prompt]
+    if any(isinstance(p, list) for p in prompt):
+        return [_pieces(p) for p in prompt]
+    return [_pieces(prompt)]
+
+
+def _pieces(value: Any) -> list[PromptPiece]:
+    items = value if isinstance(value, list) else [value]
+    return [p for p in items if isinstance(p, str | int) and not isinstance(p, bool)]
+
+
+async def _chat_tokens(engine: EngineRoute, payload: dict[str, Any]) -> int:
+    body = {"messages": payload["messages"]}
+    body.update((k, payload[k]) for k in _TEMPLATE_FIELDS if payload.get(k) is not None)
+    rendered = await _post_json(engine, "/apply-template", body)
+    prompt = rendered["prompt"]
+    if not isinstance(prompt, str):
+        raise TypeError("/apply-template returned no prompt string")
+    return await _tokenize(engine, prompt) + BOS_TOKENS
+
+
+async def _completion_tokens(engine: EngineRoute, prompt: Any) -> int:
+    prompts = split_prompts(prompt)
+    counts = await asyncio.gather(*(_count_pieces(engine, p) for p in prompts))
+    return max(counts, default=0)
+
+
+async def _count_pieces(engine: EngineRoute, pieces: list[PromptPiece]) -> int:
+    """Token ids count one each; text is tokenized (plus BOS: only text prompts get one)."""
+    texts = [p for p in pieces if isinstance(p, str)]
+    ids = len(pieces) - len(texts)
+    if not texts:
+        return ids
+    counts = await asyncio.gather(*(_tokenize(engine, t) for t in texts))
+    return ids + sum(counts) + BOS_TOKENS
+
+
+async def _tokenize(engine: EngineRoute, text: str) -> int:
+    answer = await _post_json(engine, "/tokenize", {"content": text, "add_special": False})
+    tokens = answer["tokens"]
+    if not isinstance(tokens, list):
+        raise TypeError("/tokenize returned no token list")
+    return len(tokens)
+
+
+async def _post_json(engine: EngineRoute, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with engine_session().post(
+        engine_url(engine.base_url, path),
+        data=orjson.dumps(body),
+        headers=_headers(engine),
+        timeout=SIZING_TIMEOUT,
+    ) as resp:
+        resp.raise_for_status()
+        answer = orjson.loads(await resp.read())
+    if not isinstance(answer, dict):
+        raise TypeError(f"{path} did not return a JSON object")
+    return answer
+
+
+def _headers(engine: EngineRoute) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if engine.upstream_api_key:
+        # llama-server's --api-key guards /tokenize and /apply-template too.
+        headers["Authorization"] = f"Bearer {engine.upstream_api_key}"
+    return headers

@@ -1,0 +1,192 @@
+"""Sizing: prompt tokens through a real (fake) llama-server, the heuristic, variant choice."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from apps.engines.client import close_engine_session
+from apps.engines.registry import EngineRoute, VariantRoute
+from apps.engines.sizing import (
+    ASSISTANT_PRIMING_TOKENS,
+    ContextTooLarge,
+    choose_variant,
+    completion_budget,
+    fitting_variants,
+    heuristic_prompt_tokens,
+    prompt_tokens,
+    split_prompts,
+)
+from apps.engines.tokens import heuristic_message_tokens
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}]}
+
+
+def route(url: str, flavor: str = "llamacpp", key: str = "") -> EngineRoute:
+    return EngineRoute(
+        name="e", flavor=flavor, base_url=url, upstream_api_key=key, timeout_seconds=5
+    )
+
+
+def variant(ctx: int | None, name: str = "e") -> VariantRoute:
+    engine = EngineRoute(name, "llamacpp", "http://127.0.0.1:9", "", 5)
+    return VariantRoute(engine=engine, ctx_size=ctx)
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there any more
+
+
+@pytest.fixture(autouse=True)
+async def _fresh_session() -> AsyncIterator[None]:
+    """The shared aiohttp session belongs to one event loop; each test has its own."""
+    yield
+    await close_engine_session()
+
+
+# --- prompt_tokens -----------------------------------------------------------------------
+
+
+async def test_it_counts_a_chat_through_apply_template_and_tokenize_plus_bos(fake_engine):
+    fake_engine.reset()
+    tokens, method = await prompt_tokens(route(fake_engine.url), CHAT, "chat.completions")
+    # Rendered "<|user|>\nHello there\n<|assistant|>\n": 4 words, one token each, + BOS.
+    assert (tokens, method) == (5, "tokenize")
+    calls = [(r["path"], r["body"]) for r in fake_engine.requests()]
+    assert calls == [
+        ("/apply-template", {"messages": CHAT["messages"]}),
+        ("/tokenize", {"content": "<|user|>\nHello there\n<|assistant|>\n", "add_special": False}),
+    ]
+
+
+async def test_it_sends_tools_to_the_template_and_the_engine_key(fake_engine):
+    fake_engine.reset()
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    payload = {**CHAT, "tools": tools, "temperature": 0.2}
+    await prompt_tokens(route(fake_engine.url, key="sekrit"), payload, "chat.completions")
+    first = fake_engine.requests()[0]
+    assert first["body"] == {"messages": CHAT["messages"], "tools": tools}
+    assert first["headers"]["Authorization"] == "Bearer sekrit"
+
+
+async def test_it_counts_a_completion_prompt_plus_bos(fake_engine):
+    payload = {"model": "m", "prompt": "one two three"}
+    assert await prompt_tokens(route(fake_engine.url), payload, "completions") == (4, "tokenize")
+
+
+async def test_it_sizes_a_batch_by_its_largest_prompt(fake_engine):
+    payload = {"model": "m", "prompt": ["a b", "c d e f", "g"]}
+    assert await prompt_tokens(route(fake_engine.url), payload, "completions") == (5, "tokenize")
+
+
+async def test_it_counts_token_ids_without_asking_and_without_bos(fake_engine):
+    fake_engine.reset()
+    payload = {"model": "m", "prompt": [[1, 2, 3], [4]]}
+    assert await prompt_tokens(route(fake_engine.url), payload, "completions") == (3, "tokenize")
+    assert fake_engine.requests() == []
+
+
+async def test_it_falls_back_to_the_heuristic_when_the_engine_is_down():
+    tokens, method = await prompt_tokens(route(closed_port_url()), CHAT, "chat.completions")
+    assert method == "heuristic"
+    assert tokens == heuristic_message_tokens(CHAT["messages"][0]) + ASSISTANT_PRIMING_TOKENS
+
+
+async def test_it_does_not_call_an_engine_that_is_not_running(fake_engine):
+    fake_engine.reset()
+    result = await prompt_tokens(
+        route(fake_engine.url), CHAT, "chat.completions", engine_running=False
+    )
+    assert result[1] == "heuristic"
+    assert fake_engine.requests() == []
+
+
+async def test_it_uses_the_heuristic_for_other_flavors_and_for_embeddings(fake_engine):
+    fake_engine.reset()
+    _, method = await prompt_tokens(route(fake_engine.url, "vllm"), CHAT, "chat.completions")
+    assert method == "heuristic"
+    payload = {"model": "m", "input": ["abcd", "abcdefgh"]}
+    assert await prompt_tokens(route(fake_engine.url), payload, "embeddings") == (3, "heuristic")
+    assert fake_engine.requests() == []
+
+
+async def test_it_falls_back_when_the_engine_answers_with_an_error(fake_engine):
+    # As an old llama-server without /apply-template would: 404.
+    engine = route(fake_engine.url + "/old")
+    tokens, method = await prompt_tokens(engine, CHAT, "chat.completions")
+    assert (tokens, method) == (heuristic_prompt_tokens(CHAT, "chat.completions"), "heuristic")
+
+
+def test_it_estimates_tools_into_a_chat_heuristic():
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    plain = heuristic_prompt_tokens(CHAT, "chat.completions")
+    assert heuristic_prompt_tokens({**CHAT, "tools": tools}, "chat.completions") > plain
+
+
+def test_it_splits_prompts_like_llama_server():
+    assert split_prompts("a") == [["a"]]
+    assert split_prompts(["a", "b"]) == [["a"], ["b"]]
+    assert split_prompts([1, 2, "x"]) == [[1, 2, "x"]]
+    assert split_prompts([[1, 2], [3]]) == [[1, 2], [3]]
+    assert split_prompts(None) == []
+
+
+# --- choose_variant ----------------------------------------------------------------------
+
+
+def test_it_chooses_the_smallest_context_that_fits():
+    variants = [variant(8192), variant(2048), variant(4096)]
+    assert choose_variant(variants, 3000).ctx_size == 4096
+    assert choose_variant(variants, 4096).ctx_size == 4096  # an exact fit fits
+    assert choose_variant(variants, 1).ctx_size == 2048
+
+
+def test_it_prefers_a_sized_fit_over_an_unknown_size():
+    variants = [variant(None), variant(4096)]
+    assert choose_variant(variants, 1000).ctx_size == 4096
+    assert fitting_variants(variants, 1000) == [variants[1], variants[0]]
+
+
+def test_it_takes_an_unknown_size_when_no_sized_variant_fits():
+    variants = [variant(2048), variant(None, "big")]
+    chosen = choose_variant(variants, 100_000)
+    assert chosen.ctx_size is None and chosen.engine.name == "big"
+
+
+def test_it_keeps_the_given_order_between_equal_sizes():
+    first, second = variant(4096, "a"), variant(4096, "b")
+    assert choose_variant([first, second], 10) is first
+
+
+def test_it_refuses_a_request_larger_than_every_context():
+    variants = [variant(2048), variant(8192), variant(4096), variant(4096)]
+    with pytest.raises(ContextTooLarge) as caught:
+        choose_variant(variants, 9000, prompt_tokens=8488, model="m")
+    assert str(caught.value) == (
+        "This request needs 9000 tokens (8488 prompt + 512 max_tokens) but the largest "
+        "context of model `m` is 8192 tokens (variants: 2048, 4096, 8192)."
+    )
+    assert caught.value.code == "context_length_exceeded"
+    assert (caught.value.needed, caught.value.sizes) == (9000, [2048, 4096, 8192])
+
+
+def test_it_words_the_refusal_without_the_optional_details():
+    with pytest.raises(ContextTooLarge, match=r"needs 10 tokens but the largest context is 8"):
+        choose_variant([variant(8)], 10)
+
+
+def test_it_rejects_a_model_without_variants():
+    with pytest.raises(ValueError):
+        choose_variant([], 10)
+
+
+def test_it_reads_the_completion_budget():
+    assert completion_budget({"max_completion_tokens": 7, "max_tokens": 9}, 512) == 7
+    assert completion_budget({"max_tokens": 9}, 512) == 9
+    assert completion_budget({}, 512) == 512
+    assert completion_budget({"max_tokens": True, "max_completion_tokens": None}, 512) == 512
