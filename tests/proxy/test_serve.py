@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.conftest import ROOT, free_port, wait_until
+
+
+@pytest.fixture
+def data_dir():
+    """A fresh DATA_DIR outside pytest's tmp root: that root is 0700 and re-restricted by
+    every pytest session, while the embedded server runs as another (system) user."""
+    path = Path(tempfile.mkdtemp(prefix="serve-test-", dir=ROOT / "var"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def start_serve(data_dir, port: int, *args: str, password: str | None = None) -> subprocess.Popen:
@@ -73,9 +86,9 @@ def admin_login(url: str, password: str) -> httpx.Response:
         )
 
 
-def test_it_migrates_creates_the_admin_and_prints_its_password_once(tmp_path):
+def test_it_migrates_creates_the_admin_and_prints_its_password_once(data_dir):
     port = free_port()
-    process = start_serve(tmp_path, port, "--workers", "2")
+    process = start_serve(data_dir, port, "--workers", "2")
     try:
         lines = read_until_admin_url(process)
         password = re.search(r"password: (\S+)", "\n".join(lines)).group(1)
@@ -86,9 +99,9 @@ def test_it_migrates_creates_the_admin_and_prints_its_password_once(tmp_path):
     finally:
         stop(process)
     # SIGTERM (what systemd and docker send) stops the embedded PostgreSQL with the gateway.
-    wait_until(lambda: not embedded_postgres_running(tmp_path), timeout=15)
+    wait_until(lambda: not embedded_postgres_running(data_dir), timeout=15)
 
-    process = start_serve(tmp_path, port)
+    process = start_serve(data_dir, port)
     try:
         lines = read_until_admin_url(process)
         assert not any("password" in line for line in lines)  # shown once, on first start only
@@ -96,9 +109,9 @@ def test_it_migrates_creates_the_admin_and_prints_its_password_once(tmp_path):
         stop(process)
 
 
-def test_it_takes_the_admin_password_from_the_environment(tmp_path):
+def test_it_takes_the_admin_password_from_the_environment(data_dir):
     port = free_port()
-    process = start_serve(tmp_path, port, "--workers", "1", password="from-the-env-123")
+    process = start_serve(data_dir, port, "--workers", "1", password="from-the-env-123")
     try:
         lines = read_until_admin_url(process)
         assert "Created superuser `admin` with password: from-the-env-123" in lines
@@ -108,4 +121,4 @@ def test_it_takes_the_admin_password_from_the_environment(tmp_path):
         assert admin_login(url, "wrong-password").status_code == 200  # the form again
     finally:
         stop(process)
-    wait_until(lambda: not embedded_postgres_running(tmp_path), timeout=15)
+    wait_until(lambda: not embedded_postgres_running(data_dir), timeout=15)
