@@ -159,8 +159,7 @@ class EngineProcess:
     async def wait(self) -> int:
         code = await self.proc.wait()
         # The pipe may stay open in a grandchild; the log is complete enough after a moment.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._pump), 1.0)
+        await asyncio.wait({self._pump}, timeout=1.0)
         return code
 
     async def wait_healthy(self, *, timeout: float, flavor: str, label: str) -> None:
@@ -212,9 +211,10 @@ class EngineProcess:
         self.stopping = True
         if self.proc.returncode is None:
             self._signal_group(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
-            except TimeoutError:
+            exited = asyncio.ensure_future(self.proc.wait())
+            _, pending = await asyncio.wait({exited}, timeout=grace)
+            if pending:
+                exited.cancel()
                 self.log.note(f"still running {grace:g} s after SIGTERM: SIGKILL")
                 self._signal_group(signal.SIGKILL)
         code = await self.wait()

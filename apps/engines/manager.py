@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 State = EngineInstance.State
 Key = tuple[int, int]  # (engine id, replica)
 LOG_PUBLISH_SECONDS = 2.0
+FOLLOWER_POLL_MAX = 0.25  # a waiting non-owner re-reads the row at least this often
 
 
 def _conf(name: str, default: float) -> float:
@@ -226,6 +227,13 @@ class OwnershipLost(Exception):
     """This process stopped owning the replica while a request waited on it."""
 
 
+async def finish(task: asyncio.Task) -> None:
+    """Cancel `task` and wait until it is done. Unlike `suppress(CancelledError)` around
+    `await task`, this never swallows a cancellation of the caller itself."""
+    task.cancel()
+    await asyncio.wait({task})
+
+
 class Signal:
     """Wake every current waiter; later waiters wait for the next fire()."""
 
@@ -237,8 +245,16 @@ class Signal:
         self._event = asyncio.Event()
 
     async def wait(self, timeout: float | None = None) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+        if timeout is None:
+            await self._event.wait()
+            return
+        # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow a cancellation
+        # that arrives as the event fires.
+        waiter = asyncio.ensure_future(self._event.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            waiter.cancel()
 
 
 @dataclass(eq=False)
@@ -278,6 +294,9 @@ class Replica:
         self.waiting: dict[int, list[float]] = {}  # variant id -> arrival times
         self.remote_request: tuple[int, float] | None = None  # (variant id, seen at)
         self.remote_in_flight = 0
+        # After serving another process's request, keep its variant this long: that
+        # process polls for it and must get its turn before the next swap.
+        self.remote_hold_until = 0.0
         self.action = ""  # start / stop / restart from the admin, or "idle"
         self.swap: Swap | None = None
         # Variant id -> when its last start failed, and why: requests that were already
@@ -312,12 +331,22 @@ class Replica:
     def queued(self) -> int:
         return sum(len(times) for times in self.waiting.values())
 
-    def admits(self, variant_id: int) -> bool:
+    def admits(self, variant_id: int, *, arrival: float = math.inf) -> bool:
+        """Running `variant_id`, and no swap pending, or one pending for less than the
+        grace, or one that started after this request began waiting (that request was
+        woken by the swap that served it, and must not lose its turn to the next one)."""
         if self.closing or self.state not in (State.RUNNING, State.DRAINING) or not self.alive:
             return False
         if self.variant is None or self.variant.id != variant_id:
             return False
-        return self.swap is None or time.monotonic() - self.swap.since < swap_grace()
+        swap = self.swap
+        return swap is None or arrival < swap.since or time.monotonic() - swap.since < swap_grace()
+
+    def _owed(self, swap: Swap) -> bool:
+        """Requests for the running variant that waited since before `swap`: it drains
+        them too, as if they were in flight (they are about to be)."""
+        running = self.variant.id if self.variant else None
+        return any(t < swap.since for t in self.waiting.get(running, ())) if running else False
 
     async def enter(self, variant_id: int) -> str:
         """Wait until this replica runs `variant_id` and admits us; count us in flight."""
@@ -330,7 +359,7 @@ class Replica:
             while True:
                 if self.dropped:
                     raise OwnershipLost
-                if self.admits(variant_id):
+                if self.admits(variant_id, arrival=arrival):
                     return self._admit()
                 failed_at, error = self.failures.get(variant_id, (0.0, None))
                 if error is not None and failed_at >= arrival:
@@ -367,11 +396,9 @@ class Replica:
         self._driver = asyncio.ensure_future(self._drive())
 
     async def stop_driver(self) -> None:
-        if self._driver is not None:
-            self._driver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._driver
-        self._driver = None
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            await finish(driver)
 
     async def _drive(self) -> None:
         while True:
@@ -470,13 +497,13 @@ class Replica:
                 await self.sync()
             else:
                 await self._launch(target)
-                await self._served_remote_request(target)
+                await self._served_remote_request(target, ok=True)
         except Exception as exc:
             error = exc if isinstance(exc, EngineStartError) else self._unexpected(exc)
             if target is not None:
                 self.failures[target] = (time.monotonic(), error)
             await self._fail(str(error), variant_id=target)
-            await self._served_remote_request(target)
+            await self._served_remote_request(target, ok=False)
         finally:
             self.closing = False
             swap.done = True
@@ -498,7 +525,8 @@ class Replica:
         deadline = swap.since + drain_timeout()
         while True:
             forced = time.monotonic() >= deadline or not self.alive
-            if self.in_flight == 0 or forced:
+            drained = self.in_flight == 0 and not self._owed(swap)
+            if forced or (drained and time.monotonic() >= self.remote_hold_until):
                 self.closing = True
                 async with self._publish_lock:
                     closed = await self.manager.control.close_for_launch(self.row_id, force=forced)
@@ -556,9 +584,11 @@ class Replica:
         self.event("running", variant_id)
         await self.sync()
 
-    async def _served_remote_request(self, variant_id: int | None) -> None:
+    async def _served_remote_request(self, variant_id: int | None, *, ok: bool) -> None:
         if self.remote_request is not None and self.remote_request[0] == variant_id:
             self.remote_request = None
+            if ok:
+                self.remote_hold_until = time.monotonic() + 4 * FOLLOWER_POLL_MAX
             await self.manager.control.clear_request(self.row_id, variant_id=variant_id)
 
     async def _watch(self, process: EngineProcess) -> None:
@@ -771,14 +801,14 @@ class EngineManager:
 
     async def shutdown(self) -> None:
         """Stop every engine process this process owns and give up ownership."""
-        if self._tick_task is not None:
-            self._tick_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tick_task
-            self._tick_task = None
-        for replica in list(self._replicas.values()):
-            with contextlib.suppress(Exception):
-                await self._give_up(replica, stop=True)
+        tick, self._tick_task = self._tick_task, None
+        if tick is not None:
+            await finish(tick)
+        # In parallel: each may take its stop grace, and a server stop has a deadline.
+        replicas = list(self._replicas.values())
+        await asyncio.gather(
+            *(self._give_up(replica, stop=True) for replica in replicas), return_exceptions=True
+        )
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.control.close()
@@ -887,7 +917,14 @@ class EngineManager:
                 )
 
     async def _give_up(self, replica: Replica, *, stop: bool) -> None:
-        """Stop owning the replica (stopping its process first if asked)."""
+        """Stop owning the replica (stopping its process first if asked). Shielded: a
+        cancelled caller (the tick, at shutdown) must not leave a process or lock behind."""
+        task = asyncio.ensure_future(self._give_up_now(replica, stop=stop))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        await asyncio.shield(task)
+
+    async def _give_up_now(self, replica: Replica, *, stop: bool) -> None:
         lock = self._claim_locks.setdefault(replica.key, asyncio.Lock())
         async with lock:
             self._replicas.pop(replica.key, None)
@@ -1015,7 +1052,7 @@ class Follower:
 
     async def pause(self) -> None:
         await asyncio.sleep(self.interval)
-        self.interval = min(self.interval * 1.5, 0.25)
+        self.interval = min(self.interval * 1.5, FOLLOWER_POLL_MAX)
 
 
 engine_manager = EngineManager()

@@ -41,6 +41,11 @@ async def running_pid(engine) -> int | None:
     return row.pid if row.state == "running" else None
 
 
+async def running_pid_other_than(engine, pid: int) -> int | None:
+    running = await running_pid(engine)
+    return running if running != pid else None
+
+
 async def test_it_restarts_an_engine_that_crashed(manager) -> None:
     engine, (variant, _) = await create_managed()
     await use(manager, engine, variant)
@@ -65,7 +70,10 @@ async def test_it_restarts_without_waiting_for_a_request(manager) -> None:
 
     os.kill(first_pid, signal.SIGKILL)
 
-    assert await eventually(lambda: running_pid(engine)) != first_pid
+    # The row says "running" with the old pid until the crash is noticed: wait for another.
+    second_pid = await eventually(lambda: running_pid_other_than(engine, first_pid))
+    assert not gone(second_pid)
+    assert manager.launches == 2
 
 
 async def test_it_marks_a_crash_loop_failed_until_the_next_request(
@@ -75,8 +83,9 @@ async def test_it_marks_a_crash_loop_failed_until_the_next_request(
     engine, (variant, _) = await create_managed()
     await use(manager, engine, variant)
 
-    os.kill((await instance(engine)).pid, signal.SIGKILL)
-    second = await eventually(lambda: running_pid(engine))
+    first = (await instance(engine)).pid
+    os.kill(first, signal.SIGKILL)
+    second = await eventually(lambda: running_pid_other_than(engine, first))
     os.kill(second, signal.SIGKILL)
 
     row = await eventually(lambda: failed_row(engine))

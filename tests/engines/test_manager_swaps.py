@@ -74,14 +74,14 @@ async def test_it_swaps_at_once_when_nothing_is_in_flight(manager) -> None:
 
 
 async def test_it_lets_neither_variant_starve(manager, engine_settings) -> None:
-    """A steady stream of small-context requests (a new one every 0.1 s, 0.3 s each) would
-    never leave an idle gap for a swap. After the grace (0.5 s here), new small requests
-    queue behind the swap, the large request is served, then the queue swaps back."""
+    """A steady stream of small-context requests (a new one every 0.1 s for 4 s, 0.3 s
+    each) would never leave an idle gap for a swap. After the grace (0.5 s here), new small
+    requests queue behind the swap, the large request is served, then the queue swaps back."""
     engine, (small, large) = await create_managed()
     await request(manager, small)
 
     async def stream() -> list[dict[str, object]]:
-        tasks, end = [], time.monotonic() + 3.0
+        tasks, end = [], time.monotonic() + 4.0
         while time.monotonic() < end:
             tasks.append(asyncio.ensure_future(request(manager, small, delay=0.3)))
             await asyncio.sleep(0.1)
