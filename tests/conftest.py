@@ -92,6 +92,9 @@ def start_gateway(
         "REGISTRY_CACHE_SECONDS": "0",
         "REQUEST_LOG_FLUSH_SECONDS": "0.05",
         "ADMIN_PASSWORD": "admin-test-password",
+        # Engine managers of gateway processes would take over the replicas that the
+        # in-process managers of tests/engines own; tests of managed engines turn it on.
+        "ENGINE_MANAGER_AUTOSTART": "0",
         **(env or {}),
     }
     log = log_path.open("w")

@@ -76,6 +76,8 @@ class Knobs:
     reply: str | None = None
     # Prompt tokens to report as served from the prompt cache (llama.cpp's cache_n).
     cached: int = 0
+    # Report usage but no llama.cpp `timings` (as vLLM and other OpenAI servers do).
+    no_timings: bool = False
 
 
 KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
@@ -88,6 +90,7 @@ KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
     "no_usage": _parse_bool,
     "reply": _parse_str,
     "cached": int,
+    "no_timings": _parse_bool,
 }
 # Header lookups are precomputed: header parsing runs on every request of a benchmark.
 KNOB_HEADERS: tuple[tuple[str, str], ...] = tuple(
@@ -349,7 +352,8 @@ class Completion:
         data["choices"] = [choice]
         if not self.knobs.no_usage:
             data["usage"] = usage_of(self.prompt_tokens, self.knobs.chunks, self.knobs.cached)
-            data["timings"] = timings_of(self.prompt_tokens, self.knobs)
+            if not self.knobs.no_timings:
+                data["timings"] = timings_of(self.prompt_tokens, self.knobs)
         return data
 
     def chunk(self, delta: dict[str, Any] | None, text: str | None, finish: str | None) -> bytes:
@@ -377,7 +381,8 @@ class Completion:
         data = self.head(self.chunk_object)
         data["choices"] = []
         data["usage"] = usage_of(self.prompt_tokens, self.knobs.chunks, self.knobs.cached)
-        data["timings"] = timings_of(self.prompt_tokens, self.knobs)
+        if not self.knobs.no_timings:
+            data["timings"] = timings_of(self.prompt_tokens, self.knobs)
         return sse(data)
 
     def tail(self) -> bytes:
@@ -479,9 +484,27 @@ class FakeEngine:
             knobs=knobs,
             include_usage=include_usage and not knobs.no_usage,
         )
+        overflow = self.context_overflow(completion.prompt_tokens, body)
+        if overflow is not None:
+            return overflow
         if not body.get("stream"):
             return json_response(completion.full_response())
         return await self.stream(request, completion)
+
+    def context_overflow(self, prompt_tokens: int, body: dict[str, Any]) -> web.Response | None:
+        """llama-server refuses a prompt (plus the asked-for answer) its context cannot hold."""
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+        needed = prompt_tokens + (max_tokens if isinstance(max_tokens, int) else 0)
+        if needed <= self.config.ctx_size:
+            return None
+        error = {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": prompt_tokens,
+            "n_ctx": self.config.ctx_size,
+        }
+        return json_response({"error": error}, status=400)
 
     async def stream(self, request: web.Request, completion: Completion) -> web.StreamResponse:
         knobs = completion.knobs
@@ -650,6 +673,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ctx-size", type=int, default=4096)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--no-record", action="store_true", help="skip request recording")
+    parser.add_argument(
+        "--ignore-sigterm", action="store_true", help="keep running on SIGTERM (a hung engine)"
+    )
     return parser.parse_args(argv)
 
 
@@ -673,6 +699,9 @@ async def serve(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
+        if sig == signal.SIGTERM and args.ignore_sigterm:
+            signal.signal(sig, signal.SIG_IGN)
+            continue
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()

@@ -12,11 +12,37 @@ from django.urls import path, reverse
 from django.views.decorators.http import require_POST
 
 from apps.engines.models import Engine, EngineInstance, EngineVariant, ServedModel
-from apps.engines.selectors import engine_instance_statuses
+from apps.engines.selectors import (
+    CACHE_RECENT_WINDOW,
+    CacheHitRate,
+    engine_cache_hit_rates,
+    engine_instance_statuses,
+)
 from apps.engines.services import engine_instance_request_action
 from apps.tenants.models import Tenant
 
 ACTIONS = (EngineInstance.Action.START, EngineInstance.Action.STOP, EngineInstance.Action.RESTART)
+RECENT_LABEL = f"{int(CACHE_RECENT_WINDOW.total_seconds() // 3600)} h"
+
+
+def percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.1f} %"
+
+
+def cache_hit_rows(rate: CacheHitRate) -> list[dict[str, str]]:
+    """The change page's prompt-cache table: one row per window, numbers preformatted."""
+    recent = (rate.recent, rate.recent_cached_tokens, rate.recent_prompt_tokens)
+    total = (rate.total, rate.total_cached_tokens, rate.total_prompt_tokens)
+    return [_cache_row(f"last {RECENT_LABEL}", *recent), _cache_row("all time", *total)]
+
+
+def _cache_row(window: str, ratio: float | None, cached: int, prompt: int) -> dict[str, str]:
+    return {
+        "window": window,
+        "rate": percent(ratio),
+        "cached": f"{cached:,}",
+        "prompt": f"{prompt:,}",
+    }
 
 
 class EngineForm(forms.ModelForm):
@@ -27,9 +53,16 @@ class EngineForm(forms.ModelForm):
         }
 
 
+class EngineVariantForm(forms.ModelForm):
+    class Meta:
+        # A tabular row: a short box that grows when the operator writes a long prompt.
+        widgets = {"system_prompt": forms.Textarea(attrs={"rows": 2, "cols": 40})}
+
+
 class EngineVariantInline(admin.TabularInline):
     model = EngineVariant
-    fields = ["model", "ctx_size", "model_path", "extra_args"]
+    form = EngineVariantForm
+    fields = ["model", "ctx_size", "model_path", "extra_args", "system_prompt"]
     autocomplete_fields = ["model"]
     extra = 0
 
@@ -71,7 +104,9 @@ def restart_engines(modeladmin, request, queryset) -> None:
 @admin.register(Engine)
 class EngineAdmin(admin.ModelAdmin):
     form = EngineForm
-    list_display = ["name", "kind", "flavor", "where", "slots", "variant_count", "instances"]
+    list_display = [
+        "name", "kind", "flavor", "where", "slots", "variant_count", "cache_hits", "instances",
+    ]  # fmt: skip
     list_filter = ["kind", "flavor"]
     search_fields = ["name", "base_url"]
     readonly_fields = ["created_at"]
@@ -103,6 +138,21 @@ class EngineAdmin(admin.ModelAdmin):
     @admin.display(description="base URL or command")
     def where(self, obj: Engine) -> str:
         return obj.command_template if obj.is_managed else ", ".join(obj.base_urls)
+
+    @admin.display(description=f"prompt cache hits ({RECENT_LABEL} / all time)")
+    def cache_hits(self, obj: Engine) -> str:
+        rate = getattr(obj, "cache_hit_rate", None) or CacheHitRate()
+        return f"{percent(rate.recent)} / {percent(rate.total)}"
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        """The list page's engines, each with its cache hit rate (one query for the page)."""
+        changelist = super().get_changelist_instance(request)
+        # Evaluating result_list caches its objects: the rows rendered are these ones.
+        engines = list(changelist.result_list)
+        rates = engine_cache_hit_rates(engine_names=[engine.name for engine in engines])
+        for engine in engines:
+            engine.cache_hit_rate = rates.get(engine.name)
+        return changelist
 
     @admin.display(description="instances")
     def instances(self, obj: Engine) -> str:
@@ -148,6 +198,9 @@ class EngineAdmin(admin.ModelAdmin):
     ):
         engine = self.get_object(request, object_id)
         context = dict(extra_context or {})
+        if engine is not None:
+            rates = engine_cache_hit_rates(engine_names=[engine.name])
+            context["cache_hits"] = cache_hit_rows(rates.get(engine.name) or CacheHitRate())
         if engine is not None and engine.is_managed:
             context["instance_statuses"] = engine_instance_statuses(engine=engine)
             context["instance_actions"] = ACTIONS
@@ -158,7 +211,7 @@ class ServedVariantInline(admin.TabularInline):
     """Which engines serve the model, at which context sizes (edit them on the engine)."""
 
     model = EngineVariant
-    fields = ["engine", "ctx_size", "model_path"]
+    fields = ["engine", "ctx_size", "model_path", "system_prompt"]
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -197,7 +250,7 @@ class ServedModelAdmin(admin.ModelAdmin):
         return obj.num_variants
 
     @admin.display(
-        description="tenants allowing it (+ all with an empty allow-list)",
+        description="tenants allowing it (+ all not restricted)",
         ordering="num_tenants",
     )
     def tenant_count(self, obj: ServedModel) -> int:
@@ -206,11 +259,10 @@ class ServedModelAdmin(admin.ModelAdmin):
     @admin.display(description="tenants")
     def allowed_tenants(self, obj: ServedModel) -> str:
         if obj.pk is None:
-            return "Tenants with an empty allow-list may use every model."
+            return "Tenants whose models are not restricted may use every model."
         listed = ", ".join(t.slug for t in obj.tenants.all()) or "none"
-        unrestricted = Tenant.objects.filter(allowed_models=None).count()
+        unrestricted = Tenant.objects.filter(restrict_models=False).count()
         return (
             f"Listed in the allow-list of: {listed}. "
-            f"Also usable by the {unrestricted} tenant(s) whose allow-list is empty "
-            "(an empty allow-list means every model)."
+            f"Also usable by the {unrestricted} tenant(s) whose models are not restricted."
         )

@@ -271,3 +271,16 @@ class ControlConnection:
                  AND requested_variant_id IS NULL""",
             {"engine": engine_id, "replica": replica, "variant": variant_id},
         )
+
+    async def serving_url(self, *, variant_ids: list[int], stale: float) -> str | None:
+        """The root of a replica that runs one of `variant_ids` and admits requests under
+        a live owner (any process's), or None."""
+        row = await self.one(
+            f"""SELECT base_url FROM {_TABLE}
+               WHERE variant_id = ANY(%(variants)s) AND base_url <> ''
+                 AND state IN ('running', 'draining')
+                 AND heartbeat_at > now() - make_interval(secs => %(stale)s)
+               ORDER BY replica LIMIT 1""",
+            {"variants": variant_ids, "stale": stale},
+        )
+        return row[0] if row else None

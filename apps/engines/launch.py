@@ -25,7 +25,11 @@ from django.core.exceptions import ValidationError
 PLACEHOLDERS = {
     "port": "the TCP port the gateway picked for this process",
     "model_path": "the variant's model file, absolute (inside MODELS_DIR)",
-    "ctx_size": "the variant's context size in tokens",
+    "ctx_size": "the variant's context size in tokens: what one request may use",
+    "ctx_total": (
+        "the context size times the slots: llama-server's -c, which it divides among its "
+        "-np slots (so each request gets the variant's context size)"
+    ),
     "extra_args": "the variant's extra arguments (split into words)",
     "slots": "the engine's parallel slots per replica",
     "host": "the address the engine must listen on (127.0.0.1)",
@@ -37,7 +41,7 @@ _formatter = string.Formatter()
 
 
 def models_dir() -> Path:
-    return Path(getattr(settings, "MODELS_DIR", settings.DATA_DIR / "models")).resolve()
+    return Path(settings.MODELS_DIR).resolve()
 
 
 def template_words(template: str) -> list[str]:
@@ -110,7 +114,7 @@ def resolve_model_path(model_path: str, *, must_exist: bool = False) -> Path:
 
 
 def llama_server_binary() -> str:
-    configured = getattr(settings, "LLAMA_SERVER_BIN", "")
+    configured = settings.LLAMA_SERVER_BIN
     if configured:
         return str(configured)
     try:
@@ -141,6 +145,7 @@ def _values(spec: LaunchSpec, model_file: Path | None) -> dict[str, object]:
         "extra_args": spec.extra_args,
         "model_path": model_file or "",
         "ctx_size": spec.ctx_size or "",
+        "ctx_total": spec.ctx_size * spec.slots if spec.ctx_size else "",
     }
     if template_uses(spec.command_template, "llama_server"):
         values["llama_server"] = llama_server_binary()
@@ -153,8 +158,11 @@ def render_command(spec: LaunchSpec) -> list[str]:
     uses_model = template_uses(spec.command_template, "model_path")
     if uses_model and not spec.model_path:
         raise ValidationError("The command uses {model_path} but the variant has no model path.")
-    if template_uses(spec.command_template, "ctx_size") and not spec.ctx_size:
-        raise ValidationError("The command uses {ctx_size} but the variant has no context size.")
+    for name in ("ctx_size", "ctx_total"):
+        if template_uses(spec.command_template, name) and not spec.ctx_size:
+            raise ValidationError(
+                f"The command uses {{{name}}} but the variant has no context size."
+            )
     model_file = resolve_model_path(spec.model_path, must_exist=True) if spec.model_path else None
     values = _values(spec, model_file)
     argv: list[str] = []

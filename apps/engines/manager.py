@@ -67,30 +67,23 @@ State = EngineInstance.State
 Key = tuple[int, int]  # (engine id, replica)
 LOG_PUBLISH_SECONDS = 2.0
 FOLLOWER_POLL_MAX = 0.25  # a waiting non-owner re-reads the row at least this often
-
-
-def _conf(name: str, default: float) -> float:
-    return float(getattr(settings, name, default))
+SERVING_URL_CACHE_SECONDS = 1.0
 
 
 def swap_grace() -> float:
-    return _conf("ENGINE_SWAP_GRACE_SECONDS", 2.0)
+    return settings.ENGINE_SWAP_GRACE_SECONDS
 
 
 def drain_timeout() -> float:
-    return _conf("ENGINE_DRAIN_TIMEOUT_SECONDS", 120.0)
+    return settings.ENGINE_DRAIN_TIMEOUT_SECONDS
 
 
 def poll_interval() -> float:
-    return _conf("ENGINE_OWNER_POLL_SECONDS", 0.5)
+    return settings.ENGINE_OWNER_POLL_SECONDS
 
 
 def owner_stale_after() -> float:
-    return _conf("ENGINE_OWNER_STALE_SECONDS", 10.0)
-
-
-def log_dir() -> Path:
-    return Path(getattr(settings, "ENGINE_LOG_DIR", settings.DATA_DIR / "engines"))
+    return settings.ENGINE_OWNER_STALE_SECONDS
 
 
 # --- configuration read from the database (never on the hot path) --------------------
@@ -122,7 +115,7 @@ class EngineConfig:
 
     def acquire_timeout(self) -> float:
         """How long a request may wait for this engine: a drain plus a start, and some."""
-        configured = getattr(settings, "ENGINE_ACQUIRE_TIMEOUT_SECONDS", None)
+        configured = settings.ENGINE_ACQUIRE_TIMEOUT_SECONDS
         if configured is not None:
             return float(configured)
         return drain_timeout() + self.startup_timeout_seconds + 30.0
@@ -309,8 +302,8 @@ class Replica:
         self.last_error = ""
         self.dropped = False
         self.log = ProcessLog(
-            log_dir() / f"{engine.name}-{replica}.log",
-            lines=int(getattr(settings, "ENGINE_LOG_LINES", 200)),
+            Path(settings.ENGINE_LOG_DIR) / f"{engine.name}-{replica}.log",
+            lines=settings.ENGINE_LOG_LINES,
         )
         self.events: deque[tuple[float, str, int | None]] = deque(maxlen=200)
         self.changed = Signal()  # state changed: waiting requests re-check
@@ -467,9 +460,9 @@ class Replica:
         if self.alive and self.state == State.RUNNING:
             return  # a swap already replaced the crashed process
         now = time.monotonic()
-        window = _conf("ENGINE_CRASH_LOOP_WINDOW_SECONDS", 60.0)
+        window = settings.ENGINE_CRASH_LOOP_WINDOW_SECONDS
         crashes = sum(1 for t in self.crash_times if now - t <= window)
-        if crashes > int(_conf("ENGINE_CRASH_LOOP_LIMIT", 3)):
+        if crashes > settings.ENGINE_CRASH_LOOP_LIMIT:
             await self._stop_process()
             await self._fail(
                 f"{self.last_error} It crashed {crashes} times within {window:g} s, so it "
@@ -479,7 +472,7 @@ class Replica:
         target = self.wanted_variant() or (self.variant.id if self.variant else None)
         if target is None:
             return
-        backoff = _conf("ENGINE_RESTART_BACKOFF_SECONDS", 0.5) * 2 ** max(crashes - 1, 0)
+        backoff = settings.ENGINE_RESTART_BACKOFF_SECONDS * 2 ** max(crashes - 1, 0)
         await self._swap_to(target, reason="crash", delay=min(backoff, 30.0))
 
     async def _swap_to(self, target: int | None, *, reason: str, delay: float = 0.0) -> None:
@@ -776,6 +769,7 @@ class EngineManager:
         self._background: set[asyncio.Task] = set()
         self._tick_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving_urls: dict[tuple[int, ...], tuple[float, str | None]] = {}
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -1005,6 +999,26 @@ class EngineManager:
 
     def replica(self, *, engine_id: int, replica: int = 0) -> Replica | None:
         return self._replicas.get((engine_id, replica))
+
+    async def serving_url(self, *, variant_ids: tuple[int, ...]) -> str | None:
+        """The root of a process, owned here or elsewhere, that runs one of `variant_ids`
+        and admits requests; None if none does (nothing is started to find out). What
+        other processes run is read at most every SERVING_URL_CACHE_SECONDS."""
+        for replica in self._replicas.values():
+            process, variant = replica.process, replica.variant
+            serving = replica.state in (State.RUNNING, State.DRAINING) and replica.alive
+            if serving and process and variant and variant.id in variant_ids:
+                return process.base_url
+        now = time.monotonic()
+        cached = self._serving_urls.get(variant_ids)
+        if cached is not None and now - cached[0] < SERVING_URL_CACHE_SECONDS:
+            return cached[1]
+        await self.start()
+        url = await self.control.serving_url(
+            variant_ids=list(variant_ids), stale=owner_stale_after()
+        )
+        self._serving_urls[variant_ids] = (now, url)
+        return url
 
 
 class Follower:

@@ -57,8 +57,9 @@ class Engine(models.Model):
     command_template = models.TextField(
         blank=True,
         help_text="Managed engines: the command that starts one replica, e.g. "
-        "{llama_server} -m {model_path} --port {port} -c {ctx_size} -np {slots} {extra_args}. "
-        "Placeholders: {port} (required), {model_path}, {ctx_size}, {extra_args}, {slots}, "
+        "{llama_server} -m {model_path} --port {port} -c {ctx_total} -np {slots} {extra_args}. "
+        "Placeholders: {port} (required), {model_path}, {ctx_size} (per request), {ctx_total} "
+        "(ctx_size x slots: llama-server divides -c among its slots), {extra_args}, {slots}, "
         "{host}, {python}, {llama_server}.",
     )
     slots = models.PositiveIntegerField(
@@ -226,13 +227,15 @@ class EngineVariant(models.Model):
         """What the engine's command uses, the variant must have (checked again at launch)."""
         try:
             needs_model = template_uses(template, "model_path")
-            needs_ctx = template_uses(template, "ctx_size")
+            needs_ctx = next(
+                (name for name in ("ctx_size", "ctx_total") if template_uses(template, name)), ""
+            )
         except ValidationError:
             return  # the engine's own form reports a broken template
         if needs_model and not self.model_path:
             raise ValidationError({"model_path": "The engine's command uses {model_path}."})
         if needs_ctx and not self.ctx_size:
-            raise ValidationError({"ctx_size": "The engine's command uses {ctx_size}."})
+            raise ValidationError({"ctx_size": f"The engine's command uses {{{needs_ctx}}}."})
 
     def __str__(self) -> str:
         ctx = f" ctx={self.ctx_size}" if self.ctx_size else ""

@@ -36,6 +36,9 @@ class VariantRoute:
     ctx_size: int | None
     system_prompt: str = ""
     id: int = 0
+    # Every variant of the same model (this one included): processes running any of them
+    # share its tokenizer, so any of them can size a request for it.
+    model_variant_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +107,10 @@ def load_snapshot() -> Snapshot:
     models = {}
     for model_id, variants in grouped.items():
         name, created = names[model_id]
+        ids = tuple(v.pk for v in variants)
         routes = tuple(
-            VariantRoute(engines[v.engine_id], v.ctx_size, v.system_prompt, v.pk) for v in variants
+            VariantRoute(engines[v.engine_id], v.ctx_size, v.system_prompt, v.pk, ids)
+            for v in variants
         )
         models[name] = ModelRoute(id=model_id, name=name, created=created, variants=routes)
     return Snapshot(models=models, engines=tuple(engines.values()), names=_names(models, extra))

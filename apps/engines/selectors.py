@@ -1,14 +1,24 @@
-"""Reads about engines for the admin: each managed replica's published state."""
+"""Reads about engines for the admin: each managed replica's published state, and each
+engine's prompt-cache hit rate from the request logs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db.models import Q, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from apps.engines.models import Engine, EngineInstance
+from apps.proxy.models import RequestLog
+
+CACHE_RECENT_WINDOW = timedelta(hours=24)
+# Only requests that generate go through llama.cpp's prompt (KV) cache; embeddings and
+# rerank would count prompt tokens that never could have been cached.
+CACHE_ENDPOINTS = ("chat.completions", "completions")
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,7 @@ class InstanceStatus:
 
 
 def _owner_alive(row: EngineInstance, now: datetime) -> bool:
-    stale = timedelta(seconds=float(getattr(settings, "ENGINE_OWNER_STALE_SECONDS", 10.0)))
+    stale = timedelta(seconds=settings.ENGINE_OWNER_STALE_SECONDS)
     return bool(row.owner_pid and row.heartbeat_at and now - row.heartbeat_at < stale)
 
 
@@ -93,3 +103,59 @@ def engine_instance_statuses(
         _status(by_replica.get(replica) or EngineInstance(engine=engine, replica=replica), now)
         for replica in range(count)
     ]
+
+
+@dataclass(frozen=True)
+class CacheHitRate:
+    """Prompt tokens an engine served from its prompt cache, recently and in all time."""
+
+    recent_prompt_tokens: int = 0
+    recent_cached_tokens: int = 0
+    total_prompt_tokens: int = 0
+    total_cached_tokens: int = 0
+
+    @property
+    def recent(self) -> float | None:
+        """Cached / prompt tokens over CACHE_RECENT_WINDOW (0..1); None without requests."""
+        return _ratio(self.recent_cached_tokens, self.recent_prompt_tokens)
+
+    @property
+    def total(self) -> float | None:
+        return _ratio(self.total_cached_tokens, self.total_prompt_tokens)
+
+
+def _ratio(cached: int, prompt: int) -> float | None:
+    return min(1.0, cached / prompt) if prompt else None
+
+
+def engine_cache_hit_rates(
+    *, engine_names: Iterable[str], now: datetime | None = None
+) -> dict[str, CacheHitRate]:
+    """Each named engine's prompt-cache hit rate over the last CACHE_RECENT_WINDOW and all
+    time, in one query; engines without requests are left out (CacheHitRate() is zero).
+
+    Requests whose usage the gateway estimated (the engine sent none, or the client left
+    first) are not counted: their cached tokens are unknown, not zero."""
+    recent = Q(created_at__gte=(now or timezone.now()) - CACHE_RECENT_WINDOW)
+    rows = (
+        RequestLog.objects.filter(
+            engine__in=list(engine_names), endpoint__in=CACHE_ENDPOINTS, usage_estimated=False
+        )
+        .order_by()
+        .values("engine")
+        .annotate(
+            recent_prompt=Coalesce(Sum("prompt_tokens", filter=recent), 0),
+            recent_cached=Coalesce(Sum("cached_tokens", filter=recent), 0),
+            total_prompt=Coalesce(Sum("prompt_tokens"), 0),
+            total_cached=Coalesce(Sum("cached_tokens"), 0),
+        )
+    )
+    return {
+        row["engine"]: CacheHitRate(
+            recent_prompt_tokens=row["recent_prompt"],
+            recent_cached_tokens=row["recent_cached"],
+            total_prompt_tokens=row["total_prompt"],
+            total_cached_tokens=row["total_cached"],
+        )
+        for row in rows
+    }

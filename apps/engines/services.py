@@ -18,12 +18,14 @@ def engine_register_external(
     flavor: str | None = None,
     extra_base_urls: list[str] | None = None,
     slots: int | None = None,
+    system_prompt: str | None = None,
 ) -> Engine:
     """Create or update an external engine and add a variant for each model name.
 
     Running it again for the same engine adds models; an existing base URL is replaced;
     the flavor, extra URLs and slots are kept unless given (a new engine defaults to
-    llama.cpp, one URL, one slot).
+    llama.cpp, one URL, one slot). `system_prompt`, if given, is set on each variant this
+    run creates or finds; otherwise a variant keeps its own.
     """
     engine = Engine.objects.filter(name=name).first() or Engine(name=name)
     engine.kind = Engine.Kind.EXTERNAL
@@ -36,7 +38,10 @@ def engine_register_external(
     engine.save()
     for model_name in models:
         served, _ = ServedModel.objects.get_or_create(name=model_name)
-        EngineVariant.objects.get_or_create(engine=engine, model=served, ctx_size=ctx_size)
+        variant, _ = EngineVariant.objects.get_or_create(
+            engine=engine, model=served, ctx_size=ctx_size
+        )
+        _set_system_prompt(variant, system_prompt)
     return engine
 
 
@@ -55,13 +60,15 @@ def engine_register_managed(
     idle_ttl_seconds: int | None = None,
     startup_timeout_seconds: float | None = None,
     stop_grace_seconds: float | None = None,
+    system_prompt: str | None = None,
 ) -> Engine:
     """Create or update a managed engine (the gateway runs `command_template`) and add a
     variant per model name with this context size, model file and extra arguments.
 
     Run it once per variant: the same model with another context size or model path adds
     a variant; the same one again updates its extra arguments. Settings not given keep
-    their current value (or the default for a new engine). Everything is validated
+    their current value (or the default for a new engine); so does a variant's system
+    prompt when `system_prompt` is None. Everything is validated
     (placeholders, model path inside MODELS_DIR) before anything is written.
     """
     engine = Engine.objects.filter(name=name).first() or Engine(name=name)
@@ -87,9 +94,18 @@ def engine_register_managed(
             engine=engine, model=served, ctx_size=ctx_size, model_path=model_path
         )
         variant.extra_args = extra_args
+        if system_prompt is not None:
+            variant.system_prompt = system_prompt
         variant.full_clean(validate_constraints=False)  # get-or-update: never a duplicate
         variant.save()
     return engine
+
+
+def _set_system_prompt(variant: EngineVariant, system_prompt: str | None) -> None:
+    """None keeps the variant's prompt (re-running the command must not erase it)."""
+    if system_prompt is not None and variant.system_prompt != system_prompt:
+        variant.system_prompt = system_prompt
+        variant.save(update_fields=["system_prompt"])
 
 
 def _set_if_given(engine: Engine, **values: object) -> None:

@@ -18,7 +18,12 @@ import orjson
 
 from apps.engines.client import engine_session, engine_url
 from apps.engines.registry import EngineRoute, VariantRoute
-from apps.engines.tokens import heuristic_message_tokens, heuristic_tokens
+from apps.engines.tokens import (
+    counting_url,
+    heuristic_message_tokens,
+    heuristic_tokens,
+    tokenizer_headers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,28 +131,27 @@ def completion_budget(payload: dict[str, Any], default: int) -> int:
 
 
 async def prompt_tokens(
-    engine: EngineRoute,
-    payload: dict[str, Any],
-    endpoint: str,
-    *,
-    engine_running: bool = True,
+    variant: VariantRoute, payload: dict[str, Any], endpoint: str
 ) -> tuple[int, str]:
     """(tokens, method) of the request's prompt; method is "tokenize" or "heuristic".
 
     `endpoint` is the Exchange endpoint ("chat.completions", "completions", ...). Only
-    llama.cpp engines are asked, and only when `engine_running`: a managed engine that is
-    not started yet must not be woken up (or waited for) just to size a request. For a
-    batch of prompts, the largest one counts: each runs in its own slot.
+    llama.cpp engines are asked, and only a process that already runs the model (see
+    tokens.counting_url): a managed engine that is not started yet must not be woken up
+    (or waited for) just to size a request. For a batch of prompts, the largest one
+    counts: each runs in its own slot.
     """
-    if engine.flavor != "llamacpp" or not engine_running:
+    counting = endpoint in ("chat.completions", "completions")
+    base_url = await counting_url(variant) if counting else None
+    if base_url is None:
         return heuristic_prompt_tokens(payload, endpoint), HEURISTIC
+    tokenizer = Tokenizer(variant.engine, base_url)
     try:
         if endpoint == "chat.completions":
-            return await _chat_tokens(engine, payload), TOKENIZE
-        if endpoint == "completions":
-            return await _completion_tokens(engine, payload.get("prompt")), TOKENIZE
+            return await tokenizer.chat_tokens(payload), TOKENIZE
+        return await tokenizer.completion_tokens(payload.get("prompt")), TOKENIZE
     except (TimeoutError, aiohttp.ClientError, KeyError, TypeError, ValueError) as exc:
-        logger.warning("sizing on %s failed (%r); using the heuristic", engine.name, exc)
+        logger.warning("sizing on %s failed (%r); using the heuristic", variant.engine.name, exc)
     return heuristic_prompt_tokens(payload, endpoint), HEURISTIC
 
 
@@ -192,57 +196,52 @@ def _pieces(value: Any) -> list[PromptPiece]:
     return [p for p in items if isinstance(p, str | int) and not isinstance(p, bool)]
 
 
-async def _chat_tokens(engine: EngineRoute, payload: dict[str, Any]) -> int:
-    body = {"messages": payload["messages"]}
-    body.update((k, payload[k]) for k in _TEMPLATE_FIELDS if payload.get(k) is not None)
-    rendered = await _post_json(engine, "/apply-template", body)
-    prompt = rendered["prompt"]
-    if not isinstance(prompt, str):
-        raise TypeError("/apply-template returned no prompt string")
-    return await _tokenize(engine, prompt) + BOS_TOKENS
+class Tokenizer:
+    """llama.cpp's /apply-template and /tokenize on one process of the engine."""
 
+    def __init__(self, engine: EngineRoute, base_url: str) -> None:
+        self.engine = engine
+        self.base_url = base_url
 
-async def _completion_tokens(engine: EngineRoute, prompt: Any) -> int:
-    prompts = split_prompts(prompt)
-    counts = await asyncio.gather(*(_count_pieces(engine, p) for p in prompts))
-    return max(counts, default=0)
+    async def chat_tokens(self, payload: dict[str, Any]) -> int:
+        body = {"messages": payload["messages"]}
+        body.update((k, payload[k]) for k in _TEMPLATE_FIELDS if payload.get(k) is not None)
+        rendered = await self._post_json("/apply-template", body)
+        prompt = rendered["prompt"]
+        if not isinstance(prompt, str):
+            raise TypeError("/apply-template returned no prompt string")
+        return await self._tokenize(prompt) + BOS_TOKENS
 
+    async def completion_tokens(self, prompt: Any) -> int:
+        prompts = split_prompts(prompt)
+        counts = await asyncio.gather(*(self._count_pieces(p) for p in prompts))
+        return max(counts, default=0)
 
-async def _count_pieces(engine: EngineRoute, pieces: list[PromptPiece]) -> int:
-    """Token ids count one each; text is tokenized (plus BOS: only text prompts get one)."""
-    texts = [p for p in pieces if isinstance(p, str)]
-    ids = len(pieces) - len(texts)
-    if not texts:
-        return ids
-    counts = await asyncio.gather(*(_tokenize(engine, t) for t in texts))
-    return ids + sum(counts) + BOS_TOKENS
+    async def _count_pieces(self, pieces: list[PromptPiece]) -> int:
+        """Token ids count one each; text is tokenized (plus BOS: only text prompts get one)."""
+        texts = [p for p in pieces if isinstance(p, str)]
+        ids = len(pieces) - len(texts)
+        if not texts:
+            return ids
+        counts = await asyncio.gather(*(self._tokenize(t) for t in texts))
+        return ids + sum(counts) + BOS_TOKENS
 
+    async def _tokenize(self, text: str) -> int:
+        answer = await self._post_json("/tokenize", {"content": text, "add_special": False})
+        tokens = answer["tokens"]
+        if not isinstance(tokens, list):
+            raise TypeError("/tokenize returned no token list")
+        return len(tokens)
 
-async def _tokenize(engine: EngineRoute, text: str) -> int:
-    answer = await _post_json(engine, "/tokenize", {"content": text, "add_special": False})
-    tokens = answer["tokens"]
-    if not isinstance(tokens, list):
-        raise TypeError("/tokenize returned no token list")
-    return len(tokens)
-
-
-async def _post_json(engine: EngineRoute, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with engine_session().post(
-        engine_url(engine.base_url, path),
-        data=orjson.dumps(body),
-        headers=_headers(engine),
-        timeout=SIZING_TIMEOUT,
-    ) as resp:
-        resp.raise_for_status()
-        answer = orjson.loads(await resp.read())
-    if not isinstance(answer, dict):
-        raise TypeError(f"{path} did not return a JSON object")
-    return answer
-
-
-def _headers(engine: EngineRoute) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
-    if engine.upstream_api_key:
-        # llama-server's --api-key guards /tokenize and /apply-template too.
-        headers["Authorization"] = f"Bearer {engine.upstream_api_key}"
-    return headers
+    async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with engine_session().post(
+            engine_url(self.base_url, path),
+            data=orjson.dumps(body),
+            headers=tokenizer_headers(self.engine),
+            timeout=SIZING_TIMEOUT,
+        ) as resp:
+            resp.raise_for_status()
+            answer = orjson.loads(await resp.read())
+        if not isinstance(answer, dict):
+            raise TypeError(f"{path} did not return a JSON object")
+        return answer

@@ -23,6 +23,7 @@ class RequestLogAdmin(admin.ModelAdmin):
         "status_code",
         "error_code",
         "prompt_tokens",
+        "cached_tokens",
         "completion_tokens",
         "ttft_ms",
         "latency_ms",

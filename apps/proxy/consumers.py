@@ -16,8 +16,9 @@ import orjson
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 
-from apps.engines.registry import EngineRoute, ModelRoute, VariantRoute, registry
-from apps.engines.scheduler import SchedulerBusy, scheduler
+from apps.engines.registry import ModelRoute, VariantRoute, registry
+from apps.engines.scheduler import SchedulerBusy
+from apps.engines.scheduler_service import worker_scheduler
 from apps.engines.transforms import (
     ToolCallStreamParser,
     adapt_response_format,
@@ -30,7 +31,7 @@ from apps.proxy.errors import ApiError, model_not_found
 from apps.proxy.exchange import Exchange
 from apps.proxy.request_log import request_log_writer
 from apps.proxy.session_stage import session_id_of, session_prepare, session_record
-from apps.proxy.sse import SseRelay
+from apps.proxy.sse import DONE_EVENT, SseRelay, error_event
 from apps.proxy.upstream import forward
 from apps.quotas.pipeline import (
     quota_headers,
@@ -38,7 +39,7 @@ from apps.quotas.pipeline import (
     quota_stage_settle,
     tokens_to_reserve,
 )
-from apps.tenants.auth import Principal, authenticate
+from apps.tenants.auth import Principal, identify, require_active
 from apps.tenants.rate_limits import rate_limit_check
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,11 @@ async def _read_body(receive: Any) -> bytes | None:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > settings.MAX_REQUEST_BYTES:
-            raise ApiError(413, f"Request body exceeds {settings.MAX_REQUEST_BYTES} bytes.")
+            raise ApiError(
+                413,
+                f"Request body exceeds {settings.MAX_REQUEST_BYTES} bytes.",
+                code="request_too_large",
+            )
         chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
@@ -74,6 +79,8 @@ class V1Consumer(AsyncHttpConsumer):
 
     methods: tuple[str, ...] = ("POST",)
     response_started = False
+    response_is_stream = False  # the headers sent said text/event-stream
+    response_finished = False  # the last body message (more_body False) was sent
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         self.scope = scope
@@ -108,22 +115,57 @@ class V1Consumer(AsyncHttpConsumer):
         try:
             await self.handle(body)
         except ApiError as err:
-            await self.send_error(err)
+            await self.fail(err)
         except Exception:
             logger.exception("unhandled error on %s", self.scope["path"])
-            if not self.response_started:
-                await self.send_error(
-                    ApiError(500, "The gateway failed to handle this request.", type="api_error")
+            await self.fail(
+                ApiError(
+                    500,
+                    "The gateway failed to handle this request.",
+                    type="api_error",
+                    code="internal_error",
                 )
+            )
+
+    async def fail(self, err: ApiError) -> None:
+        """Answer with `err`; if the response has already started, end it cleanly instead.
+
+        Once headers are out the status cannot change: a stream gets an error event and
+        [DONE] (what OpenAI clients expect of a failed stream), any other body is closed so
+        the client is not left waiting on a half-written response."""
+        if not self.response_started:
+            await self.send_error(err)
+        elif self.response_is_stream and not self.response_finished:
+            await self.send_body(error_event(err.payload()) + DONE_EVENT)
+        elif not self.response_finished:
+            await self.send_body(b"")
 
     async def send_headers(self, *, status: int = 200, headers: Any = None) -> None:
         self.response_started = True
+        self.response_is_stream = any(
+            name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+            for name, value in headers or ()
+        )
         await super().send_headers(status=status, headers=headers)
+
+    async def send_body(self, body: bytes, *, more_body: bool = False) -> None:
+        await super().send_body(body, more_body=more_body)
+        if not more_body:
+            self.response_finished = True
+
+    async def identify(self) -> Principal:
+        """Whose key this is (401 otherwise); nothing else is checked yet."""
+        return await identify(self.header(b"authorization"))
+
+    async def admit(self, principal: Principal) -> None:
+        """Refuse an inactive tenant (403); count the request against its rate limits (429)."""
+        require_active(principal)
+        await rate_limit_check(principal)
 
     async def authorize(self) -> Principal:
         """Authenticate the caller's key and count the request against its rate limits."""
-        principal = await authenticate(self.header(b"authorization"))
-        await rate_limit_check(principal)
+        principal = await self.identify()
+        await self.admit(principal)
         return principal
 
     def header(self, name: bytes) -> bytes | None:
@@ -176,6 +218,10 @@ class ProxyConsumer(V1Consumer):
             if not ex.usage_recorded and ex.engine:
                 ex.record_usage(None)  # the engine got the prompt; count it
             raise
+        except Exception:
+            # respond() answers it as a 500 (or ends a started response with an error).
+            ex.status, ex.error_code = 500, "internal_error"
+            raise
         finally:
             spent = ex.prompt_tokens + ex.completion_tokens if ex.usage_recorded else 0
             quota_stage_settle(ex.quota_ticket, actual_tokens=spent)
@@ -183,7 +229,9 @@ class ProxyConsumer(V1Consumer):
                 request_log_writer.add(ex.to_log_row())
 
     async def proxy(self, ex: Exchange, body: bytes) -> None:
-        ex.principal = await self.authorize()
+        # Known before it is admitted, so refused requests (403, 429) are logged too.
+        ex.principal = await self.identify()
+        await self.admit(ex.principal)
         payload = validation.parse_json_object(body)
         self.validate(payload)
         route = await resolve_model(ex.principal, payload["model"])
@@ -220,7 +268,7 @@ class ProxyConsumer(V1Consumer):
         assert ex.principal is not None
         engine = variant.engine
         try:
-            async with scheduler.slot(
+            async with worker_scheduler().slot(
                 engine.name,
                 replicas=engine.replicas,
                 slots=engine.slots,
@@ -244,7 +292,6 @@ class ProxyConsumer(V1Consumer):
                         client_headers=self.scope["headers"],
                         relay=relay,
                     )
-                self.record_cache(ex, engine, placement.replica)
         except SchedulerBusy as busy:
             raise ApiError(
                 503,
@@ -253,12 +300,6 @@ class ProxyConsumer(V1Consumer):
                 code="engine_overloaded",
                 headers=[(b"retry-after", str(busy.retry_after).encode())],
             ) from None
-
-    @staticmethod
-    def record_cache(ex: Exchange, engine: EngineRoute, replica: int) -> None:
-        """Prompt-cache hits per engine and replica, for this worker's scheduler stats."""
-        if ex.prompt_tokens:
-            scheduler.record_cache(engine.name, ex.prompt_tokens, ex.cached_tokens, replica=replica)
 
     session_id: str | None = None
 
@@ -319,8 +360,9 @@ class GeneratingConsumer(ProxyConsumer):
     async def choose_variant(
         self, ex: Exchange, payload: dict[str, Any], route: ModelRoute
     ) -> VariantRoute:
+        assert ex.principal is not None
         ex.prompt_estimate, variant = await size_and_choose(
-            payload, route=route, endpoint=self.endpoint
+            payload, route=route, endpoint=self.endpoint, exact=bool(ex.principal.quotas)
         )
         return variant
 
@@ -399,7 +441,13 @@ class ModelDetailConsumer(V1Consumer):
 
 
 class NotFoundConsumer(V1Consumer):
-    methods = ("GET", "POST", "PUT", "PATCH", "DELETE")
+    """Any other path under /v1: an OpenAI-shaped 404 (never Django's HTML page)."""
+
+    methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
     async def handle(self, body: bytes) -> None:
-        raise ApiError(404, f"Unknown endpoint {self.scope['path']}.", code="unknown_url")
+        raise ApiError(
+            404,
+            f"Unknown endpoint {self.scope['method']} {self.scope['path']}.",
+            code="unknown_url",
+        )

@@ -16,33 +16,28 @@ from apps.proxy.errors import ApiError
 
 
 async def size_and_choose(
-    payload: dict[str, Any], *, route: ModelRoute, endpoint: str
+    payload: dict[str, Any], *, route: ModelRoute, endpoint: str, exact: bool
 ) -> tuple[int, VariantRoute]:
     """(prompt tokens or 0 if not counted, the smallest variant whose context fits).
 
-    Sizing costs the engine two calls (/apply-template, /tokenize), so it runs only when
-    there is a choice to make: with one variant the engine itself refuses an overflow (a
-    heuristic guess here could refuse a request that fits). A managed engine that is not
-    running yet is sized with the heuristic rather than started just to count.
+    Counting costs the engine two calls (/apply-template, /tokenize), so it runs only when
+    the count is used: to choose among several variants, or (`exact`) to reserve a token
+    quota for what the prompt really costs. With one variant the engine itself refuses an
+    overflow (a heuristic guess here could refuse a request that fits). A managed engine
+    that is not running is counted with the heuristic rather than started just to count.
     """
     variants = route.variants
-    if len(variants) == 1:
+    if len(variants) == 1 and not exact:
         return 0, variants[0]
-    engine = variants[0].engine
-    running = not engine.managed or _runs_here(engine.id)
-    tokens, _method = await prompt_tokens(engine, payload, endpoint, engine_running=running)
+    tokens, _method = await prompt_tokens(variants[0], payload, endpoint)
+    if len(variants) == 1:
+        return tokens, variants[0]
     needed = tokens + completion_budget(payload, settings.DEFAULT_MAX_TOKENS)
     try:
         return tokens, choose_variant(variants, needed, prompt_tokens=tokens, model=route.name)
     except ContextTooLarge as exc:
         param = "messages" if endpoint == "chat.completions" else "prompt"
         raise ApiError(400, str(exc), code=exc.code, param=param) from None
-
-
-def _runs_here(engine_id: int) -> bool:
-    """Whether this process runs replica 0 of a managed engine (others size heuristically)."""
-    replica = engine_manager.replica(engine_id=engine_id, replica=0)
-    return replica is not None and replica.state == "running"
 
 
 @asynccontextmanager

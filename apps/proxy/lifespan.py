@@ -1,8 +1,12 @@
-"""ASGI lifespan: flush request logs and close the engine client at shutdown."""
+"""ASGI lifespan: start the engine manager; at shutdown stop the engines this process
+runs, settle quota work, flush request logs and close the engine client."""
 
 from __future__ import annotations
 
+from django.conf import settings
+
 from apps.engines.client import close_engine_session
+from apps.engines.manager import engine_manager
 from apps.proxy.request_log import request_log_writer
 from apps.quotas.pipeline import quota_stage_drain
 
@@ -12,8 +16,14 @@ class LifespanApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if settings.ENGINE_MANAGER_AUTOSTART:
+                    # Admin actions and replicas whose owner died are picked up from now
+                    # on, not only once a request needs a managed engine.
+                    await engine_manager.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                # Engine processes run in their own sessions: nothing else would stop them.
+                await engine_manager.shutdown()
                 await quota_stage_drain()
                 await request_log_writer.flush()
                 await close_engine_session()

@@ -34,7 +34,15 @@ class RequestLog(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["tenant", "-created_at"])]
+        indexes = [
+            models.Index(fields=["tenant", "-created_at"]),
+            # Prompt-cache hit rates per engine (engine admin) read only the index.
+            models.Index(
+                fields=["engine", "created_at"],
+                include=["endpoint", "usage_estimated", "prompt_tokens", "cached_tokens"],
+                name="requestlog_engine_cache",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.endpoint} {self.model} {self.status_code}"

@@ -19,5 +19,6 @@ http_routes = [
     path("v1/models", ModelsConsumer.as_asgi()),
     re_path(r"^v1/models/(?P<model_id>.+)$", ModelDetailConsumer.as_asgi()),
     path("health", HealthConsumer.as_asgi()),
-    re_path(r"^v1/", NotFoundConsumer.as_asgi()),
+    # `/v1` itself too, and every path under it, with or without a trailing slash.
+    re_path(r"^v1(?:/|$)", NotFoundConsumer.as_asgi()),
 ]

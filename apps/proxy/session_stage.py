@@ -34,6 +34,8 @@ class SessionTurn:
     new_messages: list[dict[str, Any]]
     token_counts: dict[int, int]
     history_dropped: int
+    variant: VariantRoute
+    counted_exactly: bool
 
 
 def session_id_of(header: bytes | None, payload: dict[str, Any]) -> str | None:
@@ -64,7 +66,8 @@ async def session_prepare(
         variant_system_prompt=variant.system_prompt,
     )
     new_messages = payload["messages"]
-    counts = await count_message_tokens(variant.engine, new_messages)
+    counted = await count_message_tokens(variant, new_messages)
+    counts = counted.counts
     by_identity = {id(message): count for message, count in zip(new_messages, counts, strict=True)}
     budget = None
     if variant.ctx_size:
@@ -77,7 +80,14 @@ async def session_prepare(
         count_tokens=lambda m: by_identity.get(id(m)) or heuristic_message_tokens(m),
     )
     ex.wants_reply = True
-    return SessionTurn(context.session_pk, new_messages, dict(enumerate(counts)), dropped)
+    return SessionTurn(
+        session_pk=context.session_pk,
+        new_messages=new_messages,
+        token_counts=dict(enumerate(counts)),
+        history_dropped=dropped,
+        variant=variant,
+        counted_exactly=counted.exact,
+    )
 
 
 def turn_metrics(ex: Exchange) -> sessions.TurnMetrics:
@@ -106,6 +116,12 @@ def turn_metrics(ex: Exchange) -> sessions.TurnMetrics:
 
 
 async def session_record(*, ex: Exchange, turn: SessionTurn) -> None:
+    if not turn.counted_exactly:
+        # Counted by the heuristic (a managed engine that was not running yet): the engine
+        # runs now, so store what its tokenizer says, or later trimming would be off.
+        recounted = await count_message_tokens(turn.variant, turn.new_messages)
+        if recounted.exact:
+            turn.token_counts = dict(enumerate(recounted.counts))
     await _record(
         session_pk=turn.session_pk,
         new_messages=turn.new_messages,

@@ -11,6 +11,7 @@ import orjson
 
 from apps.engines.client import engine_session, engine_url, request_timeout
 from apps.engines.registry import EngineRoute
+from apps.engines.tokens import heuristic_tokens, message_text
 from apps.proxy.errors import ApiError, engine_timeout, engine_unreachable, upstream_error_body
 from apps.proxy.exchange import Exchange
 from apps.proxy.sse import DONE_EVENT, SseRelay, error_event
@@ -133,20 +134,23 @@ async def _relay_whole(responder: Responder, ex: Exchange, resp: aiohttp.ClientR
         ex.error_code = f"engine_{resp.status}"
     elif ex.rewrite_response is not None:
         raw, parsed = _rewritten(ex, raw)
-    elif b'"usage"' in raw or ex.wants_reply:
+    else:
+        # For the usage, the session reply, or (no usage) the text to estimate from.
         parsed = _json_object(raw)
     timings = parsed.get("timings") if parsed else None
     ex.timings = timings if isinstance(timings, dict) else None
     if resp.status >= 400:
         ex.record_usage(NO_USAGE)  # the engine refused: nothing was generated
     else:
-        ex.record_usage(parsed.get("usage") if parsed else None)
+        usage = parsed.get("usage") if parsed else None
+        ex.record_usage(usage, fallback_completion=completion_estimate(parsed))
     ex.first_token_at = _first_token_from_timings(ex.timings, ex.received_at)
     if ex.wants_reply and parsed:
         ex.reply = _first_message(parsed)
+    # Stored before the headers go out: if storing fails, the client gets a clean 500.
+    await ex.finish()
     headers = _client_headers(resp, content_type=content_type) + ex.response_headers
     await responder.send_headers(status=resp.status, headers=headers)
-    await ex.finish()
     await responder.send_body(raw)
 
 
@@ -170,6 +174,27 @@ def _json_object(raw: bytes) -> dict | None:
     except orjson.JSONDecodeError:
         return None
     return parsed if isinstance(parsed, dict) else None
+
+
+def completion_estimate(response: dict | None) -> int:
+    """Completion tokens of a whole answer counted from its text with the tokens.py
+    heuristic (~4 characters a token): what the engine generated when it reports no usage."""
+    choices = response.get("choices") if response else None
+    if not isinstance(choices, list):
+        return 0
+    return sum(heuristic_tokens(_choice_text(c)) for c in choices if isinstance(c, dict))
+
+
+def _choice_text(choice: dict) -> str:
+    """A choice's generated text: a chat message's content, reasoning and tool calls, or a
+    text completion's text."""
+    message = choice.get("message")
+    if isinstance(message, dict):
+        reasoning = message.get("reasoning_content")
+        extra = [reasoning] if isinstance(reasoning, str) and reasoning else []
+        return " ".join([message_text(message), *extra])
+    text = choice.get("text")
+    return text if isinstance(text, str) else ""
 
 
 def _first_message(response: dict) -> dict | None:

@@ -6,7 +6,7 @@ from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
-from django.http import HttpRequest
+from django.http import Http404, HttpRequest
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
@@ -200,23 +200,40 @@ class UsageAdmin(ReadOnlyAdmin):
         return [usage_page, *super().get_urls()]
 
     def usage_view(self, request: HttpRequest, tenant_id: int) -> TemplateResponse:
-        """One tenant: tokens per day (chart), totals per key, and each quota's state."""
+        """One tenant, or one of its API keys (`?key=<id>`): tokens per day (chart), totals
+        per key, and the state of each quota that applies."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         tenant = get_object_or_404(Tenant, pk=tenant_id)
-        days = usage_by_day(tenant_id=tenant.pk)
-        keys = usage_totals(tenant_id=tenant.pk)
+        key = selected_key(request, tenant)
+        key_id = key.pk if key is not None else None
+        days = usage_by_day(tenant_id=tenant.pk, api_key_id=key_id)
+        keys = usage_totals(tenant_id=tenant.pk, api_key_id=key_id)
+        quotas = quota_states(tenant_id=tenant.pk, api_key_id=key_id)
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,
-            "title": f"Usage of {tenant.slug}",
+            "title": f"Usage of {tenant.slug}" + (f", key {key.name}" if key else ""),
             "tenant": tenant,
+            "key": key,
+            "tenant_keys": list(tenant.api_keys.order_by("name").values_list("pk", "name")),
             "days": USAGE_DAYS,
             "chart": usage_chart(days),
             "keys": keys,
             "total_prompt": sum(day.prompt_tokens for day in days),
             "total_completion": sum(day.completion_tokens for day in days),
             "total_requests": sum(key.requests for key in keys),
-            "quotas": [quota_row(state) for state in quota_states(tenant_id=tenant.pk)],
+            "quotas": [quota_row(state) for state in quotas],
         }
         return TemplateResponse(request, "admin/quotas/usage.html", context)
+
+
+def selected_key(request: HttpRequest, tenant: Tenant) -> ApiKey | None:
+    """The API key the usage page is narrowed to (`?key=<id>`); 404 for anything that is
+    not one of this tenant's keys, so another tenant's key names never show."""
+    raw = request.GET.get("key", "")
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise Http404("No such API key.")
+    return get_object_or_404(ApiKey, pk=int(raw), tenant=tenant)

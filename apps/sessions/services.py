@@ -125,7 +125,20 @@ def turn_record(
 def _message(*, payload: dict[str, Any], tokens: int | None, model: str, now: datetime) -> Message:
     # The column is short; a longer (odd) role is still kept whole in the payload.
     role = str(payload.get("role") or "")[:16]
+    payload = storable(payload)
     return Message(role=role, payload=payload, tokens=tokens, model=model, created_at=now)
+
+
+def storable(value: Any) -> Any:
+    """`value` with U+0000 replaced by U+FFFD: PostgreSQL's jsonb cannot hold NUL, and a
+    message (the client's or the engine's) that has one must not fail the turn."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    return value
 
 
 def _reply(

@@ -49,8 +49,8 @@ class ApiKeyInline(admin.TabularInline):
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
-    list_display = ["slug", "name", "active", "key_count", "created_at"]
-    list_filter = ["active"]
+    list_display = ["slug", "name", "active", "restrict_models", "key_count", "created_at"]
+    list_filter = ["active", "restrict_models"]
     search_fields = ["slug", "name"]
     filter_horizontal = ["allowed_models"]
     readonly_fields = ["created_at"]
@@ -111,7 +111,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_select_related = ["tenant"]
     search_fields = ["name", "prefix", "tenant__slug"]
     actions = ["revoke"]
-    add_fields = ["tenant", "name", "expires_at"]
+    add_fields = ["tenant", "name", "expires_at", "requests_per_minute"]
     change_fields = [
         "tenant",
         "name",
@@ -120,6 +120,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "created_at",
         "last_used_at",
         "expires_at",
+        "requests_per_minute",
         "revoked_at",
     ]
     change_readonly_fields = [

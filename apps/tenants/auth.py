@@ -36,7 +36,7 @@ class Principal:
     tenant_active: bool
     expires_at: datetime | None
     revoked: bool
-    allowed_model_ids: frozenset[int] | None  # None: every model
+    allowed_model_ids: frozenset[int] | None  # None: every model; empty: none
     key_rpm: int | None = None
     tenant_weight: int = 1  # share of engine slots when tenants compete
     tenant_rpm: int | None = None
@@ -59,7 +59,9 @@ def _load_principal(raw_key: str) -> Principal | None:
     key = ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
     if key is None or not hmac.compare_digest(key.key_hash, hash_key(raw_key)):
         return None
-    allowed = frozenset(key.tenant.allowed_models.values_list("pk", flat=True))
+    allowed = None  # not restricted: every model, and no query for the list
+    if key.tenant.restrict_models:
+        allowed = frozenset(key.tenant.allowed_models.values_list("pk", flat=True))
     quotas = tuple(quotas_applicable(tenant_id=key.tenant_id, api_key_id=key.pk))
     return Principal(
         key_id=key.pk,
@@ -69,7 +71,7 @@ def _load_principal(raw_key: str) -> Principal | None:
         tenant_active=key.tenant.active,
         expires_at=key.expires_at,
         revoked=key.revoked_at is not None,
-        allowed_model_ids=allowed or None,
+        allowed_model_ids=allowed,
         key_rpm=key.requests_per_minute,
         tenant_rpm=key.tenant.requests_per_minute,
         quotas=quotas,
@@ -107,8 +109,11 @@ def bearer_token(authorization: bytes | None) -> str | None:
     return token.strip()
 
 
-async def authenticate(authorization: bytes | None) -> Principal:
-    """The caller's Principal, or an ApiError (401 bad key, 403 inactive tenant)."""
+async def identify(authorization: bytes | None) -> Principal:
+    """Whose key this is, or an ApiError 401 (missing, unknown, revoked, expired key).
+
+    The tenant may still be refused (require_active); callers that log refused requests
+    need the Principal first, which is why this is a step of its own."""
     raw_key = bearer_token(authorization)
     if raw_key is None:
         raise ApiError(
@@ -123,6 +128,11 @@ async def authenticate(authorization: bytes | None) -> Principal:
         raise ApiError(401, "This API key has been revoked.", code="invalid_api_key")
     if principal.expires_at is not None and principal.expires_at <= timezone.now():
         raise ApiError(401, "This API key has expired.", code="invalid_api_key")
+    return principal
+
+
+def require_active(principal: Principal) -> None:
+    """ApiError 403 if the key's tenant is inactive."""
     if not principal.tenant_active:
         raise ApiError(
             403,
@@ -130,4 +140,10 @@ async def authenticate(authorization: bytes | None) -> Principal:
             type="permission_error",
             code="tenant_inactive",
         )
+
+
+async def authenticate(authorization: bytes | None) -> Principal:
+    """The caller's Principal, or an ApiError (401 bad key, 403 inactive tenant)."""
+    principal = await identify(authorization)
+    require_active(principal)
     return principal

@@ -8,11 +8,18 @@ class Tenant(models.Model):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200, blank=True)
     active = models.BooleanField(default=True, help_text="Inactive tenants get 403 on /v1.")
+    # An explicit flag, not "the list is empty": deleting the last model a restricted
+    # tenant may use must leave it with no model, never with every model.
+    restrict_models = models.BooleanField(
+        default=False,
+        help_text="Only the allowed models below may be used (none if the list is empty). "
+        "Turned on when models are added to the list; off: every model.",
+    )
     allowed_models = models.ManyToManyField(
         "engines.ServedModel",
         blank=True,
         related_name="tenants",
-        help_text="Leave empty to allow every model.",
+        help_text="The models this tenant may use when its models are restricted.",
     )
     system_prompt = models.TextField(
         blank=True, help_text="Default system prompt for this tenant's chats (least specific)."

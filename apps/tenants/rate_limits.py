@@ -27,8 +27,10 @@ def _count(scope: str, ident: int, rpm: int) -> dict:
 
 
 def _check(limits: list[tuple[str, str, int, int]]) -> None:
-    for scope, label, ident, rpm in limits:
-        usage = _count(scope, ident, rpm)
+    # Every limit counts the request, refused or not (django-ratelimit's fixed window), so
+    # the key's and the tenant's counters always agree on what was asked of them.
+    counted = [(label, rpm, _count(scope, ident, rpm)) for scope, label, ident, rpm in limits]
+    for label, rpm, usage in counted:
         if usage["should_limit"]:
             retry_after = max(1, int(usage.get("time_left", 60)))
             raise ApiError(

@@ -56,12 +56,13 @@ def managed_engine(
     *,
     template: str = FAKE_TEMPLATE,
     ctx_sizes: tuple[int, ...] = (1024, 2048),
+    model: str = "fake-model",
     **options,
 ) -> tuple[Engine, list[EngineVariant]]:
-    """A managed engine with one variant of `fake-model` per context size."""
+    """A managed engine with one variant of `model` per context size."""
     for ctx_size in ctx_sizes:
         engine = engine_register_managed(
-            name=name, command_template=template, models=["fake-model"], ctx_size=ctx_size,
+            name=name, command_template=template, models=[model], ctx_size=ctx_size,
             **options,
         )  # fmt: skip
     variants = sorted(engine.variants.all(), key=lambda v: v.ctx_size or 0)

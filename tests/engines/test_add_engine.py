@@ -246,3 +246,53 @@ def test_it_switches_an_engine_between_external_and_managed(models_dir) -> None:
     run("e", "--base-url", URL, "--model", "a")
     engine.refresh_from_db()
     assert (engine.kind, engine.base_url, engine.command_template) == ("external", URL, "")
+
+
+# --- --system-prompt -----------------------------------------------------------------
+
+
+def system_prompts(engine_name: str) -> dict[tuple[str, int | None], str]:
+    variants = EngineVariant.objects.filter(engine__name=engine_name)
+    return {
+        (m, c): p for m, c, p in variants.values_list("model__name", "ctx_size", "system_prompt")
+    }
+
+
+def test_it_sets_the_system_prompt_of_the_variants_it_registers() -> None:
+    out = run("local", "--base-url", URL, "--model", "a", "--model", "b",
+              "--system-prompt", "Be terse.")  # fmt: skip
+    run("local", "--base-url", URL, "--model", "c")
+
+    assert system_prompts("local") == {("a", None): "Be terse.", ("b", None): "Be terse.",
+                                       ("c", None): ""}  # fmt: skip
+    assert "a (ctx_size unknown, system_prompt='Be terse.')" in out
+
+
+def test_it_keeps_a_system_prompt_unless_given_and_clears_it_with_empty_text() -> None:
+    run("local", "--base-url", URL, "--model", "a", "--system-prompt", "Be terse.")
+    run("local", "--base-url", URL, "--model", "a")
+    assert system_prompts("local") == {("a", None): "Be terse."}
+
+    run("local", "--base-url", URL, "--model", "a", "--system-prompt", "")
+
+    assert system_prompts("local") == {("a", None): ""}
+
+
+def test_it_sets_the_system_prompt_of_the_managed_variant_it_updates(models_dir) -> None:
+    base = [
+        "gemma",
+        "--command",
+        TEMPLATE,
+        "--model",
+        "gemma-3",
+        "--model-path",
+        "gemma/small.gguf",
+    ]
+    run(*base, "--ctx-size", "4096", "--system-prompt", "Small context: be brief.")
+    run(*base, "--ctx-size", "8192")
+    run(*base, "--ctx-size", "8192", "--system-prompt", "You may elaborate.")
+
+    assert system_prompts("gemma") == {
+        ("gemma-3", 4096): "Small context: be brief.",
+        ("gemma-3", 8192): "You may elaborate.",
+    }

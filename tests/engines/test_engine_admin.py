@@ -1,5 +1,6 @@
 """The engine admin: managed engines' instances (state, process, load, errors, log) on
-the list and change pages, and start/stop/restart written for the owner to carry out."""
+the list and change pages, start/stop/restart written for the owner to carry out, each
+variant's system prompt, and each engine's prompt-cache hit rate."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from apps.engines.models import Engine, EngineInstance
+from apps.engines.models import Engine, EngineInstance, EngineVariant
 from apps.engines.services import engine_register_external, engine_register_managed
+from apps.proxy.models import RequestLog
 
 pytestmark = pytest.mark.django_db
 
@@ -131,3 +133,86 @@ def test_it_shows_no_instance_panel_for_external_engines(admin_client) -> None:
     engine = engine_register_external(name="ext", base_url="http://10.0.0.9:8000", models=["m"])
 
     assert 'id="engine-instances"' not in admin_client.get(change_url(engine)).content.decode()
+
+
+# --- per-variant system prompts ------------------------------------------------------
+
+
+def engine_form(engine: Engine, variant: EngineVariant, **variant_fields: object) -> dict:
+    """The change form of an external engine with one variant, as the browser posts it."""
+    fields = {
+        "name": engine.name, "kind": engine.kind, "flavor": engine.flavor,
+        "slots": engine.slots, "timeout_seconds": engine.timeout_seconds,
+        "upstream_api_key": "", "base_url": engine.base_url, "extra_base_urls": "",
+        "command_template": "", "replicas": 1, "idle_ttl_seconds": "",
+        "startup_timeout_seconds": 120, "stop_grace_seconds": 10,
+        "variants-TOTAL_FORMS": 1, "variants-INITIAL_FORMS": 1,
+        "variants-MIN_NUM_FORMS": 0, "variants-MAX_NUM_FORMS": 1000,
+        "variants-0-id": variant.pk, "variants-0-engine": engine.pk,
+        "variants-0-model": variant.model_id, "variants-0-ctx_size": variant.ctx_size or "",
+        "variants-0-model_path": "", "variants-0-extra_args": "",
+        "variants-0-system_prompt": variant.system_prompt,
+    }  # fmt: skip
+    return fields | {f"variants-0-{name}": value for name, value in variant_fields.items()}
+
+
+def test_it_edits_a_variants_system_prompt_on_the_engine_page(admin_client) -> None:
+    engine = engine_register_external(
+        name="ext", base_url="http://10.0.0.9:8000", models=["m"], ctx_size=2048
+    )
+    variant = engine.variants.get()
+    assert (
+        'name="variants-0-system_prompt"' in admin_client.get(change_url(engine)).content.decode()
+    )
+
+    response = admin_client.post(
+        change_url(engine), engine_form(engine, variant, system_prompt="Answer in French.")
+    )
+
+    assert response.status_code == 302, response.context["errors"]
+    variant.refresh_from_db()
+    assert variant.system_prompt == "Answer in French."
+    model_page = reverse("admin:engines_servedmodel_change", args=[variant.model_id])
+    assert "Answer in French." in admin_client.get(model_page).content.decode()
+
+
+# --- prompt-cache hit rates ----------------------------------------------------------
+
+
+def request_log(tenant, engine: str, prompt: int, cached: int, **fields: object) -> None:
+    RequestLog.objects.create(
+        tenant=tenant, engine=engine, endpoint=fields.pop("endpoint", "chat.completions"),
+        status_code=200, prompt_tokens=prompt, cached_tokens=cached, latency_ms=1.0, **fields,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def cache_logs(alice):
+    """Engine `ext`: 150 of 500 prompt tokens cached in the last 24 h, 600 of 1,000 in all."""
+    engine = engine_register_external(name="ext", base_url="http://10.0.0.9:8000", models=["m"])
+    engine_register_external(name="idle", base_url="http://10.0.0.8:8000", models=["n"])
+    tenant = alice.tenant
+    request_log(tenant, "ext", 200, 50)
+    request_log(tenant, "ext", 300, 100, endpoint="completions")
+    request_log(tenant, "ext", 500, 450, created_at=timezone.now() - timedelta(days=3))
+    # Not counted: cached tokens unknown (estimated usage), no prompt cache (embeddings).
+    request_log(tenant, "ext", 1000, 0, usage_estimated=True)
+    request_log(tenant, "ext", 1000, 0, endpoint="embeddings")
+    request_log(tenant, "other", 100, 100)
+    return engine
+
+
+def test_it_lists_each_engines_prompt_cache_hit_rate(admin_client, cache_logs) -> None:
+    page = admin_client.get(reverse("admin:engines_engine_changelist")).content.decode()
+
+    assert '<td class="field-cache_hits">30.0 % / 60.0 %</td>' in page
+    assert '<td class="field-cache_hits">- / -</td>' in page  # `idle` served nothing
+    assert "Prompt cache hits (24 h / all time)" in page  # the column heading
+
+
+def test_it_shows_the_prompt_cache_hit_rate_on_the_change_page(admin_client, cache_logs) -> None:
+    page = admin_client.get(change_url(cache_logs)).content.decode()
+
+    panel = page[page.index('id="engine-cache"') :]
+    assert '<td>last 24 h</td><td class="cache-rate">30.0 %</td><td>150 / 500</td>' in panel
+    assert '<td>all time</td><td class="cache-rate">60.0 %</td><td>600 / 1,000</td>' in panel

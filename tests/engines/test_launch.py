@@ -42,6 +42,12 @@ def test_it_renders_every_placeholder(models_dir) -> None:
     ]  # fmt: skip
 
 
+def test_it_gives_llama_server_the_context_of_every_slot() -> None:
+    """llama-server divides -c among its -np slots; {ctx_total} keeps ctx_size per request."""
+    argv = render_command(spec("srv --port {port} -c {ctx_total} -np {slots}", slots=3))
+    assert argv == ["srv", "--port", "8081", "-c", str(3 * 4096), "-np", "3"]
+
+
 def test_it_drops_empty_extra_args() -> None:
     assert render_command(spec("srv --port {port} {extra_args}")) == ["srv", "--port", "8081"]
 
@@ -56,6 +62,8 @@ def test_it_refuses_to_render_without_what_the_template_uses(models_dir) -> None
         render_command(spec("srv --port {port} -m {model_path}"))
     with pytest.raises(ValidationError, match="no context size"):
         render_command(spec("srv --port {port} -c {ctx_size}", ctx_size=None))
+    with pytest.raises(ValidationError, match="no context size"):
+        render_command(spec("srv --port {port} -c {ctx_total}", ctx_size=None))
 
 
 @pytest.mark.parametrize(

@@ -82,3 +82,19 @@ async def test_it_refuses_unknown_actions_and_external_engines(engine_settings) 
     managed, _ = await create_managed()
     with pytest.raises(ValueError, match="Unknown action"):
         await request_action(engine=managed, action="explode")
+
+
+async def test_it_kills_an_engine_that_ignores_sigterm_after_the_grace(manager) -> None:
+    engine, (small,) = await create_managed(
+        ctx_sizes=(1024,), extra_args="--ignore-sigterm", stop_grace_seconds=0.5
+    )
+    async with manager.acquire(engine_id=engine.pk, variant_id=small.pk):
+        pass
+    pid = (await instance(engine)).pid
+
+    await request_action(engine=engine, action="stop")
+
+    stopped = await eventually(lambda: row_in(engine, "stopped"))
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "still running 0.5 s after SIGTERM: SIGKILL" in stopped.log_tail
+    assert "stopped (exit code -9)" in stopped.log_tail

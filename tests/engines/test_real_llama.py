@@ -26,7 +26,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 TEMPLATE = (
-    "{llama_server} -m {model_path} --host {host} --port {port} -c {ctx_size} -np {slots} "
+    "{llama_server} -m {model_path} --host {host} --port {port} -c {ctx_total} -np {slots} "
     "--no-webui {extra_args}"
 )
 
@@ -55,13 +55,18 @@ def unusable_reason() -> str | None:
     return None
 
 
-@pytest.fixture
-def real_llama(engine_settings):
+def require_real_llama() -> None:
+    """Skip without llama-server and the model; fail instead where they must be (CI)."""
     reason = unusable_reason()
     if reason and os.environ.get("REQUIRE_REAL_LLAMA"):
         pytest.fail(reason)  # CI installs it: a missing engine is a failure there, not a skip
     if reason:
         pytest.skip(reason)
+
+
+@pytest.fixture
+def real_llama(engine_settings):
+    require_real_llama()
     engine_settings.MODELS_DIR = INSTALLED_MODELS_DIR
     return engine_settings
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from apps.engines.client import close_engine_session
+from apps.engines.manager import engine_manager
 from apps.engines.registry import EngineRoute, VariantRoute
 from apps.engines.sizing import (
     ASSISTANT_PRIMING_TOKENS,
@@ -24,10 +25,12 @@ from apps.engines.tokens import heuristic_message_tokens
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}]}
 
 
-def route(url: str, flavor: str = "llamacpp", key: str = "") -> EngineRoute:
-    return EngineRoute(
+def route(url: str, flavor: str = "llamacpp", key: str = "") -> VariantRoute:
+    """A variant on an external engine at `url` (sizing asks the engine of a variant)."""
+    engine = EngineRoute(
         name="e", flavor=flavor, base_url=url, upstream_api_key=key, timeout_seconds=5
     )
+    return VariantRoute(engine=engine, ctx_size=4096)
 
 
 def variant(ctx: int | None, name: str = "e") -> VariantRoute:
@@ -97,13 +100,19 @@ async def test_it_falls_back_to_the_heuristic_when_the_engine_is_down():
     assert tokens == heuristic_message_tokens(CHAT["messages"][0]) + ASSISTANT_PRIMING_TOKENS
 
 
-async def test_it_does_not_call_an_engine_that_is_not_running(fake_engine):
-    fake_engine.reset()
-    result = await prompt_tokens(
-        route(fake_engine.url), CHAT, "chat.completions", engine_running=False
-    )
+@pytest.mark.django_db(transaction=True)
+async def test_it_does_not_start_a_managed_engine_to_count():
+    """A managed engine that runs no variant of the model is not started just to size a
+    request: the heuristic counts."""
+    engine = EngineRoute("m", "llamacpp", "", "", 5, id=1, managed=True)
+    try:
+        result = await prompt_tokens(
+            VariantRoute(engine, 4096, id=1, model_variant_ids=(1, 2)), CHAT, "chat.completions"
+        )
+    finally:
+        await engine_manager.shutdown()
     assert result[1] == "heuristic"
-    assert fake_engine.requests() == []
+    assert engine_manager.launches == 0
 
 
 async def test_it_uses_the_heuristic_for_other_flavors_and_for_embeddings(fake_engine):

@@ -159,3 +159,12 @@ def test_it_keeps_changelist_queries_constant(
 
     assert response.status_code == 200
     assert len(response.context["cl"].result_list) == 8
+
+
+def test_it_lists_the_cached_prompt_tokens(admin_client: Client) -> None:
+    make_log(tenant_create(slug="acme"), prompt_tokens=1200, cached_tokens=987)
+
+    content = admin_client.get(CHANGELIST).content.decode()
+
+    assert '<td class="field-cached_tokens">987</td>' in content
+    assert "Cached tokens" in content  # the column heading

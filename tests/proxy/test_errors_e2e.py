@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from apps.engines.models import Engine, EngineVariant, ServedModel
 from apps.tenants.services import api_key_create, api_key_revoke
-from tests.conftest import FAKE_MODEL, free_port, request_logs, wait_until
+from tests.conftest import FAKE_MODEL, free_port, request_logs, start_gateway, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -238,3 +238,72 @@ def test_it_reports_an_engine_that_drops_the_stream(engine, gateway, alice):
     log = wait_until(lambda: request_logs(tenant=alice.tenant))[0]
     assert (log.status_code, log.error_code) == (502, "engine_stream_interrupted")
     assert log.usage_estimated and log.completion_tokens == 3
+
+
+# --- every endpoint refuses bad keys; bodies, paths -------------------------------------
+
+ENDPOINTS = [
+    ("GET", "/models", None),
+    ("GET", f"/models/{FAKE_MODEL}", None),
+    ("POST", "/completions", {"model": FAKE_MODEL, "prompt": "hi"}),
+    ("POST", "/embeddings", {"model": FAKE_MODEL, "input": "hi"}),
+    ("POST", "/rerank", {"model": FAKE_MODEL, "query": "q", "documents": ["a", "b"]}),
+    ("POST", "/chat/completions", CHAT),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ENDPOINTS, ids=[e[1] for e in ENDPOINTS])
+def test_it_refuses_bad_keys_and_inactive_tenants_on_every_endpoint(
+    engine, gateway, alice, bob, fake_engine, method, path, body
+):
+    api_key_revoke(api_key=alice.api_key)
+    bob.tenant.active = False
+    bob.tenant.save()
+    unknown = {"Authorization": "Bearer sk-" + "a" * 12 + "_no-such-secret"}
+    cases = {
+        "missing key": ({}, 401, "invalid_api_key"),
+        "unknown key": (unknown, 401, "invalid_api_key"),
+        "revoked key": (alice.auth, 401, "invalid_api_key"),
+        "inactive tenant": (bob.auth, 403, "tenant_inactive"),
+    }
+    for case, (headers, status, code) in cases.items():
+        response = httpx.request(
+            method, gateway.base_url + path, headers=headers, json=body, timeout=10
+        )
+        assert (response.status_code, error_of(response)["code"]) == (status, code), case
+    assert [r for r in fake_engine.requests() if r["path"] != "/health"] == []
+
+
+def test_it_answers_413_for_a_body_over_max_request_bytes(engine, alice, fake_engine, tmp_path):
+    from django.db import connection
+
+    gateway = start_gateway(
+        connection.settings_dict, tmp_path / "gateway.log", env={"MAX_REQUEST_BYTES": "2048"}
+    )
+    try:
+        assert post_chat(gateway, alice.auth, json=CHAT).status_code == 200
+        too_big = {**CHAT, "messages": [{"role": "user", "content": "x" * 4096}]}
+        response = post_chat(gateway, alice.auth, json=too_big)
+    finally:
+        gateway.stop()
+    assert response.status_code == 413
+    error = error_of(response)
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_too_large")
+    assert "2048 bytes" in error["message"]
+    chats = [r for r in fake_engine.requests() if r["path"] == "/v1/chat/completions"]
+    assert len(chats) == 1  # only the small request reached the engine
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1", "/v1/", "/v1/nothing", "/v1/nothing/", "/v1/chat/completions/", "/v1/models/"],
+)
+def test_it_answers_unknown_v1_paths_with_an_openai_404(gateway, alice, path):
+    for method in ("GET", "POST"):
+        response = httpx.request(method, gateway.url + path, headers=alice.auth, timeout=10)
+        assert response.status_code == 404, method
+        assert response.headers["content-type"] == "application/json"
+        assert error_of(response)["code"] == "unknown_url"
+
+
+# --- a failure after the response started ------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -66,6 +67,36 @@ def embedded_postgres_running(data_dir) -> bool:
     return False
 
 
+def worker_processes(serve: subprocess.Popen) -> list[psutil.Process]:
+    """uvicorn's worker processes (multiprocessing spawns them; its resource tracker is
+    another child, and is not a worker)."""
+    children = psutil.Process(serve.pid).children()
+    return [child for child in children if "spawn_main" in " ".join(child.cmdline())]
+
+
+def holds_connection(worker: psutil.Process, port: int) -> bool:
+    return any(
+        conn.status == psutil.CONN_ESTABLISHED and conn.laddr.port == port
+        for conn in worker.net_connections("tcp")
+    )
+
+
+def workers_answering(url: str, port: int, workers: list[psutil.Process]) -> set[int]:
+    """Pids of the workers that accepted one of up to 20 kept-open connections.
+
+    The workers share one listening socket and the kernel picks who accepts, so keep
+    opening connections until each worker holds one (a few suffice in practice)."""
+    answering: set[int] = set()
+    with contextlib.ExitStack() as stack:
+        for _ in range(20):
+            client = stack.enter_context(httpx.Client(base_url=url))
+            assert client.get("/health").status_code == 200
+            answering = {worker.pid for worker in workers if holds_connection(worker, port)}
+            if len(answering) == len(workers):
+                break
+    return answering
+
+
 def stop(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)
@@ -96,6 +127,11 @@ def test_it_migrates_creates_the_admin_and_prints_its_password_once(data_dir):
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: healthy(url), timeout=30)
         assert admin_login(url, password).headers["location"] == "/admin/"
+        workers = worker_processes(process)
+        assert len(workers) == 2
+        pids = {worker.pid for worker in workers}
+        # /health answered once one worker was up; the other may still be starting.
+        wait_until(lambda: workers_answering(url, port, workers) == pids, timeout=30)
     finally:
         stop(process)
     # SIGTERM (what systemd and docker send) stops the embedded PostgreSQL with the gateway.

@@ -232,6 +232,49 @@ def test_it_renders_the_usage_page(admin_client: Client, busy: TenantKey) -> Non
     assert 'style="width: 10.0%"' in quotas  # ... and 500 reserved
 
 
+def chart_of(content: str) -> str:
+    return re.search(r'<svg class="usage-chart".*?</svg>', content, re.S).group(0)
+
+
+def test_it_shows_the_usage_of_one_api_key(admin_client: Client, busy: TenantKey) -> None:
+    batch = api_key_create(tenant=busy.tenant, name="batch").api_key
+    log(busy, 10, 20, key=batch)
+    log(busy, 7, 3, days_ago=3, key=batch)
+    quota_set(tenant=busy.tenant, tokens=900, period="month", api_key=batch)
+
+    whole = admin_client.get(usage_page(busy.tenant.pk)).content.decode()
+    content = admin_client.get(usage_page(busy.tenant.pk), {"key": batch.pk}).content.decode()
+
+    assert "1,010 prompt + 254 completion tokens" in chart_of(whole)  # both keys today
+    svg = chart_of(content)
+    assert svg.count('<rect class="prompt"') == 30
+    assert "10 prompt + 20 completion tokens" in svg  # today: batch alone
+    assert "7 prompt + 3 completion tokens" in svg  # three days ago
+    assert "1,000 prompt" not in svg and "40,000 prompt" not in svg  # the default key's
+    assert f'<option value="{batch.pk}" selected>API key batch</option>' in content
+    keys = re.search(r'<table id="usage-keys">.*?</table>', content, re.S).group(0)
+    assert "batch" in keys and "default" not in keys
+    quotas = re.search(r'<table id="usage-quotas">.*?</table>', content, re.S).group(0)
+    assert "<td>key batch</td>" in quotas and "<td>tenant</td>" in quotas  # its own + tenant's
+    assert "key default" not in quotas
+
+
+def test_it_links_each_key_to_its_usage(admin_client: Client, busy: TenantKey) -> None:
+    content = admin_client.get(usage_page(busy.tenant.pk)).content.decode()
+
+    assert f'<a href="?key={busy.api_key.pk}">default</a>' in content
+    assert f'<option value="{busy.api_key.pk}">API key default</option>' in content
+
+
+@pytest.mark.parametrize("value", ["other-tenant", "not-a-number", "987654"])
+def test_it_answers_404_for_a_key_that_is_not_the_tenants(
+    admin_client: Client, alice: TenantKey, bob: TenantKey, value: str
+) -> None:
+    key = {"other-tenant": str(bob.api_key.pk)}.get(value, value)
+
+    assert admin_client.get(usage_page(alice.tenant.pk), {"key": key}).status_code == 404
+
+
 def test_it_renders_an_empty_usage_page(admin_client: Client, alice: TenantKey) -> None:
     content = admin_client.get(usage_page(alice.tenant.pk)).content.decode()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 
 import httpx
 import openai
@@ -11,7 +13,7 @@ import pytest
 from apps.quotas.models import QuotaWindow
 from apps.quotas.services import quota_set
 from apps.tenants.services import api_key_create
-from tests.conftest import FAKE_MODEL, start_gateway, wait_until
+from tests.conftest import FAKE_MODEL, TenantKey, free_port, start_gateway, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -84,27 +86,115 @@ def test_it_never_exceeds_a_quota_under_concurrency_across_gateway_processes(
 ):
     from django.db import connection
 
+    # Each request uses exactly what it reserved (1 prompt + 8 completion tokens = 9), so
+    # settling frees nothing and how many fit does not depend on timing: 150 // 9 = 16.
+    # One more grant (a reservation racing another) would show as 17 and 153 used.
     limit = 150
+    exact = {**CHAT, "fake": {"chunks": RESERVED - 1}}
+    fits = limit // RESERVED
     quota_set(tenant=alice.tenant, tokens=limit, period="day")
     gateways = [start_gateway(connection.settings_dict, tmp_path / f"gw{i}.log") for i in range(2)]
 
-    async def burst() -> list[int]:
+    async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30) as client:
             requests = [
                 client.post(
-                    f"{gateways[i % 2].base_url}/chat/completions", json=CHAT, headers=alice.auth
+                    f"{gateways[i % 2].base_url}/chat/completions", json=exact, headers=alice.auth
                 )
                 for i in range(50)
             ]
-            return [response.status_code for response in await asyncio.gather(*requests)]
+            return list(await asyncio.gather(*requests))
 
     try:
-        statuses = asyncio.run(burst())
+        responses = asyncio.run(burst())
     finally:
         for gateway in gateways:
             gateway.stop()
     wait_until(lambda: window(alice.tenant).reserved_tokens == 0)
-    used = window(alice.tenant).used_tokens
-    assert set(statuses) == {200, 429}
-    assert used <= limit
-    assert used == statuses.count(200) * USED
+    statuses = [response.status_code for response in responses]
+    assert statuses.count(200) == fits
+    assert statuses.count(429) == 50 - fits
+    assert {r.json()["error"]["code"] for r in responses if r.status_code == 429} == {
+        "insufficient_quota"
+    }
+    assert window(alice.tenant).used_tokens == fits * RESERVED  # 144
+    # Each grant saw the grants before it: remaining 141, 132, ..., 6, each exactly once.
+    remaining = sorted(int(r.headers["x-ratelimit-remaining-tokens"]) for r in responses
+                       if r.status_code == 200)  # fmt: skip
+    assert remaining == [limit - RESERVED * n for n in range(fits, 0, -1)]
+
+
+def assert_nothing_held_or_charged(owner: TenantKey) -> None:
+    """The failed requests' reservations are given back and they cost nothing."""
+    wait_until(lambda: window(owner.tenant).reserved_tokens == 0)
+    assert window(owner.tenant).used_tokens == 0
+
+
+def test_it_releases_the_reservation_of_a_request_the_engine_fails(engine, gateway, alice):
+    quota_set(tenant=alice.tenant, tokens=1000, period="day")
+    failing = {**CHAT, "fake": {"error_status": 500}}
+
+    response = httpx.post(f"{gateway.base_url}/chat/completions", json=failing, headers=alice.auth)
+
+    assert response.status_code == 500
+    assert_nothing_held_or_charged(alice)
+    after = httpx.post(f"{gateway.base_url}/chat/completions", json=CHAT, headers=alice.auth)
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(1000 - RESERVED)
+
+
+def test_it_releases_the_reservation_when_the_engine_is_unreachable(gateway, alice):
+    from apps.engines.services import engine_register_external
+
+    # Nothing listens on a port just freed: the connection is refused.
+    engine_register_external(
+        name="ghost", base_url=f"http://127.0.0.1:{free_port()}", models=["ghost-model"]
+    )
+    quota_set(tenant=alice.tenant, tokens=1000, period="day")
+    body = {**CHAT, "model": "ghost-model"}
+
+    first = httpx.post(f"{gateway.base_url}/chat/completions", json=body, headers=alice.auth)
+    second = httpx.post(f"{gateway.base_url}/chat/completions", json=body, headers=alice.auth)
+
+    assert first.status_code == second.status_code == 502
+    assert first.json()["error"]["code"] == "engine_unreachable"
+    assert_nothing_held_or_charged(alice)
+
+
+def test_it_settles_a_completed_stream_to_its_usage_and_sends_the_headers(engine, gateway, alice):
+    quota_set(tenant=alice.tenant, tokens=1000, period="day")
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=alice.raw_key, max_retries=0)
+
+    with client.chat.completions.with_streaming_response.create(
+        **CHAT, stream=True, extra_body={"fake": {"chunks": 3}}
+    ) as response:
+        headers = response.headers
+        text = "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+
+    assert text == "w0 w1 w2 "
+    assert headers["x-ratelimit-limit-tokens"] == "1000"
+    assert headers["x-ratelimit-remaining-tokens"] == str(1000 - RESERVED)
+    assert re.fullmatch(r"\d+h\d+m|\d+m\d+s|\d+s", headers["x-ratelimit-reset-tokens"])
+    wait_until(lambda: window(alice.tenant).reserved_tokens == 0)
+    assert window(alice.tenant).used_tokens == 1 + 3  # the engine's usage, not the 9 reserved
+
+
+def test_it_applies_a_new_quota_within_the_auth_cache_time(engine, alice, tmp_path):
+    from django.db import connection
+
+    gateway = start_gateway(
+        connection.settings_dict, tmp_path / "gw.log", env={"AUTH_CACHE_SECONDS": "1"}
+    )
+
+    def post() -> int:
+        url = f"{gateway.base_url}/chat/completions"
+        return httpx.post(url, json=CHAT, headers=alice.auth).status_code
+
+    try:
+        assert post() == 200  # the key, without quotas, is now cached for a second
+        quota_set(tenant=alice.tenant, tokens=RESERVED - 1, period="day")  # fits nothing
+        started = time.monotonic()
+        wait_until(lambda: post() == 429, timeout=5, interval=0.1)
+        elapsed = time.monotonic() - started
+    finally:
+        gateway.stop()
+    assert elapsed < 1 + 1  # AUTH_CACHE_SECONDS, plus a request's time

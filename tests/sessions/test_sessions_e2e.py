@@ -8,7 +8,7 @@ import pytest
 
 from apps.engines.models import EngineVariant
 from apps.sessions.models import ChatSession, Message
-from tests.conftest import FAKE_MODEL
+from tests.conftest import FAKE_MODEL, request_logs, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -85,19 +85,27 @@ def test_it_picks_the_most_specific_system_prompt(engine, openai_client, fake_en
 
 
 def test_it_trims_the_oldest_history_to_the_context_in_tokens(engine, openai_client, fake_engine):
-    # The fake engine's /tokenize gives one token per word; 4 tokens of template overhead a message.
+    # Token counts: /tokenize gives one per word, plus 4 of template overhead a message:
+    # system "be brief" 2 + 4 (heuristic: 8 characters) = 6, each user turn 13 + 4 = 17,
+    # each stored reply 5 completion tokens + 4 = 9; a whole turn costs 17 + 9 = 26.
     EngineVariant.objects.filter(model__name=FAKE_MODEL).update(
-        ctx_size=60, system_prompt="be brief"
+        ctx_size=86, system_prompt="be brief"
     )
     words = " ".join(["word"] * 12)
-    for turn in ("one", "two", "three"):
+    for turn in ("one", "two", "three", "four"):
         chat(openai_client, f"{turn} {words}", "t-1", max_tokens=10)
     sent = sent_messages(fake_engine)
-    # Budget 60 - 10 = 50 tokens: system + newest user turn are kept; the oldest turns go first.
-    assert sent[0] == {"role": "system", "content": "be brief"}
-    assert sent[-1]["content"].startswith("three")
-    assert not any(m["content"].startswith("one") for m in sent)
-    assert sum(len(m["content"].split()) + 4 for m in sent) <= 50
+    # Budget 86 - 10 = 76: system 6 + newest 17 + two turns 52 = 75 fits, a third does
+    # not (101); so only the oldest turn goes and the two newest before it are kept whole.
+    reply = {"role": "assistant", "content": "w0 w1 w2 w3 w4 "}
+    assert sent == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": f"two {words}"},
+        reply,
+        {"role": "user", "content": f"three {words}"},
+        reply,
+        {"role": "user", "content": f"four {words}"},
+    ]
 
 
 def test_it_never_drops_the_newest_turn_even_if_it_alone_is_too_long(
@@ -141,10 +149,125 @@ def test_it_records_token_and_timing_metrics_per_message(engine, openai_client):
     assert (second.tg_finished_at - second.tg_started_at).total_seconds() >= 0.1
 
 
-def test_it_stores_nothing_when_the_engine_fails(engine, openai_client):
+def stored(session: str) -> list[Message]:
+    return list(Message.objects.filter(session__external_id=session).order_by("position"))
+
+
+def assert_next_turn_has_no_history(client: openai.OpenAI, session: str, fake_engine) -> None:
+    """What the user sees of a turn that stored nothing: the next one starts afresh."""
+    chat(client, "again", session)
+    assert sent_messages(fake_engine) == [{"role": "user", "content": "again"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_it_stores_nothing_when_the_engine_fails(engine, openai_client, fake_engine, stream):
     with pytest.raises(openai.InternalServerError):
-        chat(openai_client, "boom", "f-1", extra_body={"fake": {"error_status": 500}})
-    assert not Message.objects.filter(session__external_id="f-1").exists()
+        chat(
+            openai_client, "boom", "f-1", stream=stream, extra_body={"fake": {"error_status": 500}}
+        )
+    wait_until(lambda: request_logs(status_code=500))
+    assert stored("f-1") == []
+    assert_next_turn_has_no_history(openai_client, "f-1", fake_engine)
+
+
+def test_it_stores_nothing_when_the_client_disconnects_mid_stream(
+    engine, gateway, alice, openai_client, fake_engine
+):
+    body = {
+        "model": FAKE_MODEL,
+        "messages": [{"role": "user", "content": "tell me a long story"}],
+        "stream": True,
+        "fake": {"chunks": 300, "chunk_delay": 0.02},
+    }
+    headers = {**alice.auth, "X-Session-Id": "d-1"}
+    with httpx.stream(
+        "POST", f"{gateway.base_url}/chat/completions", json=body, headers=headers
+    ) as response:
+        for line in response.iter_lines():
+            if '"w3 "' in line:
+                break  # leave with part of the reply received
+    wait_until(lambda: request_logs(client_disconnected=True))
+    assert stored("d-1") == []
+    assert_next_turn_has_no_history(openai_client, "d-1", fake_engine)
+
+
+def test_it_stores_nothing_when_the_engine_breaks_the_stream(
+    engine, gateway, alice, openai_client, fake_engine
+):
+    body = {
+        "model": FAKE_MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "fake": {"chunks": 6, "drop_after": 3},
+    }
+    response = httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        json=body,
+        headers={**alice.auth, "X-Session-Id": "b-1"},
+    )
+    assert '"w2 "' in response.text  # the client saw part of the reply ...
+    assert "engine_stream_interrupted" in response.text  # ... and then the failure
+    wait_until(lambda: request_logs(error_code="engine_stream_interrupted"))
+    assert stored("b-1") == []
+    assert_next_turn_has_no_history(openai_client, "b-1", fake_engine)
+
+
+def reply_of(session: str) -> Message:
+    wait_until(lambda: stored(session))
+    return stored(session)[-1]
+
+
+@pytest.mark.parametrize(
+    ("stream", "fake", "expected"),
+    [
+        # Whole answer: its text, ~4 characters a token (apps/engines/tokens.py).
+        (False, {"no_usage": True, "reply": "abcd" * 10, "chunks": 4}, 10),
+        # Stream: one token per event, as llama.cpp sends them.
+        (True, {"no_usage": True, "chunks": 6}, 6),
+    ],
+)
+def test_it_estimates_the_reply_tokens_when_the_engine_reports_no_usage(
+    engine, openai_client, fake_engine, stream, fake, expected
+):
+    reply = chat(openai_client, "hello there", "n-1", stream=stream, extra_body={"fake": fake})
+    if stream:
+        list(reply)
+    message = reply_of("n-1")
+    assert (message.tg_tokens, message.tokens) == (expected, expected + 4)
+    assert message.prompt_tokens > 0 and message.pp_tokens == message.prompt_tokens
+    assert message.cached_tokens == 0
+    assert message.pp_started_at is not None and message.tg_finished_at is not None
+    [log] = wait_until(lambda: request_logs(tenant__slug="alice"))
+    assert (log.completion_tokens, log.usage_estimated) == (expected, True)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_it_measures_the_timings_itself_when_the_engine_sends_none(engine, openai_client, stream):
+    fake = {"no_timings": True, "cached": 2, "chunks": 4, "delay": 0.2, "chunk_delay": 0.05}
+    reply = chat(openai_client, "a b c d e", "n-2", stream=stream, extra_body={"fake": fake})
+    if stream:
+        list(reply)
+    message = reply_of("n-2")
+    # From usage: 5 prompt words, 2 of them cached, 4 completion tokens.
+    assert (message.prompt_tokens, message.cached_tokens, message.pp_tokens) == (5, 2, 3)
+    assert message.tg_tokens == 4
+    # Measured by the gateway: the engine's 0.2 s delay lies between sending and the end.
+    assert (message.tg_finished_at - message.pp_started_at).total_seconds() >= 0.2
+    if stream:  # first and last token seen on the wire, 3 chunk delays apart
+        assert message.pp_finished_at == message.tg_started_at
+        assert message.pp_started_at <= message.tg_started_at
+        assert (message.tg_finished_at - message.tg_started_at).total_seconds() >= 0.15
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_it_stores_the_cached_tokens_the_engine_reports(engine, openai_client, stream):
+    fake = {"cached": 4, "chunks": 3}
+    reply = chat(openai_client, "one two three four five six", "c-1", stream=stream,
+                 extra_body={"fake": fake})  # fmt: skip
+    if stream:
+        list(reply)
+    message = reply_of("c-1")
+    assert (message.prompt_tokens, message.cached_tokens, message.pp_tokens) == (6, 4, 2)
 
 
 def test_it_rejects_malformed_session_ids(engine, gateway, alice):
@@ -165,3 +288,22 @@ def test_it_rejects_malformed_session_ids(engine, gateway, alice):
     assert bad_body.status_code == 400
     assert bad_body.json()["error"]["param"] == "metadata.session_id"
     assert not ChatSession.objects.exists()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_it_stores_a_turn_with_a_nul_character(engine, openai_client, fake_engine, stream):
+    """PostgreSQL's jsonb cannot hold U+0000: the stored copy has U+FFFD instead, and
+    neither the answer nor the turn is lost."""
+    answer = chat(
+        openai_client,
+        "a\u0000b",
+        "nul-1",
+        stream=stream,
+        extra_body={"fake": {"reply": "c\u0000d"}},
+    )
+
+    if stream:
+        answer = list(answer)  # the turn is stored as the stream ends
+    assert answer
+    messages = wait_until(lambda: stored("nul-1"))
+    assert [m.payload["content"] for m in messages] == ["a\ufffdb", "c\ufffdd"]

@@ -120,25 +120,73 @@ def test_it_keeps_change_page_queries_constant(
         assert admin_client.get(page).status_code == 200
 
 
+def tenant_form(**fields: Any) -> dict[str, Any]:
+    """The tenant change form as the admin posts it (unchecked boxes are left out)."""
+    return {
+        "slug": "acme",
+        "name": "Acme",
+        "active": "on",
+        "scheduling_weight": "1",
+        "system_prompt": "",
+        "requests_per_minute": "",
+        "api_keys-TOTAL_FORMS": "0",
+        "api_keys-INITIAL_FORMS": "0",
+        **fields,
+    }
+
+
 def test_it_edits_a_tenants_allowed_models(
     admin_client: Client, tenant: Tenant, engine: Engine
 ) -> None:
     model = ServedModel.objects.get()
     response = admin_client.post(
-        url(Tenant, "change", tenant.pk),
-        {
-            "slug": "acme",
-            "name": "Acme",
-            "active": "on",
-            "scheduling_weight": "1",
-            "allowed_models": [model.pk],
-            "api_keys-TOTAL_FORMS": "0",
-            "api_keys-INITIAL_FORMS": "0",
-        },
+        url(Tenant, "change", tenant.pk), tenant_form(allowed_models=[model.pk])
     )
 
     assert response.status_code == 302
+    tenant.refresh_from_db()
     assert list(tenant.allowed_models.all()) == [model]
+    assert tenant.restrict_models  # picking models restricts the tenant to them
+
+
+def test_it_lifts_a_restriction_but_keeps_the_list(
+    admin_client: Client, tenant: Tenant, engine: Engine
+) -> None:
+    model = ServedModel.objects.get()
+    tenant.allowed_models.set([model])
+
+    response = admin_client.post(
+        url(Tenant, "change", tenant.pk), tenant_form(allowed_models=[model.pk])
+    )
+
+    assert response.status_code == 302
+    tenant.refresh_from_db()
+    assert not tenant.restrict_models  # the box was unticked: every model again
+    assert list(tenant.allowed_models.all()) == [model]
+
+
+def test_it_restricts_a_tenant_to_no_model(admin_client: Client, tenant: Tenant) -> None:
+    response = admin_client.post(
+        url(Tenant, "change", tenant.pk), tenant_form(restrict_models="on")
+    )
+
+    assert response.status_code == 302
+    tenant.refresh_from_db()
+    assert tenant.restrict_models
+    assert not tenant.allowed_models.exists()
+
+
+def test_it_sets_a_tenants_rate_limit_and_default_system_prompt(
+    admin_client: Client, tenant: Tenant
+) -> None:
+    response = admin_client.post(
+        url(Tenant, "change", tenant.pk),
+        tenant_form(requests_per_minute="120", system_prompt="Answer in French."),
+    )
+
+    assert response.status_code == 302
+    tenant.refresh_from_db()
+    assert (tenant.requests_per_minute, tenant.system_prompt) == (120, "Answer in French.")
 
 
 def test_it_keeps_tenant_changelist_queries_constant(
@@ -155,10 +203,16 @@ def test_it_keeps_tenant_changelist_queries_constant(
 # --- API keys: one-time display ----------------------------------------------------
 
 
-def add_key(client: Client, tenant: Tenant, name: str = "laptop") -> Any:
+def add_key(client: Client, tenant: Tenant, name: str = "laptop", rpm: str = "") -> Any:
     return client.post(
         url(ApiKey, "add"),
-        {"tenant": tenant.pk, "name": name, "expires_at_0": "", "expires_at_1": ""},
+        {
+            "tenant": tenant.pk,
+            "name": name,
+            "expires_at_0": "",
+            "expires_at_1": "",
+            "requests_per_minute": rpm,
+        },
         follow=True,
     )
 
@@ -186,10 +240,28 @@ def test_it_shows_a_new_key_once(admin_client: Client, tenant: Tenant) -> None:
         assert f"sk-{api_key.prefix}_…" in content
 
 
-def test_it_asks_only_tenant_name_and_expiry_on_add(admin_client: Client) -> None:
+def test_it_asks_only_tenant_name_expiry_and_rate_limit_on_add(admin_client: Client) -> None:
     form = admin_client.get(url(ApiKey, "add")).context["adminform"].form
 
-    assert list(form.fields) == ["tenant", "name", "expires_at"]
+    assert list(form.fields) == ["tenant", "name", "expires_at", "requests_per_minute"]
+
+
+def test_it_sets_a_keys_rate_limit_on_add(admin_client: Client, tenant: Tenant) -> None:
+    add_key(admin_client, tenant, rpm="30")
+
+    assert ApiKey.objects.get().requests_per_minute == 30
+
+
+def test_it_changes_and_removes_a_keys_rate_limit(admin_client: Client, api_key: ApiKey) -> None:
+    page = url(ApiKey, "change", api_key.pk)
+    form = {"name": "ci", "expires_at_0": "", "expires_at_1": ""}
+
+    assert admin_client.post(page, {**form, "requests_per_minute": "600"}).status_code == 302
+    api_key.refresh_from_db()
+    assert api_key.requests_per_minute == 600
+    assert admin_client.post(page, {**form, "requests_per_minute": ""}).status_code == 302
+    api_key.refresh_from_db()
+    assert api_key.requests_per_minute is None  # empty: no limit
 
 
 def test_it_refuses_a_duplicate_key_name_on_add(admin_client: Client, api_key: ApiKey) -> None:
@@ -204,7 +276,7 @@ def test_it_keeps_secrets_read_only_on_change(admin_client: Client, api_key: Api
     response = admin_client.get(url(ApiKey, "change", api_key.pk))
 
     form = response.context["adminform"].form
-    assert set(form.fields) == {"name", "expires_at"}
+    assert set(form.fields) == {"name", "expires_at", "requests_per_minute"}
     assert api_key.key_hash not in response.content.decode()
 
 
@@ -355,12 +427,13 @@ def test_it_shows_who_may_use_a_served_model(
     model = ServedModel.objects.get()
     restricted = tenant_create(slug="restricted")
     restricted.allowed_models.add(model)
+    Tenant.objects.create(slug="none-left", restrict_models=True)  # may use no model at all
 
     response = admin_client.get(url(ServedModel, "change", model.pk))
 
     content = response.content.decode()
     assert "restricted" in content
-    assert "1 tenant(s) whose allow-list is empty" in content
+    assert "1 tenant(s) whose models are not restricted" in content
     assert "local" in content  # served by
     changelist = admin_client.get(url(ServedModel, "changelist")).content.decode()
     assert '<td class="field-variant_count">1</td>' in changelist

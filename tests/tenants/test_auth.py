@@ -80,3 +80,22 @@ async def test_it_rejects_a_key_with_a_known_prefix_but_wrong_secret(alice):
     with pytest.raises(ApiError) as caught:
         await auth.authenticate(bearer(forged))
     assert caught.value.status == 401
+
+
+async def test_it_allows_no_model_once_a_restricted_tenants_last_model_is_gone(alice, bob):
+    from channels.db import database_sync_to_async as sync_to_async
+
+    from apps.engines.models import ServedModel
+
+    def restrict_then_delete() -> int:
+        model = ServedModel.objects.create(name="only-one")
+        alice.tenant.allowed_models.set([model])
+        model.delete()
+        return ServedModel.objects.create(name="another").pk
+
+    another = await sync_to_async(restrict_then_delete)()
+    principal = await auth.authenticate(bearer(alice.raw_key))
+    assert principal.allowed_model_ids == frozenset()
+    assert not principal.may_use(another)
+    # Never restricted: every model.
+    assert (await auth.authenticate(bearer(bob.raw_key))).may_use(another)

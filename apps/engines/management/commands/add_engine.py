@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from argparse import ArgumentParser
+from textwrap import shorten
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -73,8 +74,9 @@ class Command(BaseCommand):
             dest="command_template",
             metavar="TEMPLATE",
             help="Run the engine from the gateway with this command, e.g. "
-            '"{llama_server} -m {model_path} --port {port} -c {ctx_size} -np {slots}". '
-            "Placeholders: {port} (required), {model_path}, {ctx_size}, {extra_args}, "
+            '"{llama_server} -m {model_path} --port {port} -c {ctx_total} -np {slots}". '
+            "Placeholders: {port} (required), {model_path}, {ctx_size} (per request), "
+            "{ctx_total} (ctx_size x slots, for llama-server's -c), {extra_args}, "
             "{slots}, {host}, {python}, {llama_server}.",
         )
         parser.add_argument(
@@ -92,6 +94,12 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--slots", type=int, help="Requests one replica serves at once (default 1)."
+        )
+        parser.add_argument(
+            "--system-prompt",
+            metavar="TEXT",
+            help="Default system prompt of the variant(s) this run creates or updates "
+            '(overrides the tenant\'s; "" clears it; default: keep the current one).',
         )
         managed = parser.add_argument_group("managed engines (--command)")
         managed.add_argument(
@@ -137,6 +145,7 @@ class Command(BaseCommand):
                 ctx_size=checked_ctx_size(options["ctx_size"]),
                 flavor=options["flavor"],
                 slots=checked_positive("slots", options["slots"]),
+                system_prompt=options["system_prompt"],
             )
         except ValidationError as e:
             raise CommandError(f"Cannot register engine {name!r}: {error_text(e)}") from e
@@ -155,6 +164,7 @@ class Command(BaseCommand):
                 replicas=checked_positive("replicas", options["replicas"]),
                 idle_ttl_seconds=checked_positive("idle-ttl", options["idle_ttl"]),
                 startup_timeout_seconds=options["startup_timeout"],
+                system_prompt=options["system_prompt"],
             )
         except ValidationError as e:
             raise CommandError(f"Cannot register engine {name!r}: {error_text(e)}") from e
@@ -176,4 +186,6 @@ class Command(BaseCommand):
                 details.append(f"model_path={variant.model_path}")
             if variant.extra_args:
                 details.append(f"extra_args={variant.extra_args}")
+            if variant.system_prompt:
+                details.append(f"system_prompt={shorten(variant.system_prompt, 60)!r}")
             self.stdout.write(f"  {variant.model.name} ({', '.join(details)})")

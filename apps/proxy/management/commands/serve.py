@@ -8,6 +8,7 @@ import uvicorn
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
+from apps.engines.scheduler_service import start_service_thread
 from apps.proxy.services import admin_user_ensure
 
 
@@ -36,6 +37,9 @@ class Command(BaseCommand):
         self.stdout.write(f"Admin: http://{shown_host}:{port}/admin/")
         self.stdout.write(f"OpenAI base_url: http://{shown_host}:{port}/v1")
         self.stdout.flush()
+        if workers > 1:
+            # One scheduler for all workers, so engine slots and fairness hold host-wide.
+            os.environ["SCHEDULER_SOCKET"] = start_service_thread()
         uvicorn.run(
             "config.asgi:application",
             host=host,
