@@ -3,6 +3,9 @@
 --   BENCH_PATH  request path (default /v1/chat/completions)
 --   BENCH_BODY  the JSON body
 --   BENCH_KEY   API key sent as "Authorization: Bearer <key>" (omitted when empty)
+--   BENCH_SESSIONS  if > 0: each request sends X-Session-Id, cycling through this many
+--               sessions per wrk thread, so the gateway loads and stores history
+--   BENCH_RUN   part of every session id (a fresh one per run: history never carries over)
 -- No response() callback on purpose: defining one makes wrk hand every response to Lua,
 -- which would slow the load generator that shares the machine's two cores.
 
@@ -15,7 +18,21 @@ if key ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. key
 end
 
+local sessions = tonumber(os.getenv("BENCH_SESSIONS") or "0") or 0
+local run = os.getenv("BENCH_RUN") or "run"
+local thread_count = 0
+local counter = 0
+
+setup = function(thread)
+  thread_count = thread_count + 1
+  thread:set("thread_id", thread_count)
+end
+
 request = function()
+  if sessions > 0 then
+    counter = counter + 1
+    wrk.headers["X-Session-Id"] = string.format("%s-%d-%d", run, thread_id, counter % sessions)
+  end
   return wrk.format(nil, wrk.path)
 end
 

@@ -92,10 +92,18 @@ class WrkResult:
 class Comparison:
     direct: WrkResult
     gateway: WrkResult
+    bare: WrkResult | None = None  # bench/bare_proxy.py: a proxy that only forwards
 
     @property
     def ratio(self) -> float:
         return self.gateway.rps / self.direct.rps if self.direct.rps else 0.0
+
+    @property
+    def bare_ratio(self) -> float | None:
+        """Gateway req/s / bare proxy req/s: what the pipeline costs beyond forwarding."""
+        if self.bare is None or not self.bare.rps:
+            return None
+        return self.gateway.rps / self.bare.rps
 
     @property
     def added_p50_ms(self) -> float:
@@ -137,7 +145,9 @@ SCENARIOS = [
 # --- wrk -------------------------------------------------------------------------------
 
 
-def run_wrk(url: str, body: str, api_key: str, duration: int, connections: int) -> WrkResult:
+def run_wrk(
+    url: str, body: str, api_key: str, duration: int, connections: int, sessions: int = 0
+) -> WrkResult:
     """One wrk run; numbers come from the Lua done() hook, not from scraping wrk's text."""
     cmd = [
         "wrk",
@@ -153,6 +163,7 @@ def run_wrk(url: str, body: str, api_key: str, duration: int, connections: int) 
         url,
     ]
     env = {**os.environ, "BENCH_BODY": body, "BENCH_KEY": api_key}
+    env |= {"BENCH_SESSIONS": str(sessions), "BENCH_RUN": secrets.token_hex(4)}
     proc = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=duration + 60, check=False
     )
@@ -181,9 +192,10 @@ def parse_wrk_json(data: dict[str, Any]) -> WrkResult:
 
 def measure(url: str, scenario: Scenario, api_key: str, args: argparse.Namespace) -> WrkResult:
     body = scenario.body()
+    sessions = args.sessions if api_key else 0  # only the gateway keeps sessions
     # Warm-up fills connection pools and caches so the measured run sees steady state.
-    run_wrk(url, body, api_key, WARMUP_SECONDS, args.connections)
-    return run_wrk(url, body, api_key, args.duration, args.connections)
+    run_wrk(url, body, api_key, WARMUP_SECONDS, args.connections, sessions)
+    return run_wrk(url, body, api_key, args.duration, args.connections, sessions)
 
 
 def measure_target(
@@ -345,6 +357,40 @@ class Gateway:
             os.killpg(proc.pid, sig)
 
 
+class BareProxy:
+    """bench/bare_proxy.py under uvicorn (uvloop, httptools), one worker like the gateway."""
+
+    def __init__(self, engine_url: str) -> None:
+        self.port = free_port()
+        self.env = {**os.environ, "BARE_ENGINE_URL": engine_url}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "uvicorn", "bench.bare_proxy:application", "--port"]
+        cmd += [str(self.port), "--loop", "uvloop", "--http", "httptools", "--lifespan", "off"]
+        cmd += ["--log-level", "warning", "--no-access-log"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, start_new_session=True)
+        deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                return
+            time.sleep(0.1)
+        raise BenchError("the bare proxy did not start")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()
+
+
 # --- report --------------------------------------------------------------------------
 
 
@@ -358,7 +404,8 @@ def fmt_pair(a: float, b: float) -> str:
 
 def print_table(rows: list[tuple[Scenario, Comparison]]) -> None:
     header = (
-        f"{'scenario':<33} {'direct r/s':>10} {'gateway r/s':>11} {'ratio':>6}  "
+        f"{'scenario':<33} {'direct r/s':>10} {'bare r/s':>8} {'gateway r/s':>11} "
+        f"{'ratio':>6} {'gw/bare':>7}  "
         f"{'direct p50/p99 ms':>17}  {'gateway p50/p99 ms':>18}  {'added p50/p99 ms':>16}  "
         f"{'errors d/g':>10}"
     )
@@ -367,9 +414,11 @@ def print_table(rows: list[tuple[Scenario, Comparison]]) -> None:
     print("-" * len(header))
     for scenario, c in rows:
         errors = f"{c.direct.error_count}/{c.gateway.error_count}"
+        bare = f"{c.bare.rps:8.0f}" if c.bare else f"{'-':>8}"
+        bare_ratio = f"{c.bare_ratio:7.3f}" if c.bare_ratio is not None else f"{'-':>7}"
         print(
-            f"{scenario.key + ') ' + scenario.title:<33} {c.direct.rps:10.0f} "
-            f"{c.gateway.rps:11.0f} {c.ratio:6.3f}  "
+            f"{scenario.key + ') ' + scenario.title:<33} {c.direct.rps:10.0f} {bare} "
+            f"{c.gateway.rps:11.0f} {c.ratio:6.3f} {bare_ratio}  "
             f"{fmt_pair(c.direct.p50_ms, c.direct.p99_ms):>17}  "
             f"{fmt_pair(c.gateway.p50_ms, c.gateway.p99_ms):>18}  "
             f"{fmt_pair(c.added_p50_ms, c.added_p99_ms):>16}  {errors:>10}"
@@ -439,6 +488,8 @@ def write_results(rows: list[tuple[Scenario, Comparison]], args: argparse.Namesp
                 "direct": result_dict(c.direct),
                 "gateway": result_dict(c.gateway),
                 "ratio": c.ratio,
+                "bare": result_dict(c.bare) if c.bare else None,
+                "gateway_vs_bare": c.bare_ratio,
                 "added_p50_ms": c.added_p50_ms,
                 "added_p99_ms": c.added_p99_ms,
                 "budget": scenario.budget,
@@ -482,6 +533,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="give the bench tenant a token quota and a rate limit (exercises both stages)",
     )
+    parser.add_argument(
+        "--no-bare", action="store_true", help="skip the bare-proxy floor (bench/bare_proxy.py)"
+    )
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="gateway requests carry X-Session-Id, N sessions per wrk thread (history kept)",
+    )
     args = parser.parse_args(argv)
     if args.connections < THREADS:
         parser.error(f"--connections must be at least {THREADS}")
@@ -497,6 +558,7 @@ def run(args: argparse.Namespace) -> int:
     scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
     engine = FakeEngineProcess()
     gateway: Gateway | None = None
+    bare: BareProxy | None = None
     try:
         engine.start("--no-record", "--model", MODEL)
         note(f"fake engine at {engine.url}")
@@ -507,14 +569,18 @@ def run(args: argparse.Namespace) -> int:
             api_key = gateway.setup(limits=args.limits)
             gateway.start()
             note(f"gateway at {gateway.url} (log: {gateway.log_path.relative_to(REPO)})")
+            if not args.no_bare:
+                bare = BareProxy(engine.url)
+                bare.start()
         direct_rows: list[tuple[Scenario, WrkResult]] = []
         rows: list[tuple[Scenario, Comparison]] = []
         for scenario in scenarios:
             direct = measure_target("direct", engine.url, scenario, "", args)
             direct_rows.append((scenario, direct))
             if gateway is not None:
+                floor = measure_target("bare", bare.url, scenario, "", args) if bare else None
                 through = measure_target("gateway", gateway.url, scenario, api_key, args)
-                rows.append((scenario, Comparison(direct, through)))
+                rows.append((scenario, Comparison(direct, through, floor)))
         if gateway is None:
             print_direct_table(direct_rows)
             note("--direct-only: no gateway, no budgets checked, no results file written")
@@ -526,6 +592,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if gateway is not None:
             gateway.stop()
+        if bare is not None:
+            bare.stop()
         engine.stop()
 
 

@@ -487,7 +487,7 @@ class Replica:
             await self._stop_process()
             if target is None:
                 self.state, self.variant = State.STOPPED, None
-                await self.sync()
+                await self.sync(force_log=True)  # how it stopped (SIGKILL?) shows at once
             else:
                 await self._launch(target)
                 await self._served_remote_request(target, ok=True)

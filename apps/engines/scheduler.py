@@ -160,6 +160,8 @@ class _Engine:
                 return preferred[0], self._lowest_free(preferred[0])
         if not self.free:
             return None
+        if self.replicas == 1:  # the common case, on every request: no choice to make
+            return 0, self._lowest_free(0)
         replica = min(
             (r for r in range(self.replicas) if self.free_by_replica[r]),
             key=self.in_flight.__getitem__,  # min() keeps the lowest index on ties

@@ -36,6 +36,10 @@ HEURISTIC = "heuristic"
 BOS_TOKENS = 1
 # What the heuristic adds for a chat: the template's opening of the assistant's turn.
 ASSISTANT_PRIMING_TOKENS = 3
+# Generous bounds on what a chat template adds around the messages (role markers,
+# BOS, the assistant's opening, a default system header such as Llama 3's dates).
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+TEMPLATE_TOKENS = 64
 # Sizing sits in front of every request: an engine slower than this to tokenize is treated
 # as unable to (heuristic), rather than delaying the request. Both calls are answered by
 # llama-server's HTTP threads directly, not queued behind generation slots.
@@ -153,6 +157,54 @@ async def prompt_tokens(
     except (TimeoutError, aiohttp.ClientError, KeyError, TypeError, ValueError) as exc:
         logger.warning("sizing on %s failed (%r); using the heuristic", variant.engine.name, exc)
     return heuristic_prompt_tokens(payload, endpoint), HEURISTIC
+
+
+def prompt_token_bound(payload: dict[str, Any], endpoint: str) -> int | None:
+    """At least as many tokens as the prompt has, known without asking the engine; None
+    for what it cannot bound (images or audio, tools, which some templates wrap in long
+    instructions, rerank documents).
+
+    No tokenizer makes more tokens than the text has UTF-8 bytes (byte-level BPE and
+    SentencePiece with byte fallback spend at least a byte a token); a chat template adds
+    at most TEMPLATE_TOKENS_PER_MESSAGE a message plus TEMPLATE_TOKENS overall (BOS, the
+    assistant's opening, a default system header).
+    """
+    if endpoint in ("completions", "embeddings"):
+        key = "prompt" if endpoint == "completions" else "input"
+        sizes = [sum(_piece_bound(p) for p in prompt) + BOS_TOKENS
+                 for prompt in split_prompts(payload.get(key))]  # fmt: skip
+        # A batch of completions runs in parallel slots (the largest must fit); every
+        # input of an embeddings batch is paid for.
+        return max(sizes, default=0) if endpoint == "completions" else sum(sizes)
+    if endpoint != "chat.completions" or payload.get("tools"):
+        return None
+    total = TEMPLATE_TOKENS
+    for message in payload.get("messages") or ():
+        text = _message_bytes(message)
+        if text is None:
+            return None
+        total += text + TEMPLATE_TOKENS_PER_MESSAGE
+    return total
+
+
+def _piece_bound(piece: PromptPiece) -> int:
+    return len(piece.encode()) if isinstance(piece, str) else 1
+
+
+def _message_bytes(message: Any) -> int | None:
+    """UTF-8 bytes of what a chat message contributes, None if it has non-text parts."""
+    if not isinstance(message, dict):
+        return None
+    content = message.get("content")
+    if isinstance(content, list):
+        if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+            return None
+        content = "".join(str(p.get("text", "")) for p in content)
+    size = len(content.encode()) if isinstance(content, str) else 0
+    for key in ("tool_calls", "name", "reasoning_content"):
+        if message.get(key):
+            size += len(orjson.dumps(message[key]))
+    return size
 
 
 def heuristic_prompt_tokens(payload: dict[str, Any], endpoint: str) -> int:

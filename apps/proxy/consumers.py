@@ -19,6 +19,12 @@ from django.conf import settings
 from apps.engines.registry import ModelRoute, VariantRoute, registry
 from apps.engines.scheduler import SchedulerBusy
 from apps.engines.scheduler_service import worker_scheduler
+from apps.engines.sizing import (
+    TOKENIZE,
+    heuristic_prompt_tokens,
+    prompt_token_bound,
+    prompt_tokens,
+)
 from apps.engines.transforms import (
     ToolCallStreamParser,
     adapt_response_format,
@@ -243,7 +249,7 @@ class ProxyConsumer(V1Consumer):
         if payload["model"] != route.name:  # an alias or a tier: the engine knows the name
             payload["model"] = route.name
             rewritten = True
-        ex.prompt_estimate = ex.prompt_estimate or validation.estimate_prompt_tokens(payload)
+        ex.prompt_estimate = ex.prompt_estimate or heuristic_prompt_tokens(payload, self.endpoint)
         if ex.principal.quotas:
             await self.reserve_quota(ex, payload, variant)
         relay = None
@@ -324,13 +330,32 @@ class ProxyConsumer(V1Consumer):
     async def reserve_quota(
         self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute
     ) -> None:
-        """Reserve the most this request can cost (429 if a quota cannot cover it)."""
+        """Reserve the most this request can cost (429 if a quota cannot cover it).
+
+        The prompt counts as sizing counted it, else as an upper bound of it (its bytes),
+        else the heuristic, so the engine is not asked on every request. Only when that
+        does not fit is the engine's tokenizer asked, and the exact count tried, so a quota
+        that is nearly used up still admits what really fits."""
+        prompt = ex.prompt_estimate
+        if not ex.prompt_counted:
+            prompt = max(prompt, prompt_token_bound(payload, self.endpoint) or 0)
+        try:
+            await self._reserve(ex, payload, variant, prompt)
+        except ApiError as err:
+            if err.code != "insufficient_quota" or ex.prompt_counted:
+                raise
+            exact, method = await prompt_tokens(variant, payload, self.endpoint)
+            if method != TOKENIZE or exact >= prompt:
+                raise
+            ex.prompt_estimate, ex.prompt_counted = exact, True
+            await self._reserve(ex, payload, variant, exact)
+
+    async def _reserve(
+        self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute, prompt: int
+    ) -> None:
         assert ex.principal is not None
         tokens = tokens_to_reserve(
-            payload,
-            prompt_tokens=ex.prompt_estimate,
-            ctx_size=variant.ctx_size,
-            completes=self.streams,
+            payload, prompt_tokens=prompt, ctx_size=variant.ctx_size, completes=self.streams
         )
         ex.quota_ticket = await quota_stage_reserve(
             tenant_id=ex.principal.tenant_id,
@@ -360,10 +385,8 @@ class GeneratingConsumer(ProxyConsumer):
     async def choose_variant(
         self, ex: Exchange, payload: dict[str, Any], route: ModelRoute
     ) -> VariantRoute:
-        assert ex.principal is not None
-        ex.prompt_estimate, variant = await size_and_choose(
-            payload, route=route, endpoint=self.endpoint, exact=bool(ex.principal.quotas)
-        )
+        tokens, variant = await size_and_choose(payload, route=route, endpoint=self.endpoint)
+        ex.prompt_estimate, ex.prompt_counted = tokens, tokens > 0
         return variant
 
     def adapt(self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute) -> bool:

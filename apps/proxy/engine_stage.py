@@ -11,33 +11,58 @@ from django.conf import settings
 from apps.engines.engine_process import EngineStartError
 from apps.engines.manager import engine_manager
 from apps.engines.registry import ModelRoute, VariantRoute
-from apps.engines.sizing import ContextTooLarge, choose_variant, completion_budget, prompt_tokens
+from apps.engines.sizing import (
+    TOKENIZE,
+    ContextTooLarge,
+    choose_variant,
+    completion_budget,
+    fitting_variants,
+    prompt_token_bound,
+    prompt_tokens,
+)
 from apps.proxy.errors import ApiError
 
 
 async def size_and_choose(
-    payload: dict[str, Any], *, route: ModelRoute, endpoint: str, exact: bool
+    payload: dict[str, Any], *, route: ModelRoute, endpoint: str
 ) -> tuple[int, VariantRoute]:
-    """(prompt tokens or 0 if not counted, the smallest variant whose context fits).
+    """(prompt tokens as the engine counted them, or 0, the smallest variant that fits).
 
     Counting costs the engine two calls (/apply-template, /tokenize), so it runs only when
-    the count is used: to choose among several variants, or (`exact`) to reserve a token
-    quota for what the prompt really costs. With one variant the engine itself refuses an
-    overflow (a heuristic guess here could refuse a request that fits). A managed engine
-    that is not running is counted with the heuristic rather than started just to count.
+    there is a choice to make that an upper bound of the prompt cannot settle. With one
+    variant the engine itself refuses an overflow (a heuristic guess here could refuse a
+    request that fits). A managed engine that is not running is counted with the
+    heuristic rather than started just to count.
     """
     variants = route.variants
-    if len(variants) == 1 and not exact:
-        return 0, variants[0]
-    tokens, _method = await prompt_tokens(variants[0], payload, endpoint)
     if len(variants) == 1:
-        return tokens, variants[0]
-    needed = tokens + completion_budget(payload, settings.DEFAULT_MAX_TOKENS)
+        return 0, variants[0]
+    budget = completion_budget(payload, settings.DEFAULT_MAX_TOKENS)
+    smallest = _smallest_by_bound(variants, payload, endpoint, budget)
+    if smallest is not None:
+        return 0, smallest
+    tokens, method = await prompt_tokens(variants[0], payload, endpoint)
+    needed = tokens + budget
+    counted = tokens if method == TOKENIZE else 0
     try:
-        return tokens, choose_variant(variants, needed, prompt_tokens=tokens, model=route.name)
+        return counted, choose_variant(variants, needed, prompt_tokens=tokens, model=route.name)
     except ContextTooLarge as exc:
         param = "messages" if endpoint == "chat.completions" else "prompt"
         raise ApiError(400, str(exc), code=exc.code, param=param) from None
+
+
+def _smallest_by_bound(
+    variants: tuple[VariantRoute, ...], payload: dict[str, Any], endpoint: str, budget: int
+) -> VariantRoute | None:
+    """The smallest variant, if an upper bound of the prompt already fits it: counting
+    could not choose anything else, so the two calls to the engine are saved (most chat
+    turns are far smaller than the smallest context)."""
+    bound = prompt_token_bound(payload, endpoint)
+    if bound is None:
+        return None
+    fitting = fitting_variants(variants, bound + budget)
+    smallest = fitting_variants(variants, 0)
+    return fitting[0] if fitting and smallest and fitting[0] is smallest[0] else None
 
 
 @asynccontextmanager

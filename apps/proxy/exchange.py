@@ -25,6 +25,7 @@ class Exchange:
     status: int = 0
     error_code: str = ""
     prompt_estimate: int = 0
+    prompt_counted: bool = False  # prompt_estimate came from the engine's tokenizer
     prompt_tokens: int = 0
     completion_tokens: int = 0
     usage_estimated: bool = False

@@ -8,6 +8,7 @@ from django.conf import settings
 from apps.engines.client import close_engine_session
 from apps.engines.manager import engine_manager
 from apps.proxy.request_log import request_log_writer
+from apps.proxy.session_stage import session_store_close
 from apps.quotas.pipeline import quota_stage_drain
 
 
@@ -25,6 +26,7 @@ class LifespanApp:
                 # Engine processes run in their own sessions: nothing else would stop them.
                 await engine_manager.shutdown()
                 await quota_stage_drain()
+                await session_store_close()
                 await request_log_writer.flush()
                 await close_engine_session()
                 await send({"type": "lifespan.shutdown.complete"})

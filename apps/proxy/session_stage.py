@@ -8,9 +8,12 @@ PP/TG/cache metrics.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from channels.db import database_sync_to_async
 from django.conf import settings
 
@@ -23,9 +26,39 @@ from apps.engines.tokens import (
 from apps.proxy.errors import ApiError
 from apps.proxy.exchange import Exchange
 from apps.sessions import services as sessions
+from apps.sessions import store
 
-_load = database_sync_to_async(sessions.session_context_load, thread_sensitive=False)
-_record = database_sync_to_async(sessions.turn_record, thread_sensitive=False)
+logger = logging.getLogger(__name__)
+
+_open_alone = database_sync_to_async(store.open_now, thread_sensitive=False)
+_record_alone = database_sync_to_async(store.record_now, thread_sensitive=False)
+
+
+async def _load(
+    *, tenant_id: int, external_id: str, variant_system_prompt: str
+) -> sessions.SessionContext:
+    """The session, opened in the next batch (alone on a thread if that batch fails)."""
+    item = store.open_item(tenant_id=tenant_id, external_id=external_id)
+    try:
+        row = await asyncio.shield(store.open_batcher.submit(item))
+    except psycopg.Error:
+        logger.warning("session open batch failed; opening alone", exc_info=True)
+        row = await _open_alone(item)
+    return sessions.session_context(row, variant_system_prompt=variant_system_prompt)
+
+
+async def session_store_close() -> None:
+    """Close the batch connections (shutdown)."""
+    await store.open_batcher.close()
+    await store.record_batcher.close()
+
+
+async def _record(item: dict[str, Any]) -> None:
+    try:
+        await asyncio.shield(store.record_batcher.submit(item))
+    except psycopg.Error:
+        logger.warning("session record batch failed; recording alone", exc_info=True)
+        await _record_alone(item)
 
 
 @dataclass
@@ -122,7 +155,9 @@ async def session_record(*, ex: Exchange, turn: SessionTurn) -> None:
         recounted = await count_message_tokens(turn.variant, turn.new_messages)
         if recounted.exact:
             turn.token_counts = dict(enumerate(recounted.counts))
-    await _record(
+    if ex.reply is None:
+        return  # nothing was generated: the turn is not stored (no question without answer)
+    item = store.turn_item(
         session_pk=turn.session_pk,
         new_messages=turn.new_messages,
         reply=ex.reply,
@@ -132,3 +167,4 @@ async def session_record(*, ex: Exchange, turn: SessionTurn) -> None:
         # As history, the reply costs its tokens plus the template's role markers.
         reply_tokens=ex.completion_tokens + MESSAGE_OVERHEAD_TOKENS,
     )
+    await _record(item)

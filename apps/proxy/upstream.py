@@ -143,7 +143,8 @@ async def _relay_whole(responder: Responder, ex: Exchange, resp: aiohttp.ClientR
         ex.record_usage(NO_USAGE)  # the engine refused: nothing was generated
     else:
         usage = parsed.get("usage") if parsed else None
-        ex.record_usage(usage, fallback_completion=completion_estimate(parsed))
+        estimate = 0 if isinstance(usage, dict) else completion_estimate(parsed)
+        ex.record_usage(usage, fallback_completion=estimate)
     ex.first_token_at = _first_token_from_timings(ex.timings, ex.received_at)
     if ex.wants_reply and parsed:
         ex.reply = _first_message(parsed)

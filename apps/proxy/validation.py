@@ -104,23 +104,3 @@ def validate_embedding(payload: dict[str, Any]) -> None:
             "`input` must be a string, an array of strings or an array of tokens.", param="input"
         )
     _check_optional(payload, "dimensions", (int,), "an integer")
-
-
-def estimate_prompt_tokens(payload: dict[str, Any]) -> int:
-    """A rough token count (4 characters a token) for when the engine reports none."""
-    text_chars = 0
-    for message in payload.get("messages") or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            text_chars += len(content) + 16  # role and template tokens
-        elif isinstance(content, list):
-            text_chars += sum(
-                len(str(part.get("text", ""))) for part in content if isinstance(part, dict)
-            )
-    for key in ("prompt", "input"):
-        value = payload.get(key)
-        if isinstance(value, str):
-            text_chars += len(value)
-        elif isinstance(value, list):
-            text_chars += sum(len(item) if isinstance(item, str) else 4 for item in value)
-    return max(1, text_chars // 4)

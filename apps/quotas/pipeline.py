@@ -15,14 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from functools import partial
 from typing import Any
 
+import psycopg
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
+from apps.quotas.batching import reserve_batcher, settle_batcher
 from apps.quotas.errors import quota_exceeded_error
-from apps.quotas.services import QuotaExceeded, ReservationTicket, quota_reserve, quota_settle
+from apps.quotas.services import (
+    QuotaExceeded,
+    ReservationTicket,
+    quota_reserve,
+    quota_settle,
+    reserve_params,
+    sweep_due,
+    sweep_now,
+    ticket_from_rows,
+)
 from apps.quotas.state import QuotaState, human_duration
 
 logger = logging.getLogger(__name__)
@@ -62,13 +75,70 @@ def _int(value: Any) -> int | None:
 async def quota_stage_reserve(
     *, tenant_id: int, api_key_id: int, tokens: int, quotas: list | None = None
 ) -> ReservationTicket:
-    """Reserve, or raise the OpenAI-shaped 429 `insufficient_quota` (with Retry-After)."""
+    """Reserve, or raise the OpenAI-shaped 429 `insufficient_quota` (with Retry-After).
+
+    With the applicable `quotas` known (cached with the key), the reservation joins the
+    next batch (batching.py); without them, or if the batch fails, it runs alone on a
+    worker thread."""
     try:
+        if quotas:
+            return await _reserve_batched(tenant_id, api_key_id, tokens, quotas)
         return await _reserve(
             tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, quotas=quotas
         )
     except QuotaExceeded as exc:
         raise quota_exceeded_error(exc) from exc
+
+
+async def _reserve_batched(
+    tenant_id: int, api_key_id: int, tokens: int, quotas: list
+) -> ReservationTicket:
+    _sweep_in_background()
+    now = timezone.now()
+    params = reserve_params(
+        tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, quotas=quotas, now=now
+    )
+    item = {
+        "id": str(params[0]),
+        "tenant": tenant_id,
+        "key": api_key_id,
+        "tokens": tokens,
+        "quotas": params[4],
+        "starts": [start.isoformat() for start in params[5]],
+    }
+    future = reserve_batcher.submit(item)
+    try:
+        rows = await asyncio.shield(future)
+    except asyncio.CancelledError:
+        # The client left while the batch ran: give back whatever it was granted.
+        future.add_done_callback(partial(_release_orphan, params[0]))
+        raise
+    except psycopg.Error:
+        logger.warning("quota reservation batch failed; reserving alone", exc_info=True)
+        return await _reserve(
+            tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, quotas=quotas
+        )
+    return ticket_from_rows(rows, params=params, quotas=quotas, now=now)
+
+
+def _release_orphan(reservation_id: uuid.UUID, future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is None and future.result():
+        granted = all(row[4] for row in future.result())
+        if granted:
+            quota_stage_settle(
+                ReservationTicket(reservation_id=reservation_id, tokens=0), actual_tokens=0
+            )
+
+
+def _sweep_in_background() -> None:
+    """The stale-reservation sweep, at most once a minute per process, off the request."""
+    if sweep_due():
+        task = asyncio.ensure_future(_sweep())
+        _settling.add(task)
+        task.add_done_callback(_settling.discard)
+
+
+_sweep = database_sync_to_async(sweep_now, thread_sensitive=False)
 
 
 def quota_stage_settle(ticket: ReservationTicket | None, *, actual_tokens: int) -> None:
@@ -83,16 +153,22 @@ def quota_stage_settle(ticket: ReservationTicket | None, *, actual_tokens: int) 
 
 async def _settle_logged(ticket: ReservationTicket, actual_tokens: int) -> None:
     try:
-        await _settle(ticket=ticket, actual_tokens=actual_tokens, with_states=False)
-    except Exception:
-        # The sweep gives the reservation back after the TTL; the usage would be lost.
-        logger.exception("could not settle quota reservation %s", ticket.reservation_id)
+        await settle_batcher.submit((str(ticket.reservation_id), actual_tokens))
+    except psycopg.Error:
+        logger.warning("quota settlement batch failed; settling alone", exc_info=True)
+        try:
+            await _settle(ticket=ticket, actual_tokens=actual_tokens, with_states=False)
+        except Exception:
+            # The sweep gives the reservation back after the TTL; the usage would be lost.
+            logger.exception("could not settle quota reservation %s", ticket.reservation_id)
 
 
 async def quota_stage_drain() -> None:
-    """Wait for settlements in flight (shutdown)."""
+    """Wait for settlements in flight, then close the batch connections (shutdown)."""
     while _settling:
         await asyncio.gather(*list(_settling), return_exceptions=True)
+    await reserve_batcher.close()
+    await settle_batcher.close()
 
 
 def quota_headers(states: list[QuotaState]) -> list[tuple[bytes, bytes]]:

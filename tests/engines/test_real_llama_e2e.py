@@ -98,11 +98,14 @@ def test_it_constrains_the_answer_to_a_json_schema(gemma, client) -> None:
     answer = client.chat.completions.create(
         model=MODEL,
         messages=user("What is the capital of France? Answer in JSON."),
-        max_tokens=40,
+        max_tokens=100,
+        temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
     )
 
-    parsed = json.loads(answer.choices[0].message.content)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content  # not cut off mid-object
+    parsed = json.loads(choice.message.content)
     assert list(parsed) == ["capital"] and isinstance(parsed["capital"], str)
 
 

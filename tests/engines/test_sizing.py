@@ -9,18 +9,21 @@ import pytest
 
 from apps.engines.client import close_engine_session
 from apps.engines.manager import engine_manager
-from apps.engines.registry import EngineRoute, VariantRoute
+from apps.engines.registry import EngineRoute, ModelRoute, VariantRoute
 from apps.engines.sizing import (
     ASSISTANT_PRIMING_TOKENS,
+    TEMPLATE_TOKENS,
     ContextTooLarge,
     choose_variant,
     completion_budget,
     fitting_variants,
     heuristic_prompt_tokens,
+    prompt_token_bound,
     prompt_tokens,
     split_prompts,
 )
 from apps.engines.tokens import heuristic_message_tokens
+from apps.proxy.engine_stage import size_and_choose
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}]}
 
@@ -199,3 +202,53 @@ def test_it_reads_the_completion_budget():
     assert completion_budget({"max_tokens": 9}, 512) == 9
     assert completion_budget({}, 512) == 512
     assert completion_budget({"max_tokens": True, "max_completion_tokens": None}, 512) == 512
+
+
+# --- the upper bound that spares the engine the counting ---------------------------------
+
+
+def test_it_bounds_a_prompt_by_its_bytes_and_the_templates_share() -> None:
+    chat = {"messages": [{"role": "user", "content": "héllo"}]}  # 6 UTF-8 bytes
+    assert prompt_token_bound(chat, "chat.completions") == TEMPLATE_TOKENS + 6 + 16
+    batch = {"prompt": ["abc", [1, 2, "de"]], "input": ["abc", [1, 2, "de"]]}
+    assert prompt_token_bound(batch, "completions") == 4 + 1  # the largest of the batch
+    assert prompt_token_bound(batch, "embeddings") == (3 + 1) + (4 + 1)  # all of them
+    image = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "u"}}]
+    assert (
+        prompt_token_bound({"messages": [{"role": "user", "content": image}]}, "chat.completions")
+        is None
+    )
+    tools = {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}
+    assert prompt_token_bound(tools, "chat.completions") is None
+
+
+def model_on(url: str, *ctx_sizes: int) -> ModelRoute:
+    engine = EngineRoute("e", "llamacpp", url, "", 5)
+    variants = tuple(VariantRoute(engine, ctx, id=i) for i, ctx in enumerate(ctx_sizes, 1))
+    return ModelRoute(id=1, name="m", created=0, variants=variants)
+
+
+async def test_it_picks_the_smallest_variant_without_counting_a_short_prompt(fake_engine):
+    fake_engine.reset()
+    payload = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+
+    tokens, variant = await size_and_choose(
+        payload, route=model_on(fake_engine.url, 1024, 4096), endpoint="chat.completions"
+    )  # fmt: skip
+
+    assert (tokens, variant.ctx_size) == (0, 1024)
+    assert fake_engine.requests() == []
+
+
+async def test_it_counts_a_prompt_whose_bound_does_not_fit_the_smallest(fake_engine):
+    """600 bytes could be 600 tokens (too many for 512 - 16); the engine counts 100."""
+    fake_engine.reset()
+    payload = {"messages": [{"role": "user", "content": " ".join(["abcde"] * 100)}]}
+
+    tokens, variant = await size_and_choose(
+        {**payload, "max_tokens": 16}, route=model_on(fake_engine.url, 512, 4096),
+        endpoint="chat.completions",
+    )  # fmt: skip
+
+    assert variant.ctx_size == 512 and tokens < 512
+    assert "/tokenize" in [r["path"] for r in fake_engine.requests()]

@@ -103,3 +103,70 @@ async def test_it_settles_even_when_the_request_task_is_cancelled(alice: TenantK
 async def test_it_does_nothing_for_a_request_without_quota() -> None:
     quota_stage_settle(None, actual_tokens=5)
     await quota_stage_drain()
+
+
+# --- batched reservations (apps/quotas/batching.py) ----------------------------------
+
+
+def applicable(owner: TenantKey) -> list:
+    from apps.quotas.services import quotas_applicable
+
+    return quotas_applicable(tenant_id=owner.tenant.pk, api_key_id=owner.api_key.pk)
+
+
+async def reserve(owner: TenantKey, tokens: int, quotas: list):
+    return await quota_stage_reserve(
+        tenant_id=owner.tenant.pk, api_key_id=owner.api_key.pk, tokens=tokens, quotas=quotas
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_grants_exactly_what_fits_to_a_concurrent_batch(alice: TenantKey) -> None:
+    await db(quota_set)(tenant=alice.tenant, tokens=1000, period="day")
+    quotas = await db(applicable)(alice)
+
+    results = await asyncio.gather(
+        *(reserve(alice, 100, quotas) for _ in range(25)), return_exceptions=True
+    )
+
+    granted = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, ApiError)]
+    assert (len(granted), len(refused)) == (10, 15)
+    assert {r.code for r in refused} == {"insufficient_quota"}
+    # Each grant saw those before it, in arrival order: 900 left, then 800, ..., then 0.
+    assert sorted(t.states[0].remaining for t in granted) == list(range(0, 1000, 100))
+    for ticket in granted:
+        quota_stage_settle(ticket, actual_tokens=10)
+    await quota_stage_drain()
+    assert await db(window_state)() == (100, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_gives_back_what_a_cancelled_request_was_granted(alice: TenantKey) -> None:
+    await db(quota_set)(tenant=alice.tenant, tokens=1000, period="day")
+    quotas = await db(applicable)(alice)
+
+    task = asyncio.ensure_future(reserve(alice, 300, quotas))
+    await asyncio.sleep(0)  # the reservation is in the batch, its answer not yet back
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)
+    await quota_stage_drain()
+
+    assert await db(window_state)() == (0, 0)
+    assert not await db(Reservation.objects.exists)()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_reserves_alone_when_a_quota_vanished_under_the_batch(alice: TenantKey) -> None:
+    from apps.quotas.models import Quota
+
+    await db(quota_set)(tenant=alice.tenant, tokens=1000, period="day")
+    quotas = await db(applicable)(alice)
+    await db(lambda: Quota.objects.all().delete())()  # the cached quotas are stale now
+
+    ticket = await reserve(alice, 100, quotas)
+
+    assert ticket.states == []  # no quota applies any more: nothing held
+    await quota_stage_drain()

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from apps.engines.sizing import prompt_token_bound
 from apps.quotas.models import QuotaWindow
 from apps.quotas.services import quota_set
 from apps.tenants.services import api_key_create
@@ -17,10 +18,14 @@ from tests.conftest import FAKE_MODEL, TenantKey, free_port, start_gateway, wait
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# "hi": the gateway estimates 4 prompt tokens (chars / 4, role overhead), + max_tokens 5 = 9
-# reserved; the fake engine then reports 1 prompt + 5 completion = 6 used.
+# "hi": the gateway reserves an upper bound of the prompt without asking the engine (its
+# bytes plus the chat template's share: 82) + max_tokens 5 = 87; the fake engine then
+# reports 1 prompt + 5 completion = 6 used.
 CHAT = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-RESERVED, USED = 9, 6
+RESERVED, USED = prompt_token_bound(CHAT, "chat.completions") + 5, 6
+# When that bound does not fit, the engine counts: the fake renders "<|user|>\nhi\n
+# <|assistant|>\n", 3 words, + BOS = 4 prompt tokens, + 5 = 9; less than that fits nothing.
+COUNTED = 4 + 5
 
 
 def window(tenant) -> QuotaWindow:
@@ -39,7 +44,7 @@ def test_it_settles_to_the_actual_usage_and_reports_it_in_headers(engine, gatewa
 
 
 def test_it_rejects_with_insufficient_quota_naming_the_quota_and_its_reset(engine, gateway, alice):
-    quota_set(tenant=alice.tenant, tokens=RESERVED + 2, period="hour")
+    quota_set(tenant=alice.tenant, tokens=USED + COUNTED - 1, period="hour")
     client = openai.OpenAI(base_url=gateway.base_url, api_key=alice.raw_key, max_retries=0)
     client.chat.completions.create(**CHAT)
     wait_until(lambda: window(alice.tenant).reserved_tokens == 0)
@@ -55,7 +60,7 @@ def test_it_rejects_with_insufficient_quota_naming_the_quota_and_its_reset(engin
 
 def test_it_applies_key_and_tenant_quotas_together(engine, gateway, alice):
     other = api_key_create(tenant=alice.tenant, name="other")
-    quota_set(tenant=alice.tenant, tokens=RESERVED, period="total", api_key=alice.api_key)
+    quota_set(tenant=alice.tenant, tokens=USED + COUNTED - 1, period="total", api_key=alice.api_key)
     quota_set(tenant=alice.tenant, tokens=1000, period="day")
     post = lambda key: httpx.post(  # noqa: E731
         f"{gateway.base_url}/chat/completions",
@@ -86,10 +91,11 @@ def test_it_never_exceeds_a_quota_under_concurrency_across_gateway_processes(
 ):
     from django.db import connection
 
-    # Each request uses exactly what it reserved (1 prompt + 8 completion tokens = 9), so
-    # settling frees nothing and how many fit does not depend on timing: 150 // 9 = 16.
-    # One more grant (a reservation racing another) would show as 17 and 153 used.
-    limit = 150
+    # Each request uses exactly what it reserved (1 prompt + 86 completion tokens = 87), so
+    # settling frees nothing and how many fit does not depend on timing: 16 of them, and
+    # what is left then is too little even for the engine's exact count. One more grant (a
+    # reservation racing another) would show as 17 and 17 x 87 used.
+    limit = 16 * RESERVED + COUNTED - 1
     exact = {**CHAT, "fake": {"chunks": RESERVED - 1}}
     fits = limit // RESERVED
     quota_set(tenant=alice.tenant, tokens=limit, period="day")
@@ -117,8 +123,8 @@ def test_it_never_exceeds_a_quota_under_concurrency_across_gateway_processes(
     assert {r.json()["error"]["code"] for r in responses if r.status_code == 429} == {
         "insufficient_quota"
     }
-    assert window(alice.tenant).used_tokens == fits * RESERVED  # 144
-    # Each grant saw the grants before it: remaining 141, 132, ..., 6, each exactly once.
+    assert window(alice.tenant).used_tokens == fits * RESERVED
+    # Each grant saw the grants before it: each remaining count exactly once.
     remaining = sorted(int(r.headers["x-ratelimit-remaining-tokens"]) for r in responses
                        if r.status_code == 200)  # fmt: skip
     assert remaining == [limit - RESERVED * n for n in range(fits, 0, -1)]
@@ -175,7 +181,7 @@ def test_it_settles_a_completed_stream_to_its_usage_and_sends_the_headers(engine
     assert headers["x-ratelimit-remaining-tokens"] == str(1000 - RESERVED)
     assert re.fullmatch(r"\d+h\d+m|\d+m\d+s|\d+s", headers["x-ratelimit-reset-tokens"])
     wait_until(lambda: window(alice.tenant).reserved_tokens == 0)
-    assert window(alice.tenant).used_tokens == 1 + 3  # the engine's usage, not the 9 reserved
+    assert window(alice.tenant).used_tokens == 1 + 3  # the engine's usage, not what was reserved
 
 
 def test_it_applies_a_new_quota_within_the_auth_cache_time(engine, alice, tmp_path):
@@ -191,10 +197,27 @@ def test_it_applies_a_new_quota_within_the_auth_cache_time(engine, alice, tmp_pa
 
     try:
         assert post() == 200  # the key, without quotas, is now cached for a second
-        quota_set(tenant=alice.tenant, tokens=RESERVED - 1, period="day")  # fits nothing
+        quota_set(tenant=alice.tenant, tokens=COUNTED - 1, period="day")  # fits nothing
         started = time.monotonic()
         wait_until(lambda: post() == 429, timeout=5, interval=0.1)
         elapsed = time.monotonic() - started
     finally:
         gateway.stop()
     assert elapsed < 1 + 1  # AUTH_CACHE_SECONDS, plus a request's time
+
+
+def test_it_asks_the_engine_to_count_when_the_bound_does_not_fit(engine, gateway, alice):
+    """50 words of 10 letters: 550 bytes could be 550 tokens, more than the 200 left; the
+    engine counts 53 (the fake's template adds 2 words, + BOS), which fit. 300 do not."""
+    quota_set(tenant=alice.tenant, tokens=200, period="day")
+    long = {**CHAT, "messages": [{"role": "user", "content": " ".join(["abcdefghij"] * 50)}]}
+    too_long = {**CHAT, "messages": [{"role": "user", "content": " ".join(["abcdefghij"] * 300)}]}
+    url = f"{gateway.base_url}/chat/completions"
+
+    fits = httpx.post(url, json=long, headers=alice.auth)
+    refused = httpx.post(url, json=too_long, headers=alice.auth)
+
+    assert fits.status_code == 200
+    assert fits.headers["x-ratelimit-remaining-tokens"] == str(200 - (50 + 3 + 5))
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"

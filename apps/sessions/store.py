@@ -1,0 +1,130 @@
+"""Opening a session and recording a turn: the SQL functions of migration 0002, driven
+from sync code (Django's connection: services, admin, tests) or from the async /v1
+pipeline (in batches, apps/proxy/db_batch.py). One implementation, two drivers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+import psycopg
+from django.db import connection
+
+from apps.proxy.db_batch import Batcher
+from apps.sessions.prompts import SYSTEM_ROLES, StoredMessage, system_prompt_resolve
+
+OPEN_SQL = "SELECT * FROM gateway_session_open_batch(%s::jsonb)"
+RECORD_SQL = "SELECT gateway_session_record_batch(%s::jsonb)"
+
+# (n, session id, created, session prompt, tenant prompt, history [[payload, tokens], ...])
+OpenRow = tuple[int, int, bool, str, str, list]
+
+
+def open_item(*, tenant_id: int, external_id: str) -> dict[str, Any]:
+    return {"tenant": tenant_id, "external_id": external_id}
+
+
+def context_parts(row: OpenRow, *, variant_system_prompt: str) -> tuple[int, str, list]:
+    """(session pk, the system prompt that applies, its history) from an open row."""
+    _, session_pk, _, session_prompt, tenant_prompt, history = row
+    if isinstance(history, str):  # Django's connection hands jsonb over as text
+        history = orjson.loads(history)
+    system_prompt = system_prompt_resolve(
+        tenant_system_prompt=tenant_prompt,
+        variant_system_prompt=variant_system_prompt,
+        session_system_prompt=session_prompt,
+    )
+    stored = [StoredMessage(payload=payload, tokens=tokens) for payload, tokens in history]
+    return session_pk, system_prompt, stored
+
+
+def turn_item(
+    *,
+    session_pk: int,
+    new_messages: list[dict[str, Any]],
+    reply: dict[str, Any],
+    model: str,
+    metrics: Any,
+    token_counts: dict[int, int],
+    reply_tokens: int | None,
+) -> dict[str, Any]:
+    """The client's new (non-system) messages and the reply, as the record function takes
+    them; the reply carries the engine's metrics."""
+    messages = [
+        {"role": str(payload.get("role") or ""), "payload": storable(payload),
+         "tokens": token_counts.get(index), "model": model}
+        for index, payload in enumerate(new_messages)
+        if payload.get("role") not in SYSTEM_ROLES
+    ]  # fmt: skip
+    answer = storable({"role": "assistant", **reply})
+    messages.append(
+        {
+            "role": "assistant",
+            "payload": answer,
+            "tokens": metrics.tg_tokens if reply_tokens is None else reply_tokens,
+            "model": model,
+            "prompt_tokens": metrics.prompt_tokens,
+            "cached_tokens": metrics.cached_tokens,
+            "pp_tokens": metrics.pp_tokens,
+            "pp_started_at": _iso(metrics.pp_started_at),
+            "pp_finished_at": _iso(metrics.pp_finished_at),
+            "tg_tokens": metrics.tg_tokens,
+            "tg_started_at": _iso(metrics.tg_started_at),
+            "tg_finished_at": _iso(metrics.tg_finished_at),
+        }
+    )
+    return {"session": session_pk, "messages": messages}
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def storable(value: Any) -> Any:
+    """`value` with U+0000 replaced by U+FFFD: PostgreSQL's jsonb cannot hold NUL, and a
+    message (the client's or the engine's) that has one must not fail the turn."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    return value
+
+
+# --- sync driver -------------------------------------------------------------------------
+
+
+def open_now(item: dict[str, Any]) -> OpenRow:
+    with connection.cursor() as cursor:
+        cursor.execute(OPEN_SQL, [orjson.dumps([item]).decode()])
+        return cursor.fetchone()
+
+
+def record_now(item: dict[str, Any]) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(RECORD_SQL, [orjson.dumps([item]).decode()])
+
+
+# --- async driver (batches) --------------------------------------------------------------
+
+
+async def _execute_opens(conn: psycopg.AsyncConnection, items: list[dict]) -> list[OpenRow]:
+    async with conn.cursor() as cursor:
+        await cursor.execute(OPEN_SQL, [orjson.dumps(items).decode()])
+        rows = await cursor.fetchall()
+    by_item: list[Any] = [None] * len(items)
+    for row in rows:
+        by_item[row[0] - 1] = row
+    return by_item
+
+
+async def _execute_records(conn: psycopg.AsyncConnection, items: list[dict]) -> list[None]:
+    async with conn.cursor() as cursor:
+        await cursor.execute(RECORD_SQL, [orjson.dumps(items).decode()])
+    return [None] * len(items)
+
+
+open_batcher: Batcher[dict] = Batcher("session-open", _execute_opens)
+record_batcher: Batcher[dict] = Batcher("session-record", _execute_records)
