@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -47,8 +46,8 @@ from bench.run import (  # noqa: E402  (needs the repo on sys.path)
     free_port,
     note,
     post,
-    raise_interrupt,
     result_dict,
+    run_main,
     run_wrk,
 )
 from tests.fake_engine import FakeEngineProcess  # noqa: E402
@@ -788,18 +787,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if "2" in args.parts and shutil.which("wrk") is None:
-        print("wrk is not installed. Install it with:\n    apt-get install -y wrk", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        return run(args)
-    except BenchError as exc:
-        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; everything started was stopped", file=sys.stderr)
-        return 130
+    return run_main(run, args, needs_wrk="2" in args.parts)
 
 
 if __name__ == "__main__":

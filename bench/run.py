@@ -598,18 +598,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if shutil.which("wrk") is None:
+    return run_main(run, parse_args(argv), needs_wrk=True)
+
+
+def run_main(
+    run_benchmark: Callable[[argparse.Namespace], int], args: argparse.Namespace, *, needs_wrk: bool
+) -> int:
+    """Run a benchmark script's `run`: exit 2 without wrk, 1 on BenchError, 130 on Ctrl-C
+    or SIGTERM (its finally blocks stop whatever it started)."""
+    if needs_wrk and shutil.which("wrk") is None:
         print("wrk is not installed. Install it with:\n    apt-get install -y wrk", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        return run(args)
+        return run_benchmark(args)
     except BenchError as exc:
         print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; servers stopped", file=sys.stderr)
+        print("\ninterrupted; everything started was stopped", file=sys.stderr)
         return 130
 
 

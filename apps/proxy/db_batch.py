@@ -45,8 +45,8 @@ class Batcher(Generic[Item]):
         """Queue `item` for the next round trip; the future gets its result. Await it
         shielded: a cancelled submitter must not cancel what the batch did for it."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a new event loop (tests): the old connection is unusable
-            self._loop, self._connection, self._pending = loop, None, []
+        if loop is not self._loop:  # a new event loop (tests): what the old one left is unusable
+            self._loop, self._connection, self._pending, self._draining = loop, None, [], None
         future = loop.create_future()
         self._pending.append((item, future))
         if self._draining is None or self._draining.done():
