@@ -29,7 +29,7 @@ def managed() -> Engine:
     EngineInstance.objects.create(
         engine=engine, replica=0, state="running", variant=variant, pid=4242, port=18080,
         base_url="http://127.0.0.1:18080", started_at=now - timedelta(minutes=5),
-        in_flight=2, remote_in_flight=1, queued=3, owner_pid=777, owner_host="gw1",
+        in_flight=2, remote_in_flight=1, queued=5, owner_pid=777, owner_host="gw1",
         heartbeat_at=now, log_tail="srv: model loaded\nsrv: listening <ok>",
         last_error="Engine gemma#0 exited unexpectedly with code -9.",
     )  # fmt: skip
@@ -53,7 +53,7 @@ def test_it_shows_each_instance_on_the_change_page(admin_client, managed) -> Non
     assert "4242" in page and "18080" in page
     assert "5 min" in page  # uptime
     assert "pid 777 on gw1" in page
-    assert "<td>3</td>" in page and "<td>3</td>" in page  # in flight (2 + 1), queued 3
+    assert "<td>3</td>" in page and "<td>5</td>" in page  # in flight (2 + 1), queued 5
     assert "exited unexpectedly with code -9" in page
     assert "srv: listening &lt;ok&gt;" in page  # the log, escaped
 

@@ -32,7 +32,10 @@ class Command(BaseCommand):
         call_command("migrate", interactive=False, verbosity=0)
         password = admin_user_ensure()
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        if password is not None:
+        if password is not None and os.environ.get("ADMIN_PASSWORD"):
+            # The operator chose it: never echo it into logs.
+            self.stdout.write("Created superuser `admin` with the password from ADMIN_PASSWORD")
+        elif password is not None:
             self.stdout.write(f"Created superuser `admin` with password: {password}")
         self.stdout.write(f"Admin: http://{shown_host}:{port}/admin/")
         self.stdout.write(f"OpenAI base_url: http://{shown_host}:{port}/v1")
