@@ -91,3 +91,9 @@ class Batcher(Generic[Item]):
         if self._draining is not None:
             await asyncio.gather(self._draining, return_exceptions=True)
         await self._close()
+
+
+def json_array(items: list[bytes]) -> str:
+    """A JSON array of items each serialized by its submitter (orjson.dumps), so one that
+    cannot be serialized fails its own request, never the batch it would have joined."""
+    return (b"[" + b",".join(items) + b"]").decode()

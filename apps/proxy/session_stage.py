@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -40,7 +41,7 @@ async def _load(
     """The session, opened in the next batch (alone on a thread if that batch fails)."""
     item = store.open_item(tenant_id=tenant_id, external_id=external_id)
     try:
-        row = await asyncio.shield(store.open_batcher.submit(item))
+        row = await asyncio.shield(store.open_batcher.submit(orjson.dumps(item)))
     except psycopg.Error:
         logger.warning("session open batch failed; opening alone", exc_info=True)
         row = await _open_alone(item)
@@ -55,7 +56,7 @@ async def session_store_close() -> None:
 
 async def _record(item: dict[str, Any]) -> None:
     try:
-        await asyncio.shield(store.record_batcher.submit(item))
+        await asyncio.shield(store.record_batcher.submit(orjson.dumps(item)))
     except psycopg.Error:
         logger.warning("session record batch failed; recording alone", exc_info=True)
         await _record_alone(item)

@@ -3,19 +3,18 @@ functions of migration 0003."""
 
 from __future__ import annotations
 
-import orjson
 import psycopg
 
-from apps.proxy.db_batch import Batcher
+from apps.proxy.db_batch import Batcher, json_array
 
 RESERVE_BATCH_SQL = "SELECT * FROM gateway_quota_reserve_batch(%s::jsonb)"
 SETTLE_BATCH_SQL = "SELECT gateway_quota_settle_batch(%s::uuid[], %s::bigint[])"
 
 
-async def execute_reserves(connection: psycopg.AsyncConnection, items: list[dict]) -> list:
+async def execute_reserves(connection: psycopg.AsyncConnection, items: list[bytes]) -> list:
     """Rows (window, quota, used, reserved, granted) of each item, in the items' order."""
     async with connection.cursor() as cursor:
-        await cursor.execute(RESERVE_BATCH_SQL, [orjson.dumps(items).decode()])
+        await cursor.execute(RESERVE_BATCH_SQL, [json_array(items)])
         rows = await cursor.fetchall()
     by_item: list[list[tuple]] = [[] for _ in items]
     for n, *row in rows:
@@ -33,5 +32,5 @@ async def execute_settles(
     return [None] * len(items)
 
 
-reserve_batcher: Batcher[dict] = Batcher("quota-reserve", execute_reserves)
+reserve_batcher: Batcher[bytes] = Batcher("quota-reserve", execute_reserves)
 settle_batcher: Batcher[tuple[str, int]] = Batcher("quota-settle", execute_settles)

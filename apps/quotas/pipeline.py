@@ -19,6 +19,7 @@ import uuid
 from functools import partial
 from typing import Any
 
+import orjson
 import psycopg
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -106,7 +107,7 @@ async def _reserve_batched(
         "quotas": params[4],
         "starts": [start.isoformat() for start in params[5]],
     }
-    future = reserve_batcher.submit(item)
+    future = reserve_batcher.submit(orjson.dumps(item))
     try:
         rows = await asyncio.shield(future)
     except asyncio.CancelledError:

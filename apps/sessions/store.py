@@ -11,7 +11,7 @@ import orjson
 import psycopg
 from django.db import connection
 
-from apps.proxy.db_batch import Batcher
+from apps.proxy.db_batch import Batcher, json_array
 from apps.sessions.prompts import SYSTEM_ROLES, StoredMessage, system_prompt_resolve
 
 OPEN_SQL = "SELECT * FROM gateway_session_open_batch(%s::jsonb)"
@@ -110,9 +110,9 @@ def record_now(item: dict[str, Any]) -> None:
 # --- async driver (batches) --------------------------------------------------------------
 
 
-async def _execute_opens(conn: psycopg.AsyncConnection, items: list[dict]) -> list[OpenRow]:
+async def _execute_opens(conn: psycopg.AsyncConnection, items: list[bytes]) -> list[OpenRow]:
     async with conn.cursor() as cursor:
-        await cursor.execute(OPEN_SQL, [orjson.dumps(items).decode()])
+        await cursor.execute(OPEN_SQL, [json_array(items)])
         rows = await cursor.fetchall()
     by_item: list[Any] = [None] * len(items)
     for row in rows:
@@ -120,11 +120,12 @@ async def _execute_opens(conn: psycopg.AsyncConnection, items: list[dict]) -> li
     return by_item
 
 
-async def _execute_records(conn: psycopg.AsyncConnection, items: list[dict]) -> list[None]:
+async def _execute_records(conn: psycopg.AsyncConnection, items: list[bytes]) -> list[None]:
     async with conn.cursor() as cursor:
-        await cursor.execute(RECORD_SQL, [orjson.dumps(items).decode()])
+        await cursor.execute(RECORD_SQL, [json_array(items)])
     return [None] * len(items)
 
 
-open_batcher: Batcher[dict] = Batcher("session-open", _execute_opens)
-record_batcher: Batcher[dict] = Batcher("session-record", _execute_records)
+# Items are orjson.dumps() of open_item() / turn_item(), made by the submitter.
+open_batcher: Batcher[bytes] = Batcher("session-open", _execute_opens)
+record_batcher: Batcher[bytes] = Batcher("session-record", _execute_records)

@@ -170,3 +170,26 @@ async def test_it_reserves_alone_when_a_quota_vanished_under_the_batch(alice: Te
 
     assert ticket.states == []  # no quota applies any more: nothing held
     await quota_stage_drain()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_keeps_a_batch_going_when_one_of_its_requests_breaks_it(
+    alice: TenantKey, bob: TenantKey
+) -> None:
+    """Bob's cached quota was deleted: his item makes the batch fail as a whole, so every
+    item is redone alone; Alice's reservation still holds, and Bob's finds no quota."""
+    from apps.quotas.models import Quota
+
+    await db(quota_set)(tenant=alice.tenant, tokens=1000, period="day")
+    await db(quota_set)(tenant=bob.tenant, tokens=1000, period="day")
+    alices, bobs = await db(applicable)(alice), await db(applicable)(bob)
+    await db(lambda: Quota.objects.filter(tenant=bob.tenant).delete())()
+
+    alice_ticket, bob_ticket = await asyncio.gather(
+        reserve(alice, 100, alices), reserve(bob, 100, bobs)
+    )
+
+    assert alice_ticket.states[0].remaining == 900
+    assert bob_ticket.states == []
+    quota_stage_settle(alice_ticket, actual_tokens=0)
+    await quota_stage_drain()
