@@ -284,3 +284,15 @@ class ControlConnection:
             {"variants": variant_ids, "stale": stale},
         )
         return row[0] if row else None
+
+    async def replica_variants(self, *, engine_id: int, stale: float) -> dict[int, int | None]:
+        """Replica -> the variant it runs (admitting requests under a live owner), or
+        None for a replica that runs nothing (stopped, failed, or no live owner)."""
+        rows = await self.rows(
+            f"""SELECT replica, CASE WHEN state IN ('running', 'draining') AND base_url <> ''
+                  AND heartbeat_at > now() - make_interval(secs => %(stale)s)
+                  THEN variant_id END
+                FROM {_TABLE} WHERE engine_id = %(engine)s""",
+            {"engine": engine_id, "stale": stale},
+        )
+        return {replica: variant for replica, variant in rows}

@@ -770,6 +770,7 @@ class EngineManager:
         self._tick_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serving_urls: dict[tuple[int, ...], tuple[float, str | None]] = {}
+        self._replica_variant_cache: dict[int, tuple[float, dict[int, int | None]]] = {}
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -999,6 +1000,34 @@ class EngineManager:
 
     def replica(self, *, engine_id: int, replica: int = 0) -> Replica | None:
         return self._replicas.get((engine_id, replica))
+
+    async def replica_order(
+        self, *, engine_id: int, variant_id: int, replicas: int
+    ) -> tuple[int, ...]:
+        """Replicas to place a new request for `variant_id` on, best first: those running
+        it, then those running nothing; the ones running another variant are left out
+        (the scheduler takes them by load only if nothing else is free). What other
+        processes run is read at most every SERVING_URL_CACHE_SECONDS."""
+        running = await self._replica_variants(engine_id)
+        for (engine, replica), owned in self._replicas.items():
+            if engine == engine_id:
+                serving = owned.alive and owned.state in (State.RUNNING, State.DRAINING)
+                running[replica] = owned.variant.id if serving and owned.variant else None
+        same = [r for r in range(replicas) if running.get(r) == variant_id]
+        idle = [r for r in range(replicas) if running.get(r) is None]
+        return tuple(same + idle)
+
+    async def _replica_variants(self, engine_id: int) -> dict[int, int | None]:
+        now = time.monotonic()
+        cached = self._replica_variant_cache.get(engine_id)
+        if cached is not None and now - cached[0] < SERVING_URL_CACHE_SECONDS:
+            return dict(cached[1])
+        await self.start()
+        variants = await self.control.replica_variants(
+            engine_id=engine_id, stale=owner_stale_after()
+        )
+        self._replica_variant_cache[engine_id] = (now, variants)
+        return dict(variants)
 
     async def serving_url(self, *, variant_ids: tuple[int, ...]) -> str | None:
         """The root of a process, owned here or elsewhere, that runs one of `variant_ids`

@@ -76,6 +76,7 @@ class _Waiter:
     seq: int  # arrival order across the engine, the tie-breaker between tenants
     preferred: Slot | None
     strict: bool  # only `preferred` will do (during the sticky wait)
+    replica_order: tuple[int, ...]  # replicas to try first, best first (see Scheduler.slot)
     enqueued_at: float
     future: asyncio.Future[None]
     queued: bool = True
@@ -148,8 +149,11 @@ class _Engine:
     def is_free(self, slot: Slot) -> bool:
         return self.valid(slot) is not None and not self.busy[slot[0]][slot[1]]
 
-    def find_slot(self, preferred: Slot | None, strict: bool) -> Slot | None:
-        """The remembered slot, else a free one on its replica, else by load (unless strict)."""
+    def find_slot(
+        self, preferred: Slot | None, strict: bool, replica_order: tuple[int, ...] = ()
+    ) -> Slot | None:
+        """The remembered slot, else a free one on its replica, else (unless strict) the
+        first replica of `replica_order` with a free slot, else the least loaded."""
         preferred = self.valid(preferred)
         if preferred is not None:
             if not self.busy[preferred[0]][preferred[1]]:
@@ -162,6 +166,9 @@ class _Engine:
             return None
         if self.replicas == 1:  # the common case, on every request: no choice to make
             return 0, self._lowest_free(0)
+        for replica in replica_order:
+            if 0 <= replica < self.replicas and self.free_by_replica[replica]:
+                return replica, self._lowest_free(replica)
         replica = min(
             (r for r in range(self.replicas) if self.free_by_replica[r]),
             key=self.in_flight.__getitem__,  # min() keeps the lowest index on ties
@@ -216,10 +223,17 @@ class _Engine:
         return tenant
 
     def enqueue(
-        self, tenant: _Tenant, preferred: Slot | None, strict: bool, future: asyncio.Future[None]
+        self,
+        tenant: _Tenant,
+        preferred: Slot | None,
+        strict: bool,
+        future: asyncio.Future[None],
+        replica_order: tuple[int, ...] = (),
     ) -> _Waiter:
         self.seq += 1
-        waiter = _Waiter(tenant, self.seq, preferred, strict, time.monotonic(), future)
+        waiter = _Waiter(
+            tenant, self.seq, preferred, strict, replica_order, time.monotonic(), future
+        )
         if not tenant.queue:
             self.backlogged[tenant.name] = tenant
         tenant.queue.append(waiter)
@@ -281,7 +295,7 @@ class _Engine:
                 if waiter.preferred is not None and self.is_free(waiter.preferred):
                     return waiter, waiter.preferred
         for waiter in tenant.queue:
-            slot = self.find_slot(waiter.preferred, waiter.strict)
+            slot = self.find_slot(waiter.preferred, waiter.strict, waiter.replica_order)
             if slot is not None:
                 return waiter, slot
         return None
@@ -350,53 +364,16 @@ def _rate(part: int, whole: int) -> float | None:
 class _Lease:
     """`async with scheduler.slot(...)`: acquire on enter, release on exit (whatever happens)."""
 
-    __slots__ = (
-        "_engine_key",
-        "_max_queue",
-        "_max_wait",
-        "_replicas",
-        "_scheduler",
-        "_session",
-        "_slots",
-        "_tenant",
-        "_weight",
-        "placement",
-    )
+    __slots__ = ("_engine_key", "_options", "_scheduler", "placement")
 
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        engine_key: str,
-        replicas: int,
-        slots: int,
-        tenant: str,
-        weight: int,
-        session: str | None,
-        max_queue: int,
-        max_wait: float,
-    ) -> None:
+    def __init__(self, scheduler: Scheduler, engine_key: str, options: dict[str, Any]) -> None:
         self._scheduler = scheduler
         self._engine_key = engine_key
-        self._replicas = replicas
-        self._slots = slots
-        self._tenant = tenant
-        self._weight = weight
-        self._session = session
-        self._max_queue = max_queue
-        self._max_wait = max_wait
+        self._options = options
         self.placement: Placement | None = None
 
     async def __aenter__(self) -> Placement:
-        self.placement = await self._scheduler.acquire(
-            self._engine_key,
-            replicas=self._replicas,
-            slots=self._slots,
-            tenant=self._tenant,
-            weight=self._weight,
-            session=self._session,
-            max_queue=self._max_queue,
-            max_wait=self._max_wait,
-        )
+        self.placement = await self._scheduler.acquire(self._engine_key, **self._options)
         return self.placement
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -429,15 +406,29 @@ class Scheduler:
         session: str | None = None,
         max_queue: int,
         max_wait: float,
+        replica_order: tuple[int, ...] = (),
     ) -> _Lease:
-        """An async context manager yielding a Placement; raises SchedulerBusy on enter."""
+        """An async context manager yielding a Placement; raises SchedulerBusy on enter.
+
+        `replica_order`: replicas to place a request without a remembered slot on first,
+        best first, while they have a free slot (e.g. those already running the variant
+        the request needs, so a managed engine is not swapped needlessly); the others
+        are chosen by load."""
         if replicas < 1 or slots < 1:
             raise ValueError(f"replicas and slots must be >= 1 (got {replicas}, {slots})")
         if weight <= 0:
             raise ValueError(f"weight must be > 0 (got {weight})")
-        return _Lease(
-            self, engine_key, replicas, slots, tenant, weight, session, max_queue, max_wait
-        )
+        options = {
+            "replicas": replicas,
+            "slots": slots,
+            "tenant": tenant,
+            "weight": weight,
+            "session": session,
+            "max_queue": max_queue,
+            "max_wait": max_wait,
+            "replica_order": tuple(replica_order),
+        }
+        return _Lease(self, engine_key, options)
 
     async def acquire(
         self,
@@ -450,6 +441,7 @@ class Scheduler:
         session: str | None = None,
         max_queue: int,
         max_wait: float,
+        replica_order: tuple[int, ...] = (),
     ) -> Placement:
         """Like `slot()`, for callers that cannot use `async with`: pair with `release()`."""
         engine = self._engine(engine_key, replicas, slots)
@@ -458,18 +450,19 @@ class Scheduler:
         preferred = None if key is None else engine.valid(self._sessions.get(key))
         insist = preferred is not None and self.sticky_wait > 0
         slot = None
+        order = tuple(replica_order)
         if not engine.waiting:  # nobody queued: no fairness decision to make
-            slot = engine.find_slot(preferred, insist)
+            slot = engine.find_slot(preferred, insist, order)
         if slot is None and (engine.waiting >= max_queue or max_wait <= 0):
             # No room to wait. A slot may still be idle because the waiters insist on theirs.
-            slot = engine.find_slot(preferred, strict=False)
+            slot = engine.find_slot(preferred, False, order)
             if slot is None:
                 engine.rejected_queue_full += 1
                 raise SchedulerBusy(engine_key, engine.retry_after(), "queue_full")
         if slot is not None:
             engine.occupy(slot, state, 0.0)
             return self._placed(engine, key, preferred, slot, 0.0)
-        return await self._wait(engine, state, key, preferred, insist, max_wait)
+        return await self._wait(engine, state, key, preferred, insist, max_wait, order)
 
     async def _wait(
         self,
@@ -479,9 +472,10 @@ class Scheduler:
         preferred: Slot | None,
         insist: bool,
         max_wait: float,
+        replica_order: tuple[int, ...],
     ) -> Placement:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = engine.enqueue(tenant, preferred, insist, future)
+        waiter = engine.enqueue(tenant, preferred, insist, future, replica_order)
         engine.dispatch()  # the waiters ahead may all be insisting on busy slots
         deadline = waiter.enqueued_at + max_wait
         try:

@@ -32,7 +32,7 @@ from apps.engines.transforms import (
     wants_tool_parsing,
 )
 from apps.proxy import validation
-from apps.proxy.engine_stage import replica_url, size_and_choose
+from apps.proxy.engine_stage import replica_order, replica_url, size_and_choose
 from apps.proxy.errors import ApiError, model_not_found
 from apps.proxy.exchange import Exchange
 from apps.proxy.request_log import request_log_writer
@@ -283,6 +283,7 @@ class ProxyConsumer(V1Consumer):
                 session=self.session_id,
                 max_queue=settings.SCHEDULER_MAX_QUEUE,
                 max_wait=settings.SCHEDULER_MAX_WAIT_SECONDS,
+                replica_order=await replica_order(variant),
             ) as placement:
                 if self.session_id and engine.flavor == "llamacpp" and "id_slot" not in payload:
                     payload["id_slot"] = placement.slot  # the same llama.cpp slot: its KV cache

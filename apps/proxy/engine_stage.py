@@ -65,6 +65,17 @@ def _smallest_by_bound(
     return fitting[0] if fitting and smallest and fitting[0] is smallest[0] else None
 
 
+async def replica_order(variant: VariantRoute) -> tuple[int, ...]:
+    """For a managed engine with several replicas: those already running this variant
+    first, then idle ones, so a request does not swap a replica another could serve."""
+    engine = variant.engine
+    if not engine.managed or engine.replicas < 2:
+        return ()
+    return await engine_manager.replica_order(
+        engine_id=engine.id, variant_id=variant.id, replicas=engine.replicas
+    )
+
+
 @asynccontextmanager
 async def replica_url(variant: VariantRoute, replica: int) -> AsyncIterator[str]:
     """Where to send the request: an external replica's root, or a managed replica that

@@ -188,3 +188,21 @@ def test_it_stops_its_engines_when_the_gateway_stops(client, managed_gateway) ->
 
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     assert rows(engine)[0].state == "stopped"
+
+
+def test_it_sends_each_variant_to_the_replica_already_running_it(client) -> None:
+    """Two replicas, one slot each: the short and the long request each get a replica of
+    their own, and later ones go back to them: two starts, no swap."""
+    engine, (small, large) = managed_engine(ctx_sizes=(1024, 2048), replicas=2, slots=1)
+    long_prompt = " ".join(["word"] * 1500)
+
+    chat(client, max_tokens=10)
+    chat(client, long_prompt, max_tokens=100)
+    first = wait_until(lambda: both_running(engine))
+    for _ in range(2):
+        chat(client, max_tokens=10)
+        chat(client, long_prompt, max_tokens=100)
+
+    now = both_running(engine)
+    assert {row.variant_id for row in now} == {small.pk, large.pk}
+    assert [row.pid for row in now] == [row.pid for row in first]  # nothing restarted

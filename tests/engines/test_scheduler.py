@@ -265,6 +265,30 @@ async def test_it_spreads_new_sessions_across_replicas() -> None:
     assert [p.replica for p in placements] == [0, 1, 2]
 
 
+async def test_it_places_requests_on_the_replicas_it_is_told_to_prefer() -> None:
+    """Replica 1 runs the variant wanted: new requests go there while it has room, then
+    by load; a queued request keeps its order too."""
+    sched = Scheduler()
+    order = {"replicas": 3, "slots": 1, "replica_order": (1, 2)}
+    first, _ = await hold(sched, **order)
+    second, _ = await hold(sched, **order)
+    third, _ = await hold(sched, **order)
+    assert [first.replica, second.replica, third.replica] == [1, 2, 0]
+
+
+async def test_it_never_lets_a_preference_keep_a_request_waiting() -> None:
+    sched = Scheduler()
+    held = [await hold(sched, replicas=2, slots=1) for _ in range(2)]  # both busy
+    waiting = asyncio.ensure_future(
+        sched.acquire(ENGINE, replicas=2, slots=1, tenant="b", max_queue=10, max_wait=5,
+                      replica_order=(1,))
+    )  # fmt: skip
+    await settle()
+    await held[0][1].__aexit__(None, None, None)  # replica 0 frees first: not preferred,
+    placement = await asyncio.wait_for(waiting, 1)  # but still taken rather than waiting
+    assert placement.replica == 0
+
+
 async def test_it_waits_briefly_for_a_sessions_busy_slot() -> None:
     sched = Scheduler(sticky_wait=1.0)
     async with lease(sched, slots=2, session="chat-1") as first:
