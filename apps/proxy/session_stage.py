@@ -21,6 +21,7 @@ from django.conf import settings
 from apps.engines.registry import VariantRoute
 from apps.engines.tokens import (
     MESSAGE_OVERHEAD_TOKENS,
+    MessageTokens,
     count_message_tokens,
     heuristic_message_tokens,
 )
@@ -69,7 +70,9 @@ class SessionTurn:
     token_counts: dict[int, int]
     history_dropped: int
     variant: VariantRoute
-    counted_exactly: bool
+    # Counted by the heuristic where the count matters (a managed engine that was not
+    # running yet): recount with the engine's tokenizer before storing.
+    recount: bool
 
 
 def session_id_of(header: bytes | None, payload: dict[str, Any]) -> str | None:
@@ -100,12 +103,16 @@ async def session_prepare(
         variant_system_prompt=variant.system_prompt,
     )
     new_messages = payload["messages"]
-    counted = await count_message_tokens(variant, new_messages)
-    counts = counted.counts
-    by_identity = {id(message): count for message, count in zip(new_messages, counts, strict=True)}
     budget = None
     if variant.ctx_size:
         budget = max(1, variant.ctx_size - completion_reserve(payload))
+        counted = await count_message_tokens(variant, new_messages)
+    else:
+        # No context size: nothing is ever trimmed for this model, so the engine is not
+        # asked; the stored counts are estimates (exact enough if the session moves on).
+        counted = MessageTokens([heuristic_message_tokens(m) for m in new_messages], exact=False)
+    counts = counted.counts
+    by_identity = {id(message): count for message, count in zip(new_messages, counts, strict=True)}
     payload["messages"], dropped = sessions.prompt_build(
         system_prompt=context.system_prompt,
         history=context.history,
@@ -120,7 +127,7 @@ async def session_prepare(
         token_counts=dict(enumerate(counts)),
         history_dropped=dropped,
         variant=variant,
-        counted_exactly=counted.exact,
+        recount=budget is not None and not counted.exact,
     )
 
 
@@ -150,9 +157,8 @@ def turn_metrics(ex: Exchange) -> sessions.TurnMetrics:
 
 
 async def session_record(*, ex: Exchange, turn: SessionTurn) -> None:
-    if not turn.counted_exactly:
-        # Counted by the heuristic (a managed engine that was not running yet): the engine
-        # runs now, so store what its tokenizer says, or later trimming would be off.
+    if turn.recount:
+        # The engine runs now: store what its tokenizer says, or later trimming is off.
         recounted = await count_message_tokens(turn.variant, turn.new_messages)
         if recounted.exact:
             turn.token_counts = dict(enumerate(recounted.counts))
