@@ -20,7 +20,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import orjson
 import psycopg
+from psycopg.types.json import set_json_loads
 
 from apps.engines.instance_store import connection_kwargs
 
@@ -74,6 +76,8 @@ class Batcher(Generic[Item]):
                 **{**connection_kwargs(), "application_name": f"gateway-{self.name}"},
                 autocommit=True,
             )
+            # Session history comes back as jsonb: orjson reads it several times faster.
+            set_json_loads(orjson.loads, self._connection)
         return self._connection
 
     async def _close(self) -> None:
