@@ -12,6 +12,7 @@ from django.urls import path, reverse
 from django.views.decorators.http import require_POST
 
 from apps.engines.models import Engine, EngineInstance, EngineVariant, ServedModel
+from apps.engines.scheduler_service import scheduler_stats
 from apps.engines.selectors import (
     CACHE_RECENT_WINDOW,
     CacheHitRate,
@@ -27,6 +28,23 @@ RECENT_LABEL = f"{int(CACHE_RECENT_WINDOW.total_seconds() // 3600)} h"
 
 def percent(rate: float | None) -> str:
     return "-" if rate is None else f"{rate * 100:.1f} %"
+
+
+def scheduling_rows(stats: dict[str, Any] | None) -> list[tuple[str, str]] | None:
+    """The scheduler's view of an engine (slots, queue, waits), as label/value rows."""
+    if stats is None:
+        return None
+    queued = ", ".join(f"{t}: {n}" for t, n in sorted(stats["queued_by_tenant"].items()))
+    average = stats["avg_wait_seconds"]
+    return [
+        ("in flight / capacity", f"{stats['in_flight']} / {stats['capacity']}"),
+        ("queued", f"{stats['queued']}" + (f" ({queued})" if queued else "")),
+        ("granted (after waiting)", f"{stats['granted']} ({stats['granted_after_wait']})"),
+        ("wait: average / longest", f"{average:.3f} s / {stats['max_wait_seconds']:.3f} s"),
+        ("refused: queue full / waited too long",
+         f"{stats['rejected_queue_full']} / {stats['rejected_wait_timeout']}"),
+        ("sticky sessions: same slot / moved", f"{stats['sticky_hits']} / {stats['sticky_moves']}"),
+    ]  # fmt: skip
 
 
 def cache_hit_rows(rate: CacheHitRate) -> list[dict[str, str]]:
@@ -201,6 +219,7 @@ class EngineAdmin(admin.ModelAdmin):
         if engine is not None:
             rates = engine_cache_hit_rates(engine_names=[engine.name])
             context["cache_hits"] = cache_hit_rows(rates.get(engine.name) or CacheHitRate())
+            context["scheduling"] = scheduling_rows(scheduler_stats(engine.name))
         if engine is not None and engine.is_managed:
             context["instance_statuses"] = engine_instance_statuses(engine=engine)
             context["instance_actions"] = ACTIONS

@@ -71,7 +71,9 @@ class SchedulerService:
 
     def _handle(self, message: dict[str, Any], writer: asyncio.StreamWriter, holders) -> None:
         op, request_id = message["op"], message["id"]
-        if op == "acquire":
+        if op == "stats":  # the admin asks: queue and slots of one engine, host-wide
+            _answer(writer, {"id": request_id, "stats": self.scheduler.stats(message["engine"])})
+        elif op == "acquire":
             released = asyncio.get_running_loop().create_future()
             task = asyncio.ensure_future(self._hold(message, writer, released))
             holders[request_id] = (task, released)
@@ -261,6 +263,27 @@ class _RemoteLease:
         held, self._held = self._held, None
         if held is not None and held[0].alive:
             held[0].send({"op": "release", "id": held[1]})
+
+
+def scheduler_stats(engine_key: str, *, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The engine's queue and slots as the scheduler that serves requests sees them: the
+    host-wide service's when `serve` runs one, else this process's; None if the service
+    does not answer. Blocking (for the admin's sync views), one short connection."""
+    if not settings.SCHEDULER_SOCKET:
+        try:
+            return scheduler.stats(engine_key)
+        except RuntimeError:  # the event loop changed it while this thread read it
+            return None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(socket_path(settings.SCHEDULER_SOCKET))
+            sock.sendall(orjson.dumps({"op": "stats", "id": 0, "engine": engine_key}) + b"\n")
+            with sock.makefile("rb") as answers:
+                return orjson.loads(answers.readline())["stats"]
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("scheduler service did not answer for stats (%r)", exc)
+        return None
 
 
 _remote: RemoteScheduler | None = None

@@ -216,3 +216,27 @@ def test_it_shows_the_prompt_cache_hit_rate_on_the_change_page(admin_client, cac
     panel = page[page.index('id="engine-cache"') :]
     assert '<td>last 24 h</td><td class="cache-rate">30.0 %</td><td>150 / 500</td>' in panel
     assert '<td>all time</td><td class="cache-rate">60.0 %</td><td>600 / 1,000</td>' in panel
+
+
+def test_it_shows_how_the_scheduler_sees_the_engine(admin_client, managed) -> None:
+    """With one worker the admin reads this process's scheduler: a request holding the
+    only slot of one replica shows up at once."""
+    import asyncio
+
+    from apps.engines.scheduler import scheduler
+
+    async def occupy():
+        return await scheduler.acquire(
+            managed.name, replicas=2, slots=1, tenant="alice", max_queue=10, max_wait=1
+        )
+
+    granted_before = scheduler.stats(managed.name)["granted"]
+    placement = asyncio.run(occupy())
+    try:
+        page = admin_client.get(change_url(managed)).content.decode()
+    finally:
+        scheduler.release(placement)
+
+    assert 'id="engine-scheduling"' in page
+    assert "<th>in flight / capacity</th><td>1 / 2</td>" in page
+    assert f"<th>granted (after waiting)</th><td>{granted_before + 1} (0)</td>" in page

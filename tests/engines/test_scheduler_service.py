@@ -164,3 +164,27 @@ def test_it_never_sends_an_engine_more_than_its_slots_from_two_workers(
     assert len(spans) == 6
     overlaps = [(a, b) for a, b in itertools.pairwise(spans) if a[1] > b[0] + 0.01]
     assert overlaps == []
+
+
+async def test_it_reports_an_engines_queue_host_wide(service, settings) -> None:
+    """What the admin reads (blocking, from a sync view): the service's own counts."""
+    from apps.engines.scheduler_service import scheduler_stats
+
+    _, address = service
+    settings.SCHEDULER_SOCKET = address
+    holder, waiter = worker(address), worker(address)
+    async with holder.slot("e", tenant="alice", **OPTIONS):
+        queued = asyncio.ensure_future(waiter.slot("e", tenant="bob", **OPTIONS).__aenter__())
+        await asyncio.sleep(0.05)
+        stats = await asyncio.to_thread(scheduler_stats, "e")
+        queued.cancel()
+
+    assert (stats["in_flight"], stats["capacity"], stats["queued"]) == (1, 1, 1)
+    assert stats["queued_by_tenant"] == {"bob": 1}
+
+
+def test_it_reports_nothing_when_the_service_is_gone(settings) -> None:
+    from apps.engines.scheduler_service import scheduler_stats
+
+    settings.SCHEDULER_SOCKET = f"@nobody-listens-{secrets.token_hex(4)}"
+    assert scheduler_stats("e") is None
