@@ -576,6 +576,8 @@ class FakeEngine:
 
     async def tokenize(self, request: web.Request) -> web.StreamResponse:
         body = await request_body(request)
+        if isinstance(body, dict) and ("prompt" in body or "messages" in body):
+            return self.vllm_tokenize(body)
         content = body.get("content") if isinstance(body, dict) else None
         words = content.split() if isinstance(content, str) else []
         # Never a BOS token: callers count prompt tokens with this.
@@ -584,6 +586,25 @@ class FakeEngine:
         else:
             tokens = [token_id(w) for w in words]
         return json_response({"tokens": tokens})
+
+    def vllm_tokenize(self, body: dict[str, Any]) -> web.Response:
+        """vLLM's /tokenize: a prompt, or chat messages rendered with the template (the
+        fake's "<|role|>" markers count as words); the count includes a BOS token unless
+        add_special_tokens is false."""
+        if "messages" in body:
+            text = " ".join(
+                f"<|{m.get('role', 'user')}|> {message_text(m.get('content'))}"
+                for m in body["messages"]
+                if isinstance(m, dict)
+            ) + (" <|assistant|>" if body.get("add_generation_prompt", True) else "")
+        else:
+            text = body["prompt"] if isinstance(body["prompt"], str) else ""
+        tokens = [token_id(w) for w in text.split()]
+        if body.get("add_special_tokens", True):
+            tokens.insert(0, 1)
+        return json_response(
+            {"count": len(tokens), "max_model_len": self.config.ctx_size, "tokens": tokens}
+        )
 
     async def apply_template(self, request: web.Request) -> web.StreamResponse:
         body = await request_body(request)

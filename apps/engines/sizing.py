@@ -1,8 +1,8 @@
 """How big is a request, and which variant of a model has the context to serve it.
 
 Prompt size is measured exactly where the engine can tell us (llama.cpp: render the chat
-template with /apply-template, count it with /tokenize) and estimated otherwise with the
-documented heuristic of apps.engines.tokens. Choosing a variant is pure: the smallest
+template with /apply-template, count it with /tokenize; vLLM: its /tokenize) and estimated
+otherwise with the documented heuristic of apps.engines.tokens. Choosing a variant is pure: the smallest
 context that holds prompt + completion budget.
 """
 
@@ -13,16 +13,16 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import aiohttp
 import orjson
 
-from apps.engines.client import engine_session, engine_url
-from apps.engines.registry import EngineRoute, VariantRoute
+from apps.engines.registry import VariantRoute
 from apps.engines.tokens import (
+    BOS_TOKENS,
+    TOKENIZER_ERRORS,
+    Tokenizer,
     counting_url,
     heuristic_message_tokens,
     heuristic_tokens,
-    tokenizer_headers,
 )
 
 logger = logging.getLogger(__name__)
@@ -30,22 +30,12 @@ logger = logging.getLogger(__name__)
 TOKENIZE = "tokenize"
 HEURISTIC = "heuristic"
 
-# /tokenize is called with add_special=false (llama-server's default), so the BOS token the
-# engine puts before every prompt is not in the count. Counting it for models that have no
-# BOS (Qwen, ...) overestimates by one token, the safe direction for sizing.
-BOS_TOKENS = 1
 # What the heuristic adds for a chat: the template's opening of the assistant's turn.
 ASSISTANT_PRIMING_TOKENS = 3
 # Generous bounds on what a chat template adds around the messages (role markers,
 # BOS, the assistant's opening, a default system header such as Llama 3's dates).
 TEMPLATE_TOKENS_PER_MESSAGE = 16
 TEMPLATE_TOKENS = 64
-# Sizing sits in front of every request: an engine slower than this to tokenize is treated
-# as unable to (heuristic), rather than delaying the request. Both calls are answered by
-# llama-server's HTTP threads directly, not queued behind generation slots.
-SIZING_TIMEOUT = aiohttp.ClientTimeout(total=2.0, sock_connect=1.0)
-# Fields of a chat request that change the rendered prompt (tools are rendered into it).
-_TEMPLATE_FIELDS = ("tools", "tool_choice", "chat_template_kwargs", "parallel_tool_calls")
 
 PromptPiece = str | int  # text, or a token id the client sent directly
 
@@ -135,28 +125,44 @@ def completion_budget(payload: dict[str, Any], default: int) -> int:
 
 
 async def prompt_tokens(
-    variant: VariantRoute, payload: dict[str, Any], endpoint: str
+    variant: VariantRoute, payload: dict[str, Any], endpoint: str, *, model: str
 ) -> tuple[int, str]:
     """(tokens, method) of the request's prompt; method is "tokenize" or "heuristic".
 
-    `endpoint` is the Exchange endpoint ("chat.completions", "completions", ...). Only
-    llama.cpp engines are asked, and only a process that already runs the model (see
-    tokens.counting_url): a managed engine that is not started yet must not be woken up
-    (or waited for) just to size a request. For a batch of prompts, the largest one
-    counts: each runs in its own slot.
+    `endpoint` is the Exchange endpoint ("chat.completions", "completions", ...); `model`
+    the name the engine knows (vLLM checks it). Only llama.cpp and vLLM engines are asked,
+    and only a process that already runs the model (see tokens.counting_url): a managed
+    engine that is not started yet must not be woken up (or waited for) just to size a
+    request. For a batch of prompts, the largest one counts: each runs in its own slot.
     """
     counting = endpoint in ("chat.completions", "completions")
     base_url = await counting_url(variant) if counting else None
     if base_url is None:
         return heuristic_prompt_tokens(payload, endpoint), HEURISTIC
-    tokenizer = Tokenizer(variant.engine, base_url)
+    tokenizer = Tokenizer(variant.engine, base_url, model)
     try:
         if endpoint == "chat.completions":
             return await tokenizer.chat_tokens(payload), TOKENIZE
-        return await tokenizer.completion_tokens(payload.get("prompt")), TOKENIZE
-    except (TimeoutError, aiohttp.ClientError, KeyError, TypeError, ValueError) as exc:
+        return await completion_tokens(tokenizer, payload.get("prompt")), TOKENIZE
+    except TOKENIZER_ERRORS as exc:
         logger.warning("sizing on %s failed (%r); using the heuristic", variant.engine.name, exc)
     return heuristic_prompt_tokens(payload, endpoint), HEURISTIC
+
+
+async def completion_tokens(tokenizer: Tokenizer, prompt: Any) -> int:
+    """The largest prompt of a (batch) completion request, counted by the engine."""
+    counts = await asyncio.gather(*(_count_pieces(tokenizer, p) for p in split_prompts(prompt)))
+    return max(counts, default=0)
+
+
+async def _count_pieces(tokenizer: Tokenizer, pieces: list[PromptPiece]) -> int:
+    """Token ids count one each; text is tokenized (plus BOS: only text prompts get one)."""
+    texts = [p for p in pieces if isinstance(p, str)]
+    ids = len(pieces) - len(texts)
+    if not texts:
+        return ids
+    counts = await asyncio.gather(*(tokenizer.text_tokens(t) for t in texts))
+    return ids + sum(counts) + BOS_TOKENS
 
 
 def prompt_token_bound(payload: dict[str, Any], endpoint: str) -> int | None:
@@ -246,54 +252,3 @@ def split_prompts(prompt: Any) -> list[list[PromptPiece]]:
 def _pieces(value: Any) -> list[PromptPiece]:
     items = value if isinstance(value, list) else [value]
     return [p for p in items if isinstance(p, str | int) and not isinstance(p, bool)]
-
-
-class Tokenizer:
-    """llama.cpp's /apply-template and /tokenize on one process of the engine."""
-
-    def __init__(self, engine: EngineRoute, base_url: str) -> None:
-        self.engine = engine
-        self.base_url = base_url
-
-    async def chat_tokens(self, payload: dict[str, Any]) -> int:
-        body = {"messages": payload["messages"]}
-        body.update((k, payload[k]) for k in _TEMPLATE_FIELDS if payload.get(k) is not None)
-        rendered = await self._post_json("/apply-template", body)
-        prompt = rendered["prompt"]
-        if not isinstance(prompt, str):
-            raise TypeError("/apply-template returned no prompt string")
-        return await self._tokenize(prompt) + BOS_TOKENS
-
-    async def completion_tokens(self, prompt: Any) -> int:
-        prompts = split_prompts(prompt)
-        counts = await asyncio.gather(*(self._count_pieces(p) for p in prompts))
-        return max(counts, default=0)
-
-    async def _count_pieces(self, pieces: list[PromptPiece]) -> int:
-        """Token ids count one each; text is tokenized (plus BOS: only text prompts get one)."""
-        texts = [p for p in pieces if isinstance(p, str)]
-        ids = len(pieces) - len(texts)
-        if not texts:
-            return ids
-        counts = await asyncio.gather(*(self._tokenize(t) for t in texts))
-        return ids + sum(counts) + BOS_TOKENS
-
-    async def _tokenize(self, text: str) -> int:
-        answer = await self._post_json("/tokenize", {"content": text, "add_special": False})
-        tokens = answer["tokens"]
-        if not isinstance(tokens, list):
-            raise TypeError("/tokenize returned no token list")
-        return len(tokens)
-
-    async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        async with engine_session().post(
-            engine_url(self.base_url, path),
-            data=orjson.dumps(body),
-            headers=tokenizer_headers(self.engine),
-            timeout=SIZING_TIMEOUT,
-        ) as resp:
-            resp.raise_for_status()
-            answer = orjson.loads(await resp.read())
-        if not isinstance(answer, dict):
-            raise TypeError(f"{path} did not return a JSON object")
-        return answer

@@ -345,7 +345,7 @@ class ProxyConsumer(V1Consumer):
         except ApiError as err:
             if err.code != "insufficient_quota" or ex.prompt_counted:
                 raise
-            exact, method = await prompt_tokens(variant, payload, self.endpoint)
+            exact, method = await prompt_tokens(variant, payload, self.endpoint, model=ex.model)
             if method != TOKENIZE or exact >= prompt:
                 raise
             ex.prompt_estimate, ex.prompt_counted = exact, True

@@ -41,7 +41,7 @@ async def size_and_choose(
     smallest = _smallest_by_bound(variants, payload, endpoint, budget)
     if smallest is not None:
         return 0, smallest
-    tokens, method = await prompt_tokens(variants[0], payload, endpoint)
+    tokens, method = await prompt_tokens(variants[0], payload, endpoint, model=route.name)
     needed = tokens + budget
     counted = tokens if method == TOKENIZE else 0
     try:

@@ -106,7 +106,7 @@ async def session_prepare(
     budget = None
     if variant.ctx_size:
         budget = max(1, variant.ctx_size - completion_reserve(payload))
-        counted = await count_message_tokens(variant, new_messages)
+        counted = await count_message_tokens(variant, new_messages, model=ex.model)
     else:
         # No context size: nothing is ever trimmed for this model, so the engine is not
         # asked; the stored counts are estimates (exact enough if the session moves on).
@@ -159,7 +159,7 @@ def turn_metrics(ex: Exchange) -> sessions.TurnMetrics:
 async def session_record(*, ex: Exchange, turn: SessionTurn) -> None:
     if turn.recount:
         # The engine runs now: store what its tokenizer says, or later trimming is off.
-        recounted = await count_message_tokens(turn.variant, turn.new_messages)
+        recounted = await count_message_tokens(turn.variant, turn.new_messages, model=ex.model)
         if recounted.exact:
             turn.token_counts = dict(enumerate(recounted.counts))
     if ex.reply is None:

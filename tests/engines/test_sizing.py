@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 
 import pytest
 
@@ -26,6 +27,7 @@ from apps.engines.tokens import heuristic_message_tokens
 from apps.proxy.engine_stage import size_and_choose
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}]}
+count_prompt = partial(prompt_tokens, model="m")
 
 
 def route(url: str, flavor: str = "llamacpp", key: str = "") -> VariantRoute:
@@ -60,7 +62,7 @@ async def _fresh_session() -> AsyncIterator[None]:
 
 async def test_it_counts_a_chat_through_apply_template_and_tokenize_plus_bos(fake_engine):
     fake_engine.reset()
-    tokens, method = await prompt_tokens(route(fake_engine.url), CHAT, "chat.completions")
+    tokens, method = await count_prompt(route(fake_engine.url), CHAT, "chat.completions")
     # Rendered "<|user|>\nHello there\n<|assistant|>\n": 4 words, one token each, + BOS.
     assert (tokens, method) == (5, "tokenize")
     calls = [(r["path"], r["body"]) for r in fake_engine.requests()]
@@ -74,7 +76,7 @@ async def test_it_sends_tools_to_the_template_and_the_engine_key(fake_engine):
     fake_engine.reset()
     tools = [{"type": "function", "function": {"name": "f"}}]
     payload = {**CHAT, "tools": tools, "temperature": 0.2}
-    await prompt_tokens(route(fake_engine.url, key="sekrit"), payload, "chat.completions")
+    await count_prompt(route(fake_engine.url, key="sekrit"), payload, "chat.completions")
     first = fake_engine.requests()[0]
     assert first["body"] == {"messages": CHAT["messages"], "tools": tools}
     assert first["headers"]["Authorization"] == "Bearer sekrit"
@@ -82,23 +84,23 @@ async def test_it_sends_tools_to_the_template_and_the_engine_key(fake_engine):
 
 async def test_it_counts_a_completion_prompt_plus_bos(fake_engine):
     payload = {"model": "m", "prompt": "one two three"}
-    assert await prompt_tokens(route(fake_engine.url), payload, "completions") == (4, "tokenize")
+    assert await count_prompt(route(fake_engine.url), payload, "completions") == (4, "tokenize")
 
 
 async def test_it_sizes_a_batch_by_its_largest_prompt(fake_engine):
     payload = {"model": "m", "prompt": ["a b", "c d e f", "g"]}
-    assert await prompt_tokens(route(fake_engine.url), payload, "completions") == (5, "tokenize")
+    assert await count_prompt(route(fake_engine.url), payload, "completions") == (5, "tokenize")
 
 
 async def test_it_counts_token_ids_without_asking_and_without_bos(fake_engine):
     fake_engine.reset()
     payload = {"model": "m", "prompt": [[1, 2, 3], [4]]}
-    assert await prompt_tokens(route(fake_engine.url), payload, "completions") == (3, "tokenize")
+    assert await count_prompt(route(fake_engine.url), payload, "completions") == (3, "tokenize")
     assert fake_engine.requests() == []
 
 
 async def test_it_falls_back_to_the_heuristic_when_the_engine_is_down():
-    tokens, method = await prompt_tokens(route(closed_port_url()), CHAT, "chat.completions")
+    tokens, method = await count_prompt(route(closed_port_url()), CHAT, "chat.completions")
     assert method == "heuristic"
     assert tokens == heuristic_message_tokens(CHAT["messages"][0]) + ASSISTANT_PRIMING_TOKENS
 
@@ -109,7 +111,7 @@ async def test_it_does_not_start_a_managed_engine_to_count():
     request: the heuristic counts."""
     engine = EngineRoute("m", "llamacpp", "", "", 5, id=1, managed=True)
     try:
-        result = await prompt_tokens(
+        result = await count_prompt(
             VariantRoute(engine, 4096, id=1, model_variant_ids=(1, 2)), CHAT, "chat.completions"
         )
     finally:
@@ -118,19 +120,34 @@ async def test_it_does_not_start_a_managed_engine_to_count():
     assert engine_manager.launches == 0
 
 
+async def test_it_counts_with_vllms_tokenize_naming_the_model(fake_engine):
+    """vLLM renders the chat itself; its count already holds the template and BOS."""
+    fake_engine.reset()
+    vllm = route(fake_engine.url, "vllm")
+
+    chat = await count_prompt(vllm, CHAT, "chat.completions")
+    completion = await count_prompt(vllm, {"prompt": "a b c"}, "completions")
+
+    # "<|user|> Hello there <|assistant|>": 4 words + BOS; "a b c" + BOS.
+    assert (chat, completion) == ((5, "tokenize"), (4, "tokenize"))
+    bodies = [r["body"] for r in fake_engine.requests() if r["path"] == "/tokenize"]
+    assert bodies[0] == {**CHAT, "add_generation_prompt": True}
+    assert bodies[1] == {"model": "m", "prompt": "a b c", "add_special_tokens": False}
+
+
 async def test_it_uses_the_heuristic_for_other_flavors_and_for_embeddings(fake_engine):
     fake_engine.reset()
-    _, method = await prompt_tokens(route(fake_engine.url, "vllm"), CHAT, "chat.completions")
+    _, method = await count_prompt(route(fake_engine.url, "openai"), CHAT, "chat.completions")
     assert method == "heuristic"
     payload = {"model": "m", "input": ["abcd", "abcdefgh"]}
-    assert await prompt_tokens(route(fake_engine.url), payload, "embeddings") == (3, "heuristic")
+    assert await count_prompt(route(fake_engine.url), payload, "embeddings") == (3, "heuristic")
     assert fake_engine.requests() == []
 
 
 async def test_it_falls_back_when_the_engine_answers_with_an_error(fake_engine):
     # As an old llama-server without /apply-template would: 404.
     engine = route(fake_engine.url + "/old")
-    tokens, method = await prompt_tokens(engine, CHAT, "chat.completions")
+    tokens, method = await count_prompt(engine, CHAT, "chat.completions")
     assert (tokens, method) == (heuristic_prompt_tokens(CHAT, "chat.completions"), "heuristic")
 
 
@@ -252,3 +269,15 @@ async def test_it_counts_a_prompt_whose_bound_does_not_fit_the_smallest(fake_eng
 
     assert variant.ctx_size == 512 and tokens < 512
     assert "/tokenize" in [r["path"] for r in fake_engine.requests()]
+
+
+@pytest.mark.parametrize("flavor", ["llamacpp", "vllm"])
+async def test_it_counts_each_session_message_with_the_engines_tokenizer(fake_engine, flavor):
+    from apps.engines.tokens import MESSAGE_OVERHEAD_TOKENS, count_message_tokens
+
+    messages = [{"role": "user", "content": "one two three"}, {"role": "user", "content": "x"}]
+
+    counted = await count_message_tokens(route(fake_engine.url, flavor), messages, model="m")
+
+    assert counted.exact
+    assert counted.counts == [3 + MESSAGE_OVERHEAD_TOKENS, 1 + MESSAGE_OVERHEAD_TOKENS]
