@@ -95,8 +95,6 @@ class _Engine:
         self.in_flight: list[int] = []
         self.free_by_replica: list[int] = []
         self.granted_by_replica: list[int] = []
-        self.prompt_by_replica: list[int] = []
-        self.cached_by_replica: list[int] = []
         self.free = 0
         self.tenants: dict[str, _Tenant] = {}
         self.backlogged: dict[str, _Tenant] = {}  # tenants with waiters
@@ -113,8 +111,6 @@ class _Engine:
         self.cancelled_waiting = 0
         self.sticky_hits = 0
         self.sticky_moves = 0
-        self.prompt_tokens = 0
-        self.cached_tokens = 0
         self.resize(replicas, slots)
 
     # -- capacity ---------------------------------------------------------------------------
@@ -127,8 +123,6 @@ class _Engine:
                 self.in_flight,
                 self.free_by_replica,
                 self.granted_by_replica,
-                self.prompt_by_replica,
-                self.cached_by_replica,
             ):
                 counters.append(0)
         for row in self.busy:
@@ -309,15 +303,6 @@ class _Engine:
         estimate = math.ceil(hold * (self.waiting + 1) / capacity)
         return max(1, min(MAX_RETRY_AFTER, estimate))
 
-    def record_cache(self, prompt_tokens: int, cached_tokens: int, replica: int | None) -> None:
-        prompt = max(0, prompt_tokens)
-        cached = min(prompt, max(0, cached_tokens))
-        self.prompt_tokens += prompt
-        self.cached_tokens += cached
-        if replica is not None and 0 <= replica < len(self.busy):
-            self.prompt_by_replica[replica] += prompt
-            self.cached_by_replica[replica] += cached
-
     def stats(self) -> dict[str, Any]:
         return {
             "engine": self.key,
@@ -338,27 +323,16 @@ class _Engine:
             "cancelled_waiting": self.cancelled_waiting,
             "sticky_hits": self.sticky_hits,
             "sticky_moves": self.sticky_moves,
-            "prompt_tokens": self.prompt_tokens,
-            "cached_tokens": self.cached_tokens,
-            "cache_hit_rate": _rate(self.cached_tokens, self.prompt_tokens),
             "per_replica": [self._replica_stats(r) for r in range(len(self.busy))],
         }
 
     def _replica_stats(self, replica: int) -> dict[str, Any]:
-        prompt, cached = self.prompt_by_replica[replica], self.cached_by_replica[replica]
         return {
             "replica": replica,
             "in_flight": self.in_flight[replica],
             "busy_slots": [i for i, busy in enumerate(self.busy[replica]) if busy],
             "granted": self.granted_by_replica[replica],
-            "prompt_tokens": prompt,
-            "cached_tokens": cached,
-            "cache_hit_rate": _rate(cached, prompt),
         }
-
-
-def _rate(part: int, whole: int) -> float | None:
-    return part / whole if whole else None
 
 
 class _Lease:
@@ -535,14 +509,6 @@ class Scheduler:
             engine.resize(replicas, slots)
             engine.dispatch()  # more capacity may serve waiters now
         return engine
-
-    def record_cache(
-        self, engine_key: str, prompt_tokens: int, cached_tokens: int, *, replica: int | None = None
-    ) -> None:
-        """Count prompt tokens and those served from the engine's prompt cache."""
-        engine = self._engines.get(engine_key)
-        if engine is not None:  # an engine nobody scheduled on has nothing to attribute
-            engine.record_cache(prompt_tokens, cached_tokens, replica)
 
     def stats(self, engine_key: str) -> dict[str, Any]:
         engine = self._engines.get(engine_key) or _Engine(engine_key, 0, 0)
