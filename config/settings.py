@@ -205,6 +205,10 @@ DEFAULT_MAX_TOKENS = env_int("DEFAULT_MAX_TOKENS", 512)
 # How long a quota reservation may stay open before the sweep gives its tokens back (a
 # crashed process); a later settlement is still charged.
 QUOTA_RESERVATION_TTL_SECONDS = env_float("QUOTA_RESERVATION_TTL_SECONDS", 900.0)
+# Quota windows with plenty left are leased per process and granted in memory
+# (apps/quotas/leases.py); leases are renewed, and usage charged, this often.
+QUOTA_LEASES = env_bool("QUOTA_LEASES", True)
+QUOTA_LEASE_FLUSH_SECONDS = env_float("QUOTA_LEASE_FLUSH_SECONDS", 0.25)
 # Fair scheduling: requests waiting for an engine slot, per engine and worker, and how
 # long one may wait; beyond either, 503 with Retry-After.
 SCHEDULER_MAX_QUEUE = env_int("SCHEDULER_MAX_QUEUE", 1000)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -27,6 +28,8 @@ from django.utils import timezone
 
 from apps.quotas.batching import reserve_batcher, settle_batcher
 from apps.quotas.errors import quota_exceeded_error
+from apps.quotas.leases import lease_book
+from apps.quotas.periods import window_start
 from apps.quotas.services import (
     QuotaExceeded,
     ReservationTicket,
@@ -78,12 +81,12 @@ async def quota_stage_reserve(
 ) -> ReservationTicket:
     """Reserve, or raise the OpenAI-shaped 429 `insufficient_quota` (with Retry-After).
 
-    With the applicable `quotas` known (cached with the key), the reservation joins the
-    next batch (batching.py); without them, or if the batch fails, it runs alone on a
-    worker thread."""
+    With the applicable `quotas` known (cached with the key), the tokens come from this
+    process's leases (leases.py) or the reservation joins the next batch (batching.py);
+    without them, or if the batch fails, it runs alone on a worker thread."""
     try:
         if quotas:
-            return await _reserve_batched(tenant_id, api_key_id, tokens, quotas)
+            return await _reserve_leased_or_batched(tenant_id, api_key_id, tokens, quotas)
         return await _reserve(
             tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, quotas=quotas
         )
@@ -91,11 +94,34 @@ async def quota_stage_reserve(
         raise quota_exceeded_error(exc) from exc
 
 
-async def _reserve_batched(
+async def _reserve_leased_or_batched(
     tenant_id: int, api_key_id: int, tokens: int, quotas: list
 ) -> ReservationTicket:
-    _sweep_in_background()
+    """From this process's leases when they have room (no round trip), else alone in
+    PostgreSQL; a window with plenty left is then leased for the next requests."""
     now = timezone.now()
+    starts = [window_start(period, now) for _, period, *_ in quotas]
+    hold = lease_book.take(quotas=quotas, starts=starts, tokens=tokens)
+    if hold is not None:
+        states = lease_book.states(hold, quotas)
+        return ReservationTicket(reservation_id=None, tokens=tokens, states=states, lease=hold)
+    try:
+        ticket = await _reserve_batched(tenant_id, api_key_id, tokens, quotas, now)
+    except QuotaExceeded:
+        # Spare tokens of our own leases may be what is missing: give them back, once.
+        if not await lease_book.give_back(quotas=quotas, starts=starts, tokens=tokens):
+            raise
+        ticket = await _reserve_batched(tenant_id, api_key_id, tokens, quotas, now)
+    lease_book.offer(
+        tenant_id=tenant_id, quotas=quotas, starts=starts, tokens=tokens, states=ticket.states
+    )
+    return ticket
+
+
+async def _reserve_batched(
+    tenant_id: int, api_key_id: int, tokens: int, quotas: list, now: datetime
+) -> ReservationTicket:
+    _sweep_in_background()
     params = reserve_params(
         tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, quotas=quotas, now=now
     )
@@ -145,6 +171,9 @@ _sweep = database_sync_to_async(sweep_now, thread_sensitive=False)
 def quota_stage_settle(ticket: ReservationTicket | None, *, actual_tokens: int) -> None:
     """Settle in the background (0 tokens releases). Safe to call from `finally` of a
     cancelled task and more than once (settling is idempotent)."""
+    if ticket is not None and ticket.lease is not None:
+        lease_book.settle(ticket.lease, actual_tokens=max(0, actual_tokens))
+        return
     if ticket is None or ticket.reservation_id is None:
         return
     task = asyncio.get_running_loop().create_task(_settle_logged(ticket, max(0, actual_tokens)))
@@ -168,6 +197,7 @@ async def quota_stage_drain() -> None:
     """Wait for settlements in flight, then close the batch connections (shutdown)."""
     while _settling:
         await asyncio.gather(*list(_settling), return_exceptions=True)
+    await lease_book.close()
     await reserve_batcher.close()
     await settle_batcher.close()
 

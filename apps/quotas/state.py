@@ -6,6 +6,7 @@ import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from django.utils import timezone
 
@@ -40,9 +41,10 @@ class QuotaState:
 class ReservationTicket:
     """What quota_reserve hands the pipeline; give it back to quota_settle/quota_release."""
 
-    reservation_id: uuid.UUID | None  # None: no quota applies, nothing to settle
+    reservation_id: uuid.UUID | None  # None: no quota applies, or held in `lease`
     tokens: int
     states: list[QuotaState] = field(default_factory=list)
+    lease: Any = None  # apps.quotas.leases.LeaseHold: held in this process's leases
 
 
 def iso_utc(moment: datetime) -> str:
