@@ -17,7 +17,9 @@ Policy, per window:
 - Every QUOTA_LEASE_FLUSH_SECONDS the process renews its leases in one round trip: it
   charges what its requests used, keeps what those in flight hold, and asks for about
   twice what it granted in the interval. A lease that granted nothing ends.
-- A lease that runs dry is renewed at once, while its requests reserve alone meanwhile.
+- Requests go on taking a lease's tokens while it is renewed (a renewal keeps all it
+  covers but the spare tokens it gives back); one that runs dry is renewed at once, and
+  requests reserve alone until it is.
 
 What this trades (README, "Quotas"): usage in PostgreSQL lags by one interval at most; a
 crashed process never charges its last interval and its slice stays reserved until the
@@ -75,6 +77,7 @@ class Lease:
     others_reserved: int = 0
     active: bool = False
     renewal: asyncio.Future | None = None  # done when the renewal in flight is
+    withheld: int = 0  # spare tokens the renewal in flight gives back: not grantable
 
     @property
     def renewing(self) -> bool:
@@ -89,8 +92,8 @@ class Lease:
         """What anyone could still reserve, as of the last renewal (our spare included)."""
         return self.limit - self.window_used - self.others_reserved - self.held - self.used
 
-    def want(self) -> int:
-        """Spare tokens to ask for at the next renewal; 0 ends the lease."""
+    def target(self) -> int:
+        """Spare tokens the lease should have after the next renewal; 0 ends it."""
         if self.granted == 0 or self.left < LEASE_MIN_REQUESTS * self.largest:
             return 0
         return min(max(2 * self.granted, LEASE_MIN_GRANTS * self.largest), self.left // LEASE_SHARE)
@@ -139,10 +142,10 @@ class LeaseBook:
         leases = []
         for quota, start in zip(quotas, starts, strict=True):
             lease = self._leases.get((quota[0], start))
-            if lease is None or not lease.active or lease.renewing:
+            if lease is None or not lease.active:
                 return None
-            if lease.free < tokens:
-                if tokens <= lease.size:  # ran dry: refill now, not at the next interval
+            if lease.free - lease.withheld < tokens:
+                if tokens <= lease.size and not lease.renewing:  # ran dry: refill it now
                     self._renew_soon([lease])
                 return None
             leases.append(lease)
@@ -207,7 +210,7 @@ class LeaseBook:
         spare = [lease for lease in leases if lease.free > 0]
         for lease in spare:
             lease.largest = max(lease.largest, tokens)
-            lease.granted = 0  # want() == 0: the renewal ends it
+            lease.granted = 0  # target() == 0: the renewal ends it
         await self._renew(spare)
         return bool(spare)
 
@@ -235,32 +238,41 @@ class LeaseBook:
             )
         finally:
             done.set_result(None)
-        for lease, (_, charged, new_id, want), row in zip(leases, asked, results, strict=True):
+        for lease, (_, charged, new_id, target), row in zip(leases, asked, results, strict=True):
+            lease.withheld = 0
             if isinstance(row, BaseException):
                 # Nothing changed in PostgreSQL (one transaction): try again next interval.
                 logger.warning("quota lease renewal failed: %s", row)
+                lease.active = target > 0
                 continue
             lease.used -= charged
-            self._apply(lease, row, new_id=new_id, want=want)
+            self._apply(lease, row, new_id=new_id, target=target)
 
     @staticmethod
     def _ask(lease: Lease, done: asyncio.Future) -> tuple[bytes, int, uuid.UUID, int]:
+        """The renewal of `lease`: it keeps every token it covers (requests may go on taking
+        them meanwhile) except the spare ones it gives back, which are withheld until it is
+        done, and asks for what its target lacks."""
         lease.renewal = done
-        want, new_id, charged = lease.want(), uuid.uuid4(), lease.used
+        target, new_id, charged, free = lease.target(), uuid.uuid4(), lease.used, lease.free
+        if target == 0:
+            lease.active, lease.withheld = False, max(0, free)
+        elif free > 2 * target:
+            lease.withheld = free - target
         lease.granted = 0
         item = {
             "old": str(lease.reservation_id) if lease.reservation_id else None,
             "new": str(new_id),
             "charge": charged,
-            "keep": max(0, lease.held),
-            "want": want,
+            "keep": max(0, lease.size - charged - lease.withheld),
+            "want": max(0, target - free),
             "quota": lease.quota_id,
             "start": lease.start.isoformat(),
             "tenant": lease.tenant_id,
         }
-        return orjson.dumps(item), charged, new_id, want
+        return orjson.dumps(item), charged, new_id, target
 
-    def _apply(self, lease: Lease, row: tuple, *, new_id: uuid.UUID, want: int) -> None:
+    def _apply(self, lease: Lease, row: tuple, *, new_id: uuid.UUID, target: int) -> None:
         granted, limit, used, reserved = row
         if granted is None:  # the quota is gone: its requests in flight settle into nothing
             lease.size, lease.reservation_id, lease.active = 0, None, False
@@ -268,7 +280,7 @@ class LeaseBook:
             return
         lease.size, lease.reservation_id = granted, new_id if granted > 0 else None
         lease.limit, lease.window_used, lease.others_reserved = limit, used, reserved - granted
-        lease.active = want > 0 and lease.free > 0
+        lease.active = target > 0
         if not lease.active and lease.held <= 0 and lease.used <= 0 and granted == 0:
             self._forget(lease)
 

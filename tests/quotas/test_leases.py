@@ -145,11 +145,11 @@ def test_a_lease_takes_at_most_a_share_of_what_is_left() -> None:
 
     lease = Lease(quota_id=1, start=None, tenant_id=1, largest=10, granted=10_000,
                   limit=100_000, window_used=20_000, others_reserved=0)  # fmt: skip
-    assert lease.want() == 80_000 // LEASE_SHARE
+    assert lease.target() == 80_000 // LEASE_SHARE
     lease.granted = 0
-    assert lease.want() == 0  # idle: the lease ends
+    assert lease.target() == 0  # idle: the lease ends
     lease.granted, lease.window_used = 10, 100_000 - LEASE_MIN_REQUESTS * 10 + 1
-    assert lease.want() == 0  # too little left: every request reserves alone
+    assert lease.target() == 0  # too little left: every request reserves alone
 
 
 # --- through gateway processes ---------------------------------------------------------

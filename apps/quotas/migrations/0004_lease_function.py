@@ -2,9 +2,9 @@
 
 A lease is an ordinary reservation of one window, held by a gateway process instead of one
 request. Renewing it settles the old reservation (charging what the process's requests
-used meanwhile) and reserves a new one: the tokens of its requests still in flight
-(`keep`, always granted: they were reserved already) plus up to `want` more, never more
-than the window has left. Windows are created and locked in the global (quota_id,
+used meanwhile) and reserves a new one: what the lease still covers (`keep`, always
+granted: it was reserved already; requests in flight hold part of it) plus up to `want`
+more, never more than the window has left. Windows are created and locked in the global (quota_id,
 window_start) order first, like every other quota writer, so renewals cannot deadlock with
 reservations, settlements or the sweep.
 """
