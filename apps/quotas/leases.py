@@ -178,12 +178,17 @@ class LeaseBook:
             return
         self._bind()
         by_quota = {state.quota_id: state for state in states}
+        # A request is granted from leases only if every window it needs has one: when
+        # one of them runs low, leasing the others would only hold their tokens.
+        if any(
+            quota[0] not in by_quota or by_quota[quota[0]].remaining < LEASE_MIN_REQUESTS * tokens
+            for quota in quotas
+        ):
+            return
         new = []
         for quota, start in zip(quotas, starts, strict=True):
-            state = by_quota.get(quota[0])
-            if state is None or (quota[0], start) in self._leases:
-                continue
-            if state.remaining < LEASE_MIN_REQUESTS * tokens:
+            state = by_quota[quota[0]]
+            if (quota[0], start) in self._leases:
                 continue
             lease = Lease(
                 quota_id=quota[0], start=start, tenant_id=tenant_id, largest=tokens,

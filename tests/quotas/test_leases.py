@@ -128,6 +128,26 @@ async def test_it_gives_its_spare_tokens_back_before_refusing_a_request(alice) -
     assert reserved == lease.tokens
 
 
+@override_settings(QUOTA_LEASE_FLUSH_SECONDS=60)
+async def test_it_leases_nothing_while_one_of_a_requests_quotas_runs_low(alice) -> None:
+    await db(quota_set)(tenant=alice.tenant, tokens=10_000_000, period="day")
+    small = (LEASE_MIN_REQUESTS - 1) * TOKENS
+    await db(quota_set)(tenant=alice.tenant, tokens=small, period="hour", api_key=alice.api_key)
+    for _ in range(5):
+        ticket = await reserve(alice)
+        await asyncio.sleep(0.01)
+        assert ticket.lease is None
+        quota_stage_settle(ticket, actual_tokens=TOKENS)
+    await asyncio.sleep(0.2)  # the settlements are done; a lease would still hold tokens
+    assert not await db(Reservation.objects.exists)()
+    await quota_stage_drain()
+    windows = await db(
+        lambda: sorted(QuotaWindow.objects.values_list("used_tokens", "reserved_tokens"))
+    )()
+    assert windows == [(5 * TOKENS, 0), (5 * TOKENS, 0)]
+    assert not await db(Reservation.objects.exists)()
+
+
 @override_settings(QUOTA_LEASES=False)
 async def test_it_reserves_every_request_alone_with_leases_off(alice) -> None:
     await db(quota_set)(tenant=alice.tenant, tokens=10_000_000, period="day")
