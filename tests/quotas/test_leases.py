@@ -11,11 +11,12 @@ from channels.db import database_sync_to_async
 from django.test import override_settings
 
 from apps.proxy.errors import ApiError
-from apps.quotas.leases import LEASE_MIN_REQUESTS, LEASE_SHARE
+from apps.quotas.leases import LEASE_MIN_REQUESTS, LEASE_SHARE, Lease
 from apps.quotas.models import QuotaWindow, Reservation
 from apps.quotas.pipeline import quota_stage_drain, quota_stage_reserve, quota_stage_settle
-from apps.quotas.services import quota_set
-from tests.conftest import FAKE_MODEL, TenantKey, start_gateway, wait_until
+from apps.quotas.services import quota_set, quotas_applicable
+from tests.conftest import TenantKey, start_gateway, wait_until
+from tests.quotas.test_quotas_e2e import CHAT, RESERVED, USED, window
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,8 +37,6 @@ async def reserve(owner: TenantKey, tokens: int = TOKENS):
 
 
 def _quotas(owner: TenantKey) -> list:
-    from apps.quotas.services import quotas_applicable
-
     return quotas_applicable(tenant_id=owner.tenant.pk, api_key_id=owner.api_key.pk)
 
 
@@ -161,8 +160,6 @@ async def test_it_reserves_every_request_alone_with_leases_off(alice) -> None:
 
 
 def test_a_lease_takes_at_most_a_share_of_what_is_left() -> None:
-    from apps.quotas.leases import Lease
-
     lease = Lease(quota_id=1, start=None, tenant_id=1, largest=10, granted=10_000,
                   limit=100_000, window_used=20_000, others_reserved=0)  # fmt: skip
     assert lease.target() == 80_000 // LEASE_SHARE
@@ -173,13 +170,6 @@ def test_a_lease_takes_at_most_a_share_of_what_is_left() -> None:
 
 
 # --- through gateway processes ---------------------------------------------------------
-
-CHAT = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-USED = 6  # the fake engine: 1 prompt + 5 completion tokens
-
-
-def window_of(owner: TenantKey) -> QuotaWindow:
-    return QuotaWindow.objects.get(quota__tenant=owner.tenant)
 
 
 def test_it_charges_leased_usage_exactly_when_the_gateway_stops(engine, alice, tmp_path):
@@ -195,24 +185,26 @@ def test_it_charges_leased_usage_exactly_when_the_gateway_stops(engine, alice, t
                 assert client.post("/chat/completions", json=CHAT).status_code == 200
         # Only the requests before the lease were charged one by one; the lease holds
         # the rest of the usage and, reserved, more than it.
-        used, reserved = window_of(alice).used_tokens, window_of(alice).reserved_tokens
+        used, reserved = window(alice.tenant).used_tokens, window(alice.tenant).reserved_tokens
         assert used < 30 * USED
         assert reserved > 0
     finally:
         gateway.stop()
-    assert (window_of(alice).used_tokens, window_of(alice).reserved_tokens) == (30 * USED, 0)
+    assert (window(alice.tenant).used_tokens, window(alice.tenant).reserved_tokens) == (
+        30 * USED,
+        0,
+    )
 
 
 def test_it_never_exceeds_a_leased_quota_across_gateway_processes(engine, alice, tmp_path):
     from django.db import connection
 
-    # Each request uses exactly what it reserves: 87 tokens (see test_quotas_e2e). The
-    # quota starts with room for 300, so both processes lease, then run it down to where
-    # every request reserves alone.
-    reserved_each = 87
-    exact = {**CHAT, "fake": {"chunks": reserved_each - 1}}
+    # Each request uses exactly what it reserves (see test_quotas_e2e). The quota starts
+    # with room for 300, so both processes lease, then run it down to where every request
+    # reserves alone.
+    exact = {**CHAT, "fake": {"chunks": RESERVED - 1}}
     fits = 300
-    quota_set(tenant=alice.tenant, tokens=fits * reserved_each, period="day")
+    quota_set(tenant=alice.tenant, tokens=fits * RESERVED, period="day")
     env = {"QUOTA_LEASE_FLUSH_SECONDS": "0.05"}
     gateways = [start_gateway(connection.settings_dict, tmp_path / f"gw{i}.log", env=env)
                 for i in range(2)]  # fmt: skip
@@ -233,8 +225,8 @@ def test_it_never_exceeds_a_leased_quota_across_gateway_processes(engine, alice,
             gateway.stop()
     granted = statuses.count(200)
     assert statuses.count(200) + statuses.count(429) == len(statuses)
-    assert window_of(alice).used_tokens == granted * reserved_each
-    assert window_of(alice).reserved_tokens == 0
+    assert window(alice.tenant).used_tokens == granted * RESERVED
+    assert window(alice.tenant).reserved_tokens == 0
     assert granted <= fits  # never past the limit
     # Spare tokens of the other process's lease may refuse a request that would just fit,
     # while it still holds them (at most 1/16 of what was left): a few at most.
