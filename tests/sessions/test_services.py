@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -72,19 +72,34 @@ def test_it_creates_a_session_on_first_use_with_empty_history(alice):
     assert context.system_prompt == ""
 
 
+def _make_idle(session_pk: int) -> datetime:
+    a_day_ago = timezone.now() - timedelta(days=1)
+    ChatSession.objects.filter(pk=session_pk).update(last_active_at=a_day_ago)
+    return a_day_ago
+
+
 @pytest.mark.django_db
-def test_it_reuses_the_session_and_bumps_last_active(alice):
+def test_it_reuses_the_session_without_marking_it_active(alice):
     first = load(alice.tenant)
-    ChatSession.objects.filter(pk=first.session_pk).update(
-        last_active_at=timezone.now() - timedelta(days=1)
-    )
+    a_day_ago = _make_idle(first.session_pk)
 
     second = load(alice.tenant)
 
     assert second.session_pk == first.session_pk
-    session = ChatSession.objects.get(pk=first.session_pk)
-    assert timezone.now() - session.last_active_at < timedelta(minutes=1)
     assert ChatSession.objects.count() == 1
+    # Only a stored turn makes a session active: a request that failed left it as it was.
+    assert ChatSession.objects.get(pk=first.session_pk).last_active_at == a_day_ago
+
+
+@pytest.mark.django_db
+def test_it_marks_the_session_active_when_a_turn_is_stored(alice):
+    pk = load(alice.tenant).session_pk
+    _make_idle(pk)
+
+    record(pk, "q1", "a1")
+
+    session = ChatSession.objects.get(pk=pk)
+    assert timezone.now() - session.last_active_at < timedelta(minutes=1)
 
 
 @pytest.mark.django_db
