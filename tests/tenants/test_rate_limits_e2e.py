@@ -102,7 +102,7 @@ def redis_url(tmp_path: Path):
 
 
 def test_it_shares_counters_across_gateway_processes_through_redis(
-    engine, alice, redis_url, tmp_path
+    engine, alice, bob, redis_url, tmp_path
 ):
     from django.db import connection
 
@@ -115,7 +115,11 @@ def test_it_shares_counters_across_gateway_processes_through_redis(
         for i in range(2)
     ]
     try:
-        wait_for_fresh_window(alice.api_key.pk)
+        # A cold gateway's first request is slow (connections, caches): warm both with
+        # another tenant's key, so the counted requests fit well inside one window.
+        for gateway in gateways:
+            assert post_chat(gateway.url, bob.raw_key).status_code == 200
+        wait_for_fresh_window(alice.api_key.pk, margin=15.0)
         statuses = [post_chat(gateways[i % 2].url, alice.raw_key).status_code for i in range(8)]
     finally:
         for gateway in gateways:
