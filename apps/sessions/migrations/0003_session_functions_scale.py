@@ -63,45 +63,12 @@ END
 $$;
 """
 
-RECORD_BATCH = """
-CREATE OR REPLACE FUNCTION gateway_session_record_batch(p_batch jsonb)
-RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    item record;
-    base integer;
-    recorded bigint := 0;
-BEGIN
-    PERFORM 1 FROM chat_sessions_chatsession c
-    WHERE c.id = ANY(ARRAY(SELECT (e->>'session')::bigint FROM jsonb_array_elements(p_batch) AS e))
-    ORDER BY c.tenant_id, c.external_id
-    FOR UPDATE;
-    FOR item IN
-        SELECT (e.value->>'session')::bigint AS session, e.value->'messages' AS messages
-        FROM jsonb_array_elements(p_batch) WITH ORDINALITY AS e
-        ORDER BY e.ordinality
-    LOOP
-        UPDATE chat_sessions_chatsession SET last_active_at = now() WHERE id = item.session;
-        CONTINUE WHEN NOT FOUND;  -- deleted meanwhile: it takes no turn
-        SELECT coalesce(max(position) + 1, 0) INTO base
-        FROM chat_sessions_message WHERE session_id = item.session;
-        INSERT INTO chat_sessions_message (
-            session_id, position, role, payload, tokens, model, created_at,
-            prompt_tokens, cached_tokens, pp_tokens, pp_started_at, pp_finished_at,
-            tg_tokens, tg_started_at, tg_finished_at)
-        SELECT item.session, base + m.o - 1, left(m.r->>'role', 16), m.r->'payload',
-               (m.r->>'tokens')::integer, m.r->>'model', now(),
-               (m.r->>'prompt_tokens')::integer, (m.r->>'cached_tokens')::integer,
-               (m.r->>'pp_tokens')::integer, (m.r->>'pp_started_at')::timestamptz,
-               (m.r->>'pp_finished_at')::timestamptz, (m.r->>'tg_tokens')::integer,
-               (m.r->>'tg_started_at')::timestamptz, (m.r->>'tg_finished_at')::timestamptz
-        FROM jsonb_array_elements(item.messages) WITH ORDINALITY AS m(r, o);
-        recorded := recorded + 1;
-    END LOOP;
-    RETURN recorded;
-END
-$$;
-"""
+# The record is 0002's with its locking statement replaced.
+RECORD_BATCH = previous.RECORD_BATCH.replace(
+    "WHERE c.id IN (SELECT (e->>'session')::bigint FROM jsonb_array_elements(p_batch) AS e)",
+    "WHERE c.id = ANY(ARRAY(SELECT (e->>'session')::bigint FROM jsonb_array_elements(p_batch) AS e))",
+)
+assert RECORD_BATCH != previous.RECORD_BATCH, "0002's locking statement was not found"
 
 
 class Migration(migrations.Migration):
