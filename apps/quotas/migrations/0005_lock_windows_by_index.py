@@ -14,13 +14,10 @@ import importlib
 
 from django.db import migrations
 
+from config.sql_migrations import replaced
+
 batch = importlib.import_module("apps.quotas.migrations.0003_batch_functions")
 lease = importlib.import_module("apps.quotas.migrations.0004_lease_function")
-
-
-def replaced(sql: str, old: str, new: str) -> str:
-    assert sql.count(old) == 1, "the statement to replace is not in the function"
-    return sql.replace(old, new)
 
 
 # One index lookup per window, in the global lock order (q, s).

@@ -17,6 +17,8 @@ import importlib
 
 from django.db import migrations
 
+from config.sql_migrations import replaced
+
 # Reversing restores 0002's functions.
 previous = importlib.import_module("apps.sessions.migrations.0002_session_functions")
 
@@ -64,11 +66,11 @@ $$;
 """
 
 # The record is 0002's with its locking statement replaced.
-RECORD_BATCH = previous.RECORD_BATCH.replace(
+RECORD_BATCH = replaced(
+    previous.RECORD_BATCH,
     "WHERE c.id IN (SELECT (e->>'session')::bigint FROM jsonb_array_elements(p_batch) AS e)",
     "WHERE c.id = ANY(ARRAY(SELECT (e->>'session')::bigint FROM jsonb_array_elements(p_batch) AS e))",
 )
-assert RECORD_BATCH != previous.RECORD_BATCH, "0002's locking statement was not found"
 
 
 class Migration(migrations.Migration):
