@@ -100,6 +100,10 @@ def old_windows(alice: TenantKey) -> Quota:
     return quota
 
 
+def current_window(quota: Quota) -> QuotaWindow:
+    return QuotaWindow.objects.get(quota=quota, window_start=window_start("hour", NOW))
+
+
 def quota_scans() -> tuple[int, int]:
     # Quota itself is left out: one row here, where a sequential scan is the right plan.
     return seq_scans(QuotaWindow), seq_scans(Reservation)
@@ -120,12 +124,7 @@ def test_it_reserves_and_settles_in_batches_without_scanning(
 
     assert rows[0][-1] is True  # granted
     assert quota_scans() == before
-    assert (
-        QuotaWindow.objects.get(
-            quota=old_windows, window_start=window_start("hour", NOW)
-        ).used_tokens
-        == 7
-    )
+    assert current_window(old_windows).used_tokens == 7
 
 
 def test_it_renews_leases_without_scanning(alice: TenantKey, old_windows: Quota) -> None:
@@ -147,5 +146,5 @@ def test_it_renews_leases_without_scanning(alice: TenantKey, old_windows: Quota)
     run(LEASE_SQL, orjson.dumps([renewal]).decode())
 
     assert quota_scans() == before
-    window = QuotaWindow.objects.get(quota=old_windows, window_start=window_start("hour", NOW))
+    window = current_window(old_windows)
     assert (window.used_tokens, window.reserved_tokens) == (40, 100)

@@ -185,15 +185,13 @@ def test_it_charges_leased_usage_exactly_when_the_gateway_stops(engine, alice, t
                 assert client.post("/chat/completions", json=CHAT).status_code == 200
         # Only the requests before the lease were charged one by one; the lease holds
         # the rest of the usage and, reserved, more than it.
-        used, reserved = window(alice.tenant).used_tokens, window(alice.tenant).reserved_tokens
-        assert used < 30 * USED
-        assert reserved > 0
+        running = window(alice.tenant)
+        assert running.used_tokens < 30 * USED
+        assert running.reserved_tokens > 0
     finally:
         gateway.stop()
-    assert (window(alice.tenant).used_tokens, window(alice.tenant).reserved_tokens) == (
-        30 * USED,
-        0,
-    )
+    stopped = window(alice.tenant)
+    assert (stopped.used_tokens, stopped.reserved_tokens) == (30 * USED, 0)
 
 
 def test_it_never_exceeds_a_leased_quota_across_gateway_processes(engine, alice, tmp_path):
@@ -225,8 +223,9 @@ def test_it_never_exceeds_a_leased_quota_across_gateway_processes(engine, alice,
             gateway.stop()
     granted = statuses.count(200)
     assert statuses.count(200) + statuses.count(429) == len(statuses)
-    assert window(alice.tenant).used_tokens == granted * RESERVED
-    assert window(alice.tenant).reserved_tokens == 0
+    settled = window(alice.tenant)
+    assert settled.used_tokens == granted * RESERVED
+    assert settled.reserved_tokens == 0
     assert granted <= fits  # never past the limit
     # Spare tokens of the other process's lease may refuse a request that would just fit,
     # while it still holds them (at most 1/16 of what was left): a few at most.
