@@ -120,10 +120,13 @@ def test_it_shares_counters_across_gateway_processes_through_redis(
         for gateway in gateways:
             assert post_chat(gateway.url, bob.raw_key).status_code == 200
         wait_for_fresh_window(alice.api_key.pk, margin=15.0)
+        started, window = time.time(), _get_window(str(alice.api_key.pk), 60)
         statuses = [post_chat(gateways[i % 2].url, alice.raw_key).status_code for i in range(8)]
+        took, same_window = time.time() - started, window == _get_window(str(alice.api_key.pk), 60)
     finally:
         for gateway in gateways:
             gateway.stop()
     # Local counters would let 5 through each process (10 in all); shared ones let 5 in all.
-    assert statuses.count(200) == 5
+    # (This failed twice in full runs with 6 admitted; the message is for the next time.)
+    assert statuses.count(200) == 5, f"{statuses=} {took=:.2f}s {same_window=}"
     assert statuses.count(429) == 3
