@@ -5,7 +5,10 @@ recorded turn cost ~2 ms at 5,000 sessions, and more with each one).
 Each test fills a table far past one page and analyzes it, as autovacuum would (which also
 drops the plans this connection cached while the table was tiny, where a sequential scan is
 right), calls a function and counts the sequential scans this transaction made on the
-table (pg_stat_xact_user_tables)."""
+table (pg_stat_xact_user_tables).
+
+Plans a connection made while the tables were tiny are tested too: they live until the
+next ANALYZE, and a fresh database's tables outgrow them within seconds."""
 
 from __future__ import annotations
 
@@ -41,6 +44,26 @@ def seq_scans(model: type) -> int:
     return row[0] if row else 0
 
 
+def rows_read(model: type) -> int:
+    """Rows this transaction read from the table, by sequential and by index scans."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+            " FROM pg_stat_xact_user_tables WHERE relid = %s::regclass",
+            [model._meta.db_table],
+        )
+        row = cursor.fetchone()
+    return row[0] if row else 0
+
+
+def plan_for_any_values() -> None:
+    """From now on this transaction reuses one plan per statement, made on first use
+    without looking at the values (what a connection settles on after five calls)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        cursor.execute("DISCARD PLANS")
+
+
 def analyze(*models: type) -> None:
     with connection.cursor() as cursor:
         for model in models:
@@ -53,7 +76,7 @@ def run(sql: str, *params: object) -> list[tuple]:
         return cursor.fetchall() if cursor.description else []
 
 
-def many_sessions(owner: TenantKey) -> list[ChatSession]:
+def many_sessions(owner: TenantKey, *, analyzed: bool = True) -> list[ChatSession]:
     sessions = ChatSession.objects.bulk_create(
         ChatSession(tenant=owner.tenant, external_id=f"s-{i}") for i in range(ROWS)
     )
@@ -61,7 +84,8 @@ def many_sessions(owner: TenantKey) -> list[ChatSession]:
         Message(session=s, position=0, role="user", payload={"role": "user", "content": "hi"})
         for s in sessions
     )
-    analyze(ChatSession, Message)
+    if analyzed:
+        analyze(ChatSession, Message)
     return sessions
 
 
@@ -84,6 +108,26 @@ def test_it_records_turns_without_scanning_all_sessions(alice: TenantKey) -> Non
 
     assert (seq_scans(ChatSession), seq_scans(Message)) == before
     assert Message.objects.filter(session=sessions[5]).count() == 2
+
+
+def test_it_opens_and_records_by_index_with_plans_made_on_empty_tables(
+    alice: TenantKey,
+) -> None:
+    """A session's lookup has one index to use and the record locks by primary key, so the
+    plans made before the tables filled up still read one session row per item."""
+    turn = {"role": "user", "payload": {"role": "user", "content": "q"}, "model": "m"}
+    plan_for_any_values()
+    first = store.open_now(store.open_item(tenant_id=alice.tenant.pk, external_id="first"))
+    store.record_now({"session": first[1], "messages": [turn]})
+    sessions = many_sessions(alice, analyzed=False)
+
+    before = rows_read(ChatSession)
+    store.open_now(store.open_item(tenant_id=alice.tenant.pk, external_id="s-17"))
+    opened = rows_read(ChatSession)
+    store.record_now({"session": sessions[5].pk, "messages": [turn]})
+
+    # 0003's functions read 19 (the open) and all 3,000 (the record) here.
+    assert (opened - before, rows_read(ChatSession) - opened) == (1, 1)
 
 
 @pytest.fixture

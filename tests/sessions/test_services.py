@@ -7,10 +7,12 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from django.db import connection
 from django.utils import timezone
 
+from apps.sessions import store
 from apps.sessions.models import ChatSession, Message
 from apps.sessions.services import (
     StoredMessage,
@@ -368,3 +370,32 @@ def test_it_serialises_concurrent_turns_of_one_session(alice):
     # Each turn is contiguous: a question is always followed by its own answer.
     for question, answer in zip(rows[::2], rows[1::2], strict=True):
         assert answer.payload["content"] == "a" + question.payload["content"][1:]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_records_batches_that_list_the_same_sessions_in_any_order(alice):
+    """Each batch locks its sessions in session id order, whatever order its turns came
+    in: batches naming the same sessions the other way round never deadlock."""
+    pks = [load(alice.tenant, f"pair-{i}").session_pk for i in range(2)]
+
+    def turns(i: int) -> None:
+        for round_ in range(10):
+            order = pks if (i + round_) % 2 else pks[::-1]
+            batch = [
+                store.turn_item(
+                    session_pk=pk, new_messages=[user(f"q{i}.{round_}")],
+                    reply=reply(f"a{i}.{round_}"), model="m", metrics=NO_METRICS,
+                    token_counts={}, reply_tokens=None,
+                )
+                for pk in order
+            ]  # fmt: skip
+            with connection.cursor() as cursor:
+                cursor.execute(store.RECORD_SQL, [orjson.dumps(batch).decode()])
+
+    run_in_threads(4, turns)
+
+    for pk in pks:
+        rows = list(Message.objects.filter(session_id=pk).order_by("position"))
+        assert [m.position for m in rows] == list(range(80))
+        assert all(a.payload["content"] == "a" + q.payload["content"][1:]
+                   for q, a in zip(rows[::2], rows[1::2], strict=True))  # fmt: skip
