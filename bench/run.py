@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -89,7 +90,9 @@ class WrkResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class Comparison:
+class Round:
+    """One run of each target, back to back."""
+
     direct: WrkResult
     gateway: WrkResult
     bare: WrkResult | None = None  # bench/bare_proxy.py: a proxy that only forwards
@@ -112,6 +115,63 @@ class Comparison:
     @property
     def added_p99_ms(self) -> float:
         return self.gateway.p99_ms - self.direct.p99_ms
+
+
+def median_result(results: list[WrkResult]) -> WrkResult:
+    """Each figure's median over the rounds; requests and errors summed."""
+    errors = {k: sum(r.socket_errors.get(k, 0) for r in results) for k in results[0].socket_errors}
+    return WrkResult(
+        requests=sum(r.requests for r in results),
+        duration_s=sum(r.duration_s for r in results),
+        non_2xx=sum(r.non_2xx for r in results),
+        socket_errors=errors,
+        **{
+            name: statistics.median(getattr(r, name) for r in results)
+            for name in ("rps", "p50_ms", "p90_ms", "p99_ms", "max_ms")
+        },
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """A scenario's rounds. The host drifts (other tenants of the machine), so each round
+    compares targets measured seconds apart, and every figure is the median over rounds
+    of that round's ratio or difference, not a ratio of figures taken minutes apart."""
+
+    rounds: list[Round]
+
+    def _median(self, figure: Callable[[Round], float | None]) -> float | None:
+        values = [v for v in map(figure, self.rounds) if v is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def direct(self) -> WrkResult:
+        return median_result([r.direct for r in self.rounds])
+
+    @property
+    def gateway(self) -> WrkResult:
+        return median_result([r.gateway for r in self.rounds])
+
+    @property
+    def bare(self) -> WrkResult | None:
+        bares = [r.bare for r in self.rounds if r.bare is not None]
+        return median_result(bares) if bares else None
+
+    @property
+    def ratio(self) -> float:
+        return self._median(lambda r: r.ratio) or 0.0
+
+    @property
+    def bare_ratio(self) -> float | None:
+        return self._median(lambda r: r.bare_ratio)
+
+    @property
+    def added_p50_ms(self) -> float:
+        return self._median(lambda r: r.added_p50_ms) or 0.0
+
+    @property
+    def added_p99_ms(self) -> float:
+        return self._median(lambda r: r.added_p99_ms) or 0.0
 
 
 SCENARIOS = [
@@ -190,21 +250,32 @@ def parse_wrk_json(data: dict[str, Any]) -> WrkResult:
     )
 
 
-def measure(url: str, scenario: Scenario, api_key: str, args: argparse.Namespace) -> WrkResult:
-    body = scenario.body()
-    sessions = args.sessions if api_key else 0  # only the gateway keeps sessions
-    # Warm-up fills connection pools and caches so the measured run sees steady state.
-    run_wrk(url, body, api_key, WARMUP_SECONDS, args.connections, sessions)
-    return run_wrk(url, body, api_key, args.duration, args.connections, sessions)
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    base_url: str
+    api_key: str = ""  # only the gateway has one, and only the gateway keeps sessions
+
+    def run(self, scenario: Scenario, seconds: int, args: argparse.Namespace) -> WrkResult:
+        sessions = args.sessions if self.api_key else 0
+        url = self.base_url + "/v1/chat/completions"
+        return run_wrk(url, scenario.body(), self.api_key, seconds, args.connections, sessions)
 
 
-def measure_target(
-    target: str, base_url: str, scenario: Scenario, api_key: str, args: argparse.Namespace
-) -> WrkResult:
-    url = base_url + "/v1/chat/completions"
-    smoke_test(url, scenario, api_key)
-    note(f"{scenario.key}) {scenario.title}: {target} ...")
-    return measure(url, scenario, api_key, args)
+def measure_scenario(
+    scenario: Scenario, targets: list[Target], args: argparse.Namespace
+) -> list[list[WrkResult]]:
+    """Per target, one result per round. Every target gets a smoke request and a warm-up
+    (pools and caches filled, so the rounds see steady state) before the first round."""
+    for target in targets:
+        smoke_test(target.base_url + "/v1/chat/completions", scenario, target.api_key)
+        target.run(scenario, WARMUP_SECONDS, args)
+    results: list[list[WrkResult]] = [[] for _ in targets]
+    for round_ in range(1, args.rounds + 1):
+        note(f"{scenario.key}) {scenario.title}: round {round_}/{args.rounds}")
+        for target, runs in zip(targets, results, strict=True):
+            runs.append(target.run(scenario, args.duration, args))
+    return results
 
 
 # --- processes -------------------------------------------------------------------------
@@ -492,6 +563,14 @@ def write_results(rows: list[tuple[Scenario, Comparison]], args: argparse.Namesp
                 "gateway_vs_bare": c.bare_ratio,
                 "added_p50_ms": c.added_p50_ms,
                 "added_p99_ms": c.added_p99_ms,
+                "rounds": [
+                    {
+                        "direct": result_dict(r.direct),
+                        "bare": result_dict(r.bare) if r.bare else None,
+                        "gateway": result_dict(r.gateway),
+                    }
+                    for r in c.rounds
+                ],
                 "budget": scenario.budget,
                 "passed": scenario.check(c),
                 "valid": c.direct.error_count == 0 and c.gateway.error_count == 0,
@@ -501,6 +580,7 @@ def write_results(rows: list[tuple[Scenario, Comparison]], args: argparse.Namesp
     document = {
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "connections": args.connections,
         "threads": THREADS,
         "cpus": os.cpu_count(),
@@ -518,7 +598,10 @@ def write_results(rows: list[tuple[Scenario, Comparison]], args: argparse.Namesp
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--duration", type=int, default=4, help="seconds per target per round")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of back-to-back runs (medians are shown)"
+    )
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument(
         "--scenarios", default="abc", help="which scenarios to run, e.g. 'ac' (default: abc)"
@@ -546,6 +629,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.connections < THREADS:
         parser.error(f"--connections must be at least {THREADS}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     return args
 
 
@@ -574,13 +659,22 @@ def run(args: argparse.Namespace) -> int:
                 bare.start()
         direct_rows: list[tuple[Scenario, WrkResult]] = []
         rows: list[tuple[Scenario, Comparison]] = []
+        targets = [Target("direct", engine.url)]
+        if bare is not None:
+            targets.append(Target("bare", bare.url))
+        if gateway is not None:
+            targets.append(Target("gateway", gateway.url, api_key))
         for scenario in scenarios:
-            direct = measure_target("direct", engine.url, scenario, "", args)
-            direct_rows.append((scenario, direct))
+            measured = measure_scenario(scenario, targets, args)
+            runs = {t.name: results for t, results in zip(targets, measured, strict=True)}
+            direct_rows.append((scenario, median_result(runs["direct"])))
             if gateway is not None:
-                floor = measure_target("bare", bare.url, scenario, "", args) if bare else None
-                through = measure_target("gateway", gateway.url, scenario, api_key, args)
-                rows.append((scenario, Comparison(direct, through, floor)))
+                bares = runs.get("bare") or [None] * args.rounds
+                rounds = [
+                    Round(d, g, b)
+                    for d, g, b in zip(runs["direct"], runs["gateway"], bares, strict=True)
+                ]
+                rows.append((scenario, Comparison(rounds)))
         if gateway is None:
             print_direct_table(direct_rows)
             note("--direct-only: no gateway, no budgets checked, no results file written")
