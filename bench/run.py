@@ -256,25 +256,28 @@ class Target:
     base_url: str
     api_key: str = ""  # only the gateway has one, and only the gateway keeps sessions
 
+    @property
+    def url(self) -> str:
+        return self.base_url + "/v1/chat/completions"
+
     def run(self, scenario: Scenario, seconds: int, args: argparse.Namespace) -> WrkResult:
         sessions = args.sessions if self.api_key else 0
-        url = self.base_url + "/v1/chat/completions"
-        return run_wrk(url, scenario.body(), self.api_key, seconds, args.connections, sessions)
+        return run_wrk(self.url, scenario.body(), self.api_key, seconds, args.connections, sessions)
 
 
 def measure_scenario(
     scenario: Scenario, targets: list[Target], args: argparse.Namespace
-) -> list[list[WrkResult]]:
-    """Per target, one result per round. Every target gets a smoke request and a warm-up
-    (pools and caches filled, so the rounds see steady state) before the first round."""
+) -> dict[str, list[WrkResult]]:
+    """Per target name, one result per round. Every target gets a smoke request and a
+    warm-up (pools and caches filled, so the rounds see steady state) before the first."""
     for target in targets:
-        smoke_test(target.base_url + "/v1/chat/completions", scenario, target.api_key)
+        smoke_test(target.url, scenario, target.api_key)
         target.run(scenario, WARMUP_SECONDS, args)
-    results: list[list[WrkResult]] = [[] for _ in targets]
+    results: dict[str, list[WrkResult]] = {target.name: [] for target in targets}
     for round_ in range(1, args.rounds + 1):
         note(f"{scenario.key}) {scenario.title}: round {round_}/{args.rounds}")
-        for target, runs in zip(targets, results, strict=True):
-            runs.append(target.run(scenario, args.duration, args))
+        for target in targets:
+            results[target.name].append(target.run(scenario, args.duration, args))
     return results
 
 
@@ -665,8 +668,7 @@ def run(args: argparse.Namespace) -> int:
         if gateway is not None:
             targets.append(Target("gateway", gateway.url, api_key))
         for scenario in scenarios:
-            measured = measure_scenario(scenario, targets, args)
-            runs = {t.name: results for t, results in zip(targets, measured, strict=True)}
+            runs = measure_scenario(scenario, targets, args)
             direct_rows.append((scenario, median_result(runs["direct"])))
             if gateway is not None:
                 bares = runs.get("bare") or [None] * args.rounds

@@ -34,26 +34,24 @@ ROWS = 3000
 NOW = datetime(2026, 11, 22, 18, 30, tzinfo=UTC)
 
 
-def seq_scans(model: type) -> int:
+def xact_stat(model: type, figure: str) -> int:
+    """A figure of pg_stat_xact_user_tables for the table: this transaction's so far."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT coalesce(seq_scan, 0) FROM pg_stat_xact_user_tables WHERE relid = %s::regclass",
+            f"SELECT {figure} FROM pg_stat_xact_user_tables WHERE relid = %s::regclass",
             [model._meta.db_table],
         )
         row = cursor.fetchone()
     return row[0] if row else 0
+
+
+def seq_scans(model: type) -> int:
+    return xact_stat(model, "coalesce(seq_scan, 0)")
 
 
 def rows_read(model: type) -> int:
     """Rows this transaction read from the table, by sequential and by index scans."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
-            " FROM pg_stat_xact_user_tables WHERE relid = %s::regclass",
-            [model._meta.db_table],
-        )
-        row = cursor.fetchone()
-    return row[0] if row else 0
+    return xact_stat(model, "coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)")
 
 
 def plan_for_any_values() -> None:
