@@ -57,7 +57,7 @@ async def session_store_close() -> None:
 
 async def _record(item: dict[str, Any]) -> None:
     try:
-        await asyncio.shield(store.record_batcher.submit(orjson.dumps(item)))
+        await asyncio.shield(store.record_batcher.submit(store.serialized(item)))
     except psycopg.Error:
         logger.warning("session record batch failed; recording alone", exc_info=True)
         await _record_alone(item)
@@ -69,6 +69,7 @@ class SessionTurn:
     new_messages: list[dict[str, Any]]
     token_counts: dict[int, int]
     history_dropped: int
+    history_tokens: int  # of the stored history sent along: what the engine may have cached
     variant: VariantRoute
     # Counted by the heuristic where the count matters (a managed engine that was not
     # running yet): recount with the engine's tokenizer before storing.
@@ -126,6 +127,10 @@ async def session_prepare(
         new_messages=new_messages,
         token_counts=dict(enumerate(counts)),
         history_dropped=dropped,
+        history_tokens=sum(
+            m.tokens if m.tokens is not None else heuristic_message_tokens(m.payload)
+            for m in context.history[dropped:]
+        ),
         variant=variant,
         recount=budget is not None and not counted.exact,
     )

@@ -50,14 +50,14 @@ def turn_item(
     reply_tokens: int | None,
 ) -> dict[str, Any]:
     """The client's new (non-system) messages and the reply, as the record function takes
-    them; the reply carries the engine's metrics."""
+    them (serialize it with `serialized`); the reply carries the engine's metrics."""
     messages = [
-        {"role": str(payload.get("role") or ""), "payload": storable(payload),
+        {"role": str(payload.get("role") or ""), "payload": payload,
          "tokens": token_counts.get(index), "model": model}
         for index, payload in enumerate(new_messages)
         if payload.get("role") not in SYSTEM_ROLES
     ]  # fmt: skip
-    answer = storable({"role": "assistant", **reply})
+    answer = {"role": "assistant", **reply}
     messages.append(
         {
             "role": "assistant",
@@ -67,18 +67,26 @@ def turn_item(
             "prompt_tokens": metrics.prompt_tokens,
             "cached_tokens": metrics.cached_tokens,
             "pp_tokens": metrics.pp_tokens,
-            "pp_started_at": _iso(metrics.pp_started_at),
-            "pp_finished_at": _iso(metrics.pp_finished_at),
+            "pp_started_at": _epoch(metrics.pp_started_at),
+            "pp_finished_at": _epoch(metrics.pp_finished_at),
             "tg_tokens": metrics.tg_tokens,
-            "tg_started_at": _iso(metrics.tg_started_at),
-            "tg_finished_at": _iso(metrics.tg_finished_at),
+            "tg_started_at": _epoch(metrics.tg_started_at),
+            "tg_finished_at": _epoch(metrics.tg_finished_at),
         }
     )
     return {"session": session_pk, "messages": messages}
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment is not None else None
+def _epoch(moment: datetime | None) -> float | None:
+    return moment.timestamp() if moment is not None else None
+
+
+def serialized(item: dict[str, Any]) -> bytes:
+    """`item` as JSON that PostgreSQL's jsonb takes: a message (the client's or the
+    engine's) with U+0000 in it must not fail the turn. Checked on the serialized bytes,
+    where it is always escaped, so the common case costs one search."""
+    data = orjson.dumps(item)
+    return orjson.dumps(storable(item)) if b"\\u0000" in data else data
 
 
 def storable(value: Any) -> Any:
@@ -98,13 +106,13 @@ def storable(value: Any) -> Any:
 
 def open_now(item: dict[str, Any]) -> OpenRow:
     with connection.cursor() as cursor:
-        cursor.execute(OPEN_SQL, [orjson.dumps([item]).decode()])
+        cursor.execute(OPEN_SQL, [json_array([orjson.dumps(item)])])
         return cursor.fetchone()
 
 
 def record_now(item: dict[str, Any]) -> None:
     with connection.cursor() as cursor:
-        cursor.execute(RECORD_SQL, [orjson.dumps([item]).decode()])
+        cursor.execute(RECORD_SQL, [json_array([serialized(item)])])
 
 
 # --- async driver (batches) --------------------------------------------------------------
@@ -126,6 +134,6 @@ async def _execute_records(conn: psycopg.AsyncConnection, items: list[bytes]) ->
     return [None] * len(items)
 
 
-# Items are orjson.dumps() of open_item() / turn_item(), made by the submitter.
+# Items are orjson.dumps(open_item()) / serialized(turn_item()), made by the submitter.
 open_batcher: Batcher[bytes] = Batcher("session-open", _execute_opens)
 record_batcher: Batcher[bytes] = Batcher("session-record", _execute_records)
