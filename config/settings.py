@@ -213,6 +213,10 @@ QUOTA_LEASE_FLUSH_SECONDS = env_float("QUOTA_LEASE_FLUSH_SECONDS", 0.25)
 # long one may wait; beyond either, 503 with Retry-After.
 SCHEDULER_MAX_QUEUE = env_int("SCHEDULER_MAX_QUEUE", 1000)
 SCHEDULER_MAX_WAIT_SECONDS = env_float("SCHEDULER_MAX_WAIT_SECONDS", 120.0)
+# A session whose history sent along has at least this many tokens waits briefly for its own
+# (busy) llama.cpp slot, whose prompt cache holds that history; a shorter one takes any
+# free slot at once.
+SCHEDULER_STICKY_MIN_TOKENS = env_int("SCHEDULER_STICKY_MIN_TOKENS", 256)
 # Set by `serve` for its workers when it runs several: the address of the one scheduler
 # they share (apps/engines/scheduler_service.py). Empty: each process schedules alone.
 SCHEDULER_SOCKET = env_str("SCHEDULER_SOCKET", "")

@@ -14,8 +14,11 @@ max(clock, finish), FIFO within a tenant; a newcomer starts at the clock, so it 
 before any tenant that already got a grant at this clock: within one grant per waiting tenant.
 
 Stickiness: a session's last (replica, slot) is remembered (bounded LRU), so llama.cpp's
-prompt cache for that conversation is reused. If that slot is busy, the request insists on it
-for `sticky_wait` seconds, then takes any free slot (same replica first) and remembers it.
+prompt cache for that conversation is reused. If that slot is busy, a request that says the
+cache is worth waiting for (`insist`: its session's history is long) insists on it for
+`sticky_wait` seconds, then takes any free slot (same replica first) and remembers it; one
+that does not takes another free slot at once, since recomputing a short prompt costs less
+than waiting for someone else's answer.
 
 Pure asyncio and per process: each gateway worker schedules its own requests. An
 uncontended acquire never suspends and creates no task or timer.
@@ -378,12 +381,15 @@ class Scheduler:
         tenant: str,
         weight: int = 1,
         session: str | None = None,
+        insist: bool = True,
         max_queue: int,
         max_wait: float,
         replica_order: tuple[int, ...] = (),
     ) -> _Lease:
         """An async context manager yielding a Placement; raises SchedulerBusy on enter.
 
+        `insist`: wait up to `sticky_wait` for the session's remembered slot if it is busy
+        (its prompt cache is worth it), rather than take another free slot at once.
         `replica_order`: replicas to place a request without a remembered slot on first,
         best first, while they have a free slot (e.g. those already running the variant
         the request needs, so a managed engine is not swapped needlessly); the others
@@ -398,6 +404,7 @@ class Scheduler:
             "tenant": tenant,
             "weight": weight,
             "session": session,
+            "insist": insist,
             "max_queue": max_queue,
             "max_wait": max_wait,
             "replica_order": tuple(replica_order),
@@ -413,6 +420,7 @@ class Scheduler:
         tenant: str,
         weight: int = 1,
         session: str | None = None,
+        insist: bool = True,
         max_queue: int,
         max_wait: float,
         replica_order: tuple[int, ...] = (),
@@ -422,7 +430,7 @@ class Scheduler:
         state = engine.tenant(tenant, weight)
         key = None if session is None else (engine_key, tenant, session)
         preferred = None if key is None else engine.valid(self._sessions.get(key))
-        insist = preferred is not None and self.sticky_wait > 0
+        insist = insist and preferred is not None and self.sticky_wait > 0
         slot = None
         order = tuple(replica_order)
         if not engine.waiting:  # nobody queued: no fairness decision to make

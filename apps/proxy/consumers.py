@@ -281,6 +281,9 @@ class ProxyConsumer(V1Consumer):
                 tenant=ex.principal.tenant_slug,
                 weight=ex.principal.tenant_weight,
                 session=self.session_id,
+                # Waiting for the session's own slot pays only when its cached history
+                # would take longer to recompute than someone else's answer takes.
+                insist=self.history_tokens >= settings.SCHEDULER_STICKY_MIN_TOKENS,
                 max_queue=settings.SCHEDULER_MAX_QUEUE,
                 max_wait=settings.SCHEDULER_MAX_WAIT_SECONDS,
                 replica_order=await replica_order(variant),
@@ -309,6 +312,7 @@ class ProxyConsumer(V1Consumer):
             ) from None
 
     session_id: str | None = None
+    history_tokens = 0  # of the session history sent along (prepare)
 
     async def prepare(self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute) -> bool:
         """Endpoint-specific stages before sizing (`variant`: the model's largest); True if
@@ -409,6 +413,7 @@ class ChatCompletionsConsumer(GeneratingConsumer):
             ex=ex, external_id=self.session_id, payload=payload, variant=variant
         )
         ex.before_finish = functools.partial(session_record, ex=ex, turn=turn)
+        self.history_tokens = turn.history_tokens
         ex.response_headers.append((b"x-session-id", self.session_id.encode()))
         return True
 

@@ -146,6 +146,63 @@ def test_it_sends_a_session_to_the_same_llamacpp_slot(engine, openai_client, fak
     assert len(set(slots)) == 1
 
 
+STICKY_WAIT = 0.5  # apps.engines.scheduler.DEFAULT_STICKY_WAIT
+
+
+@pytest.mark.parametrize(
+    ("history_words", "slow_seconds", "expected_slot"),
+    [(3, 2.0, 1), (600, 0.15, 0)],
+    ids=["short-history-moves-at-once", "long-history-waits-for-its-slot"],
+)
+def test_it_waits_for_a_sessions_busy_slot_only_for_a_long_history(
+    engine, gateway, alice, fake_engine, history_words, slow_seconds, expected_slot
+):
+    """Recomputing a few tokens elsewhere beats waiting for another request to finish;
+    a history of SCHEDULER_STICKY_MIN_TOKENS (256) or more is worth the wait."""
+    Engine.objects.filter(pk=engine.pk).update(slots=2)
+    session = f"sticky-{history_words}"
+
+    async def run() -> dict[str, tuple[float, float]]:
+        times: dict[str, tuple[float, float]] = {}  # tag: (sent, finished)
+        clock = asyncio.get_running_loop().time
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+
+            async def chat(tag: str, content: str, session: str | None = None, **fake):
+                headers = alice.auth | ({"X-Session-Id": session} if session else {})
+                body = {
+                    "model": FAKE_MODEL,
+                    "messages": [{"role": "user", "content": content}],
+                    "fake": fake,
+                }
+                sent = clock()
+                response = await client.post("/chat/completions", json=body, headers=headers)
+                assert response.status_code == 200, response.text
+                times[tag] = (sent, clock())
+
+            await chat("first", " ".join(["word"] * history_words), session=session)
+            slow = asyncio.ensure_future(chat("slow", "busy", delay=slow_seconds))
+            await asyncio.to_thread(wait_until, lambda: len(chat_requests(fake_engine)) == 2)
+            await chat("second", "and now?", session=session)
+            await slow
+        return times
+
+    times = asyncio.run(run())
+    slots = [r["body"].get("id_slot") for r in chat_requests(fake_engine)]
+    # The session had slot 0, the lowest free one, which the slow request (no session, so
+    # no id_slot) took next.
+    assert [slots[0], slots[2]] == [0, expected_slot]
+    sent, finished = times["second"]
+    if expected_slot == 1:  # moved at once: no sticky wait, done long before the slow one
+        assert finished - sent < STICKY_WAIT
+        assert finished < times["slow"][1]
+    else:  # waited for the slow request to free its slot
+        assert finished > times["slow"][1]
+
+
+def chat_requests(fake_engine) -> list[dict]:
+    return [r for r in fake_engine.requests() if r["path"] == "/v1/chat/completions"]
+
+
 def test_it_serves_a_single_request_promptly_behind_another_tenants_burst(
     engine, gateway, alice, bob, fake_engine
 ):

@@ -314,6 +314,20 @@ async def test_it_moves_a_session_when_its_slot_stays_busy() -> None:
     assert sched.stats(ENGINE)["sticky_moves"] == 1
 
 
+async def test_it_takes_another_slot_at_once_when_the_cache_is_not_worth_waiting_for() -> None:
+    sched = Scheduler(sticky_wait=5.0)
+    async with lease(sched, slots=2, session="chat-1") as first:
+        pass
+    _, other = await hold(sched, "x", slots=2)  # takes slot 0, the session's slot
+    async with lease(sched, slots=2, session="chat-1", insist=False) as moved:
+        assert (moved.slot, moved.sticky, moved.waited) == (1, False, 0.0)
+    await other.__aexit__(None, None, None)
+    async with lease(sched, slots=2, session="chat-1", insist=False) as again:
+        assert (again.slot, again.sticky) == (1, True)  # a free remembered slot still wins
+    assert first.slot == 0
+    assert sched.stats(ENGINE)["granted_after_wait"] == 0
+
+
 async def test_it_does_not_let_a_sticky_waiter_block_others() -> None:
     sched = Scheduler(sticky_wait=5.0)
     async with lease(sched, slots=2, session="chat-1"):
