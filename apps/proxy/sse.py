@@ -31,26 +31,66 @@ def _has_generated_content(chunk: dict[str, Any]) -> bool:
     return False
 
 
+def _parsed_or_none(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
 def error_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 class ReplyCollector:
-    """Rebuilds the assistant message from chat-completion deltas (for session history)."""
+    """Rebuilds the assistant message from chat-completion deltas (for session history).
+
+    Events the relay had no other reason to parse are kept as they came (`add_raw`) and
+    parsed together when the message is asked for, or before the next parsed chunk (so
+    the order holds): one JSON parse for a stream's worth of events instead of one each."""
 
     def __init__(self) -> None:
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
+        self._raw: list[bytes] = []  # `data:` payloads not parsed yet, in order
+        self._raw_generated = 0  # of those parsed since, events that carried generated text
+
+    def add_raw(self, data: bytes) -> None:
+        self._raw.append(data)
 
     def add(self, chunk: dict[str, Any]) -> None:
+        if self._raw:
+            self._parse_raw()
+        self._add(chunk)
+
+    def _parse_raw(self) -> None:
+        raw, self._raw = self._raw, []
+        try:
+            chunks = orjson.loads(b"[" + b",".join(raw) + b"]")
+        except orjson.JSONDecodeError:  # one bad event: parse them one by one, skip it
+            chunks = [_parsed_or_none(data) for data in raw]
+        for chunk in chunks:
+            if isinstance(chunk, dict):
+                self._add(chunk)
+                self._raw_generated += _has_generated_content(chunk)
+
+    def raw_generated_events(self) -> int:
+        """Events handed over unparsed (`add_raw`) that carried generated text."""
+        if self._raw:
+            self._parse_raw()
+        return self._raw_generated
+
+    def _add(self, chunk: dict[str, Any]) -> None:
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
+            # Empty strings are no text (the role chunk carries one): a stream that
+            # generated nothing has no reply.
+            if isinstance(delta.get("content"), str) and delta["content"]:
                 self.content.append(delta["content"])
-            if isinstance(delta.get("reasoning_content"), str):
+            if isinstance(delta.get("reasoning_content"), str) and delta["reasoning_content"]:
                 self.reasoning.append(delta["reasoning_content"])
             for call in delta.get("tool_calls") or ():
                 self._merge_tool_call(call)
@@ -67,6 +107,8 @@ class ReplyCollector:
 
     def message(self) -> dict[str, Any] | None:
         """The reply so far, or None when nothing was generated."""
+        if self._raw:
+            self._parse_raw()
         if not (self.content or self.reasoning or self.tool_calls):
             return None
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
@@ -91,7 +133,9 @@ class SseRelay:
         self.tool_parser = tool_parser
         self.first_token_at: float | None = None  # perf_counter() of the first generated token
         self.last_token_at: float | None = None
-        self.content_events = 0  # events carrying generated text: ~1 token each
+        # Events forwarded as content without parsing them (~1 token each), or parsed and
+        # seen to carry generated text; those the reply collector parses count there.
+        self.content_events = 0
         self.usage: dict[str, Any] | None = None
         self.timings: dict[str, Any] | None = None
         self.saw_done = False
@@ -110,8 +154,13 @@ class SseRelay:
         complete, self._tail = buffer[: end + 2], buffer[end + 2 :]
         if self._plain(complete):
             # Steady state: nothing to look at, so forward the bytes as they are.
-            self.content_events += complete.count(b"\n\n")
             self.last_token_at = time.perf_counter()
+            if self.reply is None:
+                self.content_events += complete.count(b"\n\n")
+                return complete
+            for event in complete.split(b"\n\n"):
+                if event.startswith(b"data:"):
+                    self.reply.add_raw(event[5:])
             return complete
         out = [self._relay(event) for event in complete.split(b"\n\n") if event]
         return b"".join(event for event in out if event)
@@ -120,8 +169,7 @@ class SseRelay:
         """True when no event needs parsing: the first token is seen, no usage, no error,
         no [DONE] (which the gateway itself sends last)."""
         return (
-            self.reply is None
-            and self.tool_parser is None
+            self.tool_parser is None
             and self.first_token_at is not None
             and b'"usage":{' not in events
             and b'"usage": {' not in events
@@ -137,15 +185,17 @@ class SseRelay:
             self.saw_done = True
             return self._flush_tool_parser()
         wants_parse = (
-            self.reply is not None
-            or self.tool_parser is not None
+            self.tool_parser is not None
             or self.first_token_at is None
             or (b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data)
             or b'"error"' in data
         )
         if not wants_parse:
-            self.content_events += 1
             self.last_token_at = time.perf_counter()
+            if self.reply is None:
+                self.content_events += 1
+            else:
+                self.reply.add_raw(data)
             return event + b"\n\n"
         try:
             chunk = orjson.loads(data)
@@ -190,6 +240,13 @@ class SseRelay:
             return b""  # the usage-only chunk the client did not ask for
         del chunk["usage"]
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def generated_events(self) -> int:
+        """Events that carried generated text (~1 token each): the completion's size when
+        the engine reports no usage. Exact when the reply is collected (every event is
+        parsed, at the end); otherwise content events forwarded unparsed count too."""
+        raw = self.reply.raw_generated_events() if self.reply is not None else 0
+        return self.content_events + raw
 
     def finish(self) -> bytes:
         """Whatever incomplete event is left when the engine closes the stream."""

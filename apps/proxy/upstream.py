@@ -251,7 +251,7 @@ async def _relay_stream(
         ex.timings = relay.timings
         if relay.reply is not None:
             ex.reply = relay.reply.message()
-        ex.record_usage(relay.usage, fallback_completion=relay.content_events)
+        ex.record_usage(relay.usage, fallback_completion=relay.generated_events())
     if failure is not None:
         ex.status, ex.error_code = failure.status, failure.code or ""
         await responder.send_body(error_event(failure.payload()), more_body=True)

@@ -26,7 +26,7 @@ def test_it_forwards_complete_events_and_holds_partial_ones():
     whole = event(content("a")) + event(content("b"))
     assert relay.feed(whole[:10]) == b""
     assert relay.feed(whole[10:]) == whole
-    assert relay.content_events == 2
+    assert relay.generated_events() == 2
     assert relay.first_token_at is not None
 
 
@@ -73,3 +73,57 @@ def test_it_remembers_an_error_event_from_the_engine():
     relay = SseRelay(client_wants_usage=False)
     relay.feed(event(content("x")) + event({"error": {"message": "boom", "code": 500}}))
     assert relay.upstream_error == {"message": "boom", "code": 500}
+
+
+def delta(**fields) -> dict:
+    return {"choices": [{"index": 0, "delta": fields, "finish_reason": None}], "usage": None}
+
+
+def test_it_rebuilds_the_reply_from_events_in_any_framing():
+    stream = [
+        event(delta(role="assistant", content="")),
+        event(delta(reasoning_content="think ")),
+        *(event(content(piece)) for piece in ("Hel", "lo", " there")),
+        event({"choices": [{"index": 1, "delta": {"content": "other choice"}}]}),
+        event(delta(tool_calls=[{"index": 0, "id": "c1", "function": {"name": "get"}}])),
+        event(delta(tool_calls=[{"index": 0, "function": {"arguments": '{"a":'}}])),
+        event(delta(tool_calls=[{"index": 0, "function": {"arguments": " 1}"}}])),
+        event(USAGE),
+        b"data: [DONE]\n\n",
+    ]
+    whole = b"".join(stream)
+    expected = {
+        "role": "assistant",
+        "content": "Hello there",
+        "reasoning_content": "think ",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get", "arguments": '{"a": 1}'}}
+        ],
+    }
+    # All at once, an event per read, and cut in the middle of events.
+    for reads in (
+        [whole],
+        stream,
+        [whole[i : i + 37] for i in range(0, len(whole), 37)],
+    ):
+        relay = SseRelay(client_wants_usage=False, collect_reply=True)
+        forwarded = b"".join(relay.feed(data) for data in reads) + relay.finish()
+        assert relay.reply is not None
+        assert relay.reply.message() == expected
+        assert forwarded == b"".join(stream[:-2])  # usage dropped, [DONE] is the gateway's
+        assert relay.generated_events() == 8  # not the role chunk, the usage or [DONE]
+
+
+def test_it_skips_an_unreadable_event_when_rebuilding_the_reply():
+    relay = SseRelay(client_wants_usage=False, collect_reply=True)
+    relay.feed(event(content("a")) + b"data: {not json}\n\n" + event(content("b")))
+    relay.feed(event(content("c")))
+    assert relay.reply is not None
+    assert relay.reply.message() == {"role": "assistant", "content": "abc"}
+
+
+def test_it_has_no_reply_when_nothing_was_generated():
+    relay = SseRelay(client_wants_usage=False, collect_reply=True)
+    relay.feed(event(delta(role="assistant", content="")) + event(USAGE))
+    assert relay.reply is not None
+    assert relay.reply.message() is None
