@@ -4,7 +4,7 @@
 insert, the history query; an update, a max(position) and an insert), and each statement
 executed alone costs PostgreSQL its executor start-up. Measured with 50 concurrent
 requests through the batchers (PostgreSQL CPU per request): opening a known session
-37 -> 11 us, a new one 29 -> 15 us, recording a turn 48 -> 32 us.
+37 -> 12 us, a new one 29 -> 17 us, recording a turn 48 -> 30 us.
 
 - The open inserts the batch's new sessions in one statement, in (tenant, external_id)
   order (two batches inserting the same ids wait for each other instead of deadlocking;
