@@ -127,10 +127,7 @@ async def session_prepare(
         new_messages=new_messages,
         token_counts=dict(enumerate(counts)),
         history_dropped=dropped,
-        history_tokens=sum(
-            m.tokens if m.tokens is not None else heuristic_message_tokens(m.payload)
-            for m in context.history[dropped:]
-        ),
+        history_tokens=sessions.history_tokens(context.history[dropped:], heuristic_message_tokens),
         variant=variant,
         recount=budget is not None and not counted.exact,
     )

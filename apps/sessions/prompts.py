@@ -65,6 +65,13 @@ def prompt_build(
     return [*head, *kept, *new_messages], len(history) - len(kept)
 
 
+def history_tokens(
+    history: list[StoredMessage], count_tokens: Callable[[dict[str, Any]], int]
+) -> int:
+    """Tokens of `history`: as stored, else as `count_tokens` counts the message."""
+    return sum(_cost(message, count_tokens) for message in history)
+
+
 def _system(content: str) -> dict[str, Any]:
     return {"role": "system", "content": content}
 

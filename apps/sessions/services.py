@@ -10,7 +10,12 @@ from typing import Any
 
 from apps.sessions import store
 from apps.sessions.models import ChatSession
-from apps.sessions.prompts import StoredMessage, prompt_build, system_prompt_resolve
+from apps.sessions.prompts import (
+    StoredMessage,
+    history_tokens,
+    prompt_build,
+    system_prompt_resolve,
+)
 from apps.sessions.session_ids import SESSION_ID_RE, InvalidSessionId, session_id_from_request
 from apps.tenants.models import Tenant
 
@@ -20,6 +25,7 @@ __all__ = [
     "SessionContext",
     "StoredMessage",
     "TurnMetrics",
+    "history_tokens",
     "prompt_build",
     "session_context_load",
     "session_delete",
