@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -83,6 +85,9 @@ class WrkResult:
     max_ms: float
     non_2xx: int
     socket_errors: dict[str, int]
+    # CPU time per request of the target's own processes over the run, in microseconds
+    # ("server", and "postgres" for the gateway): steadier than req/s on a noisy host.
+    cpu_us: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def error_count(self) -> int:
@@ -120,11 +125,16 @@ class Round:
 def median_result(results: list[WrkResult]) -> WrkResult:
     """Each figure's median over the rounds; requests and errors summed."""
     errors = {k: sum(r.socket_errors.get(k, 0) for r in results) for k in results[0].socket_errors}
+    cpu = {
+        name: statistics.median(r.cpu_us[name] for r in results if name in r.cpu_us)
+        for name in {name for r in results for name in r.cpu_us}
+    }
     return WrkResult(
         requests=sum(r.requests for r in results),
         duration_s=sum(r.duration_s for r in results),
         non_2xx=sum(r.non_2xx for r in results),
         socket_errors=errors,
+        cpu_us=cpu,
         **{
             name: statistics.median(getattr(r, name) for r in results)
             for name in ("rps", "p50_ms", "p90_ms", "p99_ms", "max_ms")
@@ -250,11 +260,51 @@ def parse_wrk_json(data: dict[str, Any]) -> WrkResult:
     )
 
 
+# --- CPU per request ----------------------------------------------------------------------
+
+CpuProbe = Callable[[], dict[str, float]]  # cumulative CPU seconds, per process group
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU of the processes that are still there (others count 0)."""
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def process_probe(pid: int) -> CpuProbe:
+    process = psutil.Process(pid)
+    return lambda: {"server": cpu_seconds([process])}
+
+
+def postgres_processes(data_dir: Path) -> list[psutil.Process]:
+    """The embedded PostgreSQL serving `data_dir` and its backends right now."""
+    marker = str(data_dir / "postgres")
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "-D" in cmdline and marker in cmdline:
+            with contextlib.suppress(psutil.Error):
+                return [process, *process.children(recursive=True)]
+    return []
+
+
+def gateway_probe(pid: int, data_dir: Path) -> CpuProbe:
+    server = psutil.Process(pid)
+    return lambda: {
+        "server": cpu_seconds([server]),
+        "postgres": cpu_seconds(postgres_processes(data_dir)),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     name: str
     base_url: str
     api_key: str = ""  # only the gateway has one, and only the gateway keeps sessions
+    cpu: CpuProbe | None = None
 
     @property
     def url(self) -> str:
@@ -262,7 +312,15 @@ class Target:
 
     def run(self, scenario: Scenario, seconds: int, args: argparse.Namespace) -> WrkResult:
         sessions = args.sessions if self.api_key else 0
-        return run_wrk(self.url, scenario.body(), self.api_key, seconds, args.connections, sessions)
+        before = self.cpu() if self.cpu else {}
+        result = run_wrk(
+            self.url, scenario.body(), self.api_key, seconds, args.connections, sessions
+        )
+        if not self.cpu or not result.requests:
+            return result
+        after = self.cpu()
+        per_request = {name: (after[name] - before[name]) / result.requests * 1e6 for name in after}
+        return dataclasses.replace(result, cpu_us=per_request)
 
 
 def measure_scenario(
@@ -498,6 +556,29 @@ def print_table(rows: list[tuple[Scenario, Comparison]]) -> None:
             f"{fmt_pair(c.added_p50_ms, c.added_p99_ms):>16}  {errors:>10}"
         )
     print()
+    print_cpu_table(rows)
+
+
+def print_cpu_table(rows: list[tuple[Scenario, Comparison]]) -> None:
+    """CPU per request of each target's own processes: the engine (direct), the bare proxy,
+    the gateway and its PostgreSQL."""
+
+    def cell(result: WrkResult | None, name: str, width: int) -> str:
+        value = result.cpu_us.get(name) if result else None
+        return f"{value:{width}.0f}" if value is not None else f"{'-':>{width}}"
+
+    header = (
+        f"{'CPU us per request':<33} {'engine':>7} {'bare':>7} {'gateway':>8} {'its postgres':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for scenario, c in rows:
+        print(
+            f"{scenario.key + ') ' + scenario.title:<33} {cell(c.direct, 'server', 7)} "
+            f"{cell(c.bare, 'server', 7)} {cell(c.gateway, 'server', 8)} "
+            f"{cell(c.gateway, 'postgres', 12)}"
+        )
+    print()
 
 
 def print_direct_table(rows: list[tuple[Scenario, WrkResult]]) -> None:
@@ -662,11 +743,15 @@ def run(args: argparse.Namespace) -> int:
                 bare.start()
         direct_rows: list[tuple[Scenario, WrkResult]] = []
         rows: list[tuple[Scenario, Comparison]] = []
-        targets = [Target("direct", engine.url)]
+        assert engine.proc is not None
+        targets = [Target("direct", engine.url, cpu=process_probe(engine.proc.pid))]
         if bare is not None:
-            targets.append(Target("bare", bare.url))
+            assert bare.proc is not None
+            targets.append(Target("bare", bare.url, cpu=process_probe(bare.proc.pid)))
         if gateway is not None:
-            targets.append(Target("gateway", gateway.url, api_key))
+            assert gateway.proc is not None
+            probe = gateway_probe(gateway.proc.pid, DATA_DIR)
+            targets.append(Target("gateway", gateway.url, api_key, cpu=probe))
         for scenario in scenarios:
             runs = measure_scenario(scenario, targets, args)
             direct_rows.append((scenario, median_result(runs["direct"])))
