@@ -24,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -534,6 +534,19 @@ def fmt_pair(a: float, b: float) -> str:
     return f"{a:6.2f} /{b:7.2f}"
 
 
+def label(scenario: Scenario) -> str:
+    return f"{scenario.key + ') ' + scenario.title:<33}"
+
+
+def print_block(header: str, lines: Iterable[str]) -> None:
+    """A table: its header, a rule as wide, its lines, a blank line."""
+    print(header)
+    print("-" * len(header))
+    for line in lines:
+        print(line)
+    print()
+
+
 def print_table(rows: list[tuple[Scenario, Comparison]]) -> None:
     header = (
         f"{'scenario':<33} {'direct r/s':>10} {'bare r/s':>8} {'gateway r/s':>11} "
@@ -542,21 +555,21 @@ def print_table(rows: list[tuple[Scenario, Comparison]]) -> None:
         f"{'errors d/g':>10}"
     )
     print()
-    print(header)
-    print("-" * len(header))
-    for scenario, c in rows:
-        errors = f"{c.direct.error_count}/{c.gateway.error_count}"
-        bare = f"{c.bare.rps:8.0f}" if c.bare else f"{'-':>8}"
-        bare_ratio = f"{c.bare_ratio:7.3f}" if c.bare_ratio is not None else f"{'-':>7}"
-        print(
-            f"{scenario.key + ') ' + scenario.title:<33} {c.direct.rps:10.0f} {bare} "
-            f"{c.gateway.rps:11.0f} {c.ratio:6.3f} {bare_ratio}  "
-            f"{fmt_pair(c.direct.p50_ms, c.direct.p99_ms):>17}  "
-            f"{fmt_pair(c.gateway.p50_ms, c.gateway.p99_ms):>18}  "
-            f"{fmt_pair(c.added_p50_ms, c.added_p99_ms):>16}  {errors:>10}"
-        )
-    print()
+    print_block(header, (comparison_line(scenario, c) for scenario, c in rows))
     print_cpu_table(rows)
+
+
+def comparison_line(scenario: Scenario, c: Comparison) -> str:
+    errors = f"{c.direct.error_count}/{c.gateway.error_count}"
+    bare = f"{c.bare.rps:8.0f}" if c.bare else f"{'-':>8}"
+    bare_ratio = f"{c.bare_ratio:7.3f}" if c.bare_ratio is not None else f"{'-':>7}"
+    return (
+        f"{label(scenario)} {c.direct.rps:10.0f} {bare} "
+        f"{c.gateway.rps:11.0f} {c.ratio:6.3f} {bare_ratio}  "
+        f"{fmt_pair(c.direct.p50_ms, c.direct.p99_ms):>17}  "
+        f"{fmt_pair(c.gateway.p50_ms, c.gateway.p99_ms):>18}  "
+        f"{fmt_pair(c.added_p50_ms, c.added_p99_ms):>16}  {errors:>10}"
+    )
 
 
 def print_cpu_table(rows: list[tuple[Scenario, Comparison]]) -> None:
@@ -570,28 +583,27 @@ def print_cpu_table(rows: list[tuple[Scenario, Comparison]]) -> None:
     header = (
         f"{'CPU us per request':<33} {'engine':>7} {'bare':>7} {'gateway':>8} {'its postgres':>12}"
     )
-    print(header)
-    print("-" * len(header))
-    for scenario, c in rows:
-        print(
-            f"{scenario.key + ') ' + scenario.title:<33} {cell(c.direct, 'server', 7)} "
-            f"{cell(c.bare, 'server', 7)} {cell(c.gateway, 'server', 8)} "
-            f"{cell(c.gateway, 'postgres', 12)}"
-        )
-    print()
+    print_block(
+        header,
+        (
+            f"{label(scenario)} {cell(c.direct, 'server', 7)} {cell(c.bare, 'server', 7)} "
+            f"{cell(c.gateway, 'server', 8)} {cell(c.gateway, 'postgres', 12)}"
+            for scenario, c in rows
+        ),
+    )
 
 
 def print_direct_table(rows: list[tuple[Scenario, WrkResult]]) -> None:
     header = f"{'scenario':<33} {'direct r/s':>10}  {'p50/p99 ms':>16}  {'errors':>6}"
     print()
-    print(header)
-    print("-" * len(header))
-    for scenario, r in rows:
-        print(
-            f"{scenario.key + ') ' + scenario.title:<33} {r.rps:10.0f}  "
-            f"{fmt_pair(r.p50_ms, r.p99_ms):>16}  {r.error_count:>6}"
-        )
-    print()
+    print_block(
+        header,
+        (
+            f"{label(scenario)} {r.rps:10.0f}  {fmt_pair(r.p50_ms, r.p99_ms):>16}  "
+            f"{r.error_count:>6}"
+            for scenario, r in rows
+        ),
+    )
 
 
 def error_lines(scenario: Scenario, target: str, result: WrkResult) -> Iterator[str]:
