@@ -89,6 +89,7 @@ INSTALLED_APPS = [
     "channels",
     "apps.tenants",
     "apps.engines",
+    "apps.request_logs",
     "apps.proxy",
     "apps.sessions",
     "apps.quotas",

@@ -216,6 +216,6 @@ def async_openai_client(gateway, alice):
 
 def request_logs(**filters) -> list:
     """Committed request logs (the gateway writes them in batches, so poll)."""
-    from apps.proxy.models import RequestLog
+    from apps.request_logs.models import RequestLog
 
     return list(RequestLog.objects.filter(**filters).order_by("created_at"))

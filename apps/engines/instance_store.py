@@ -18,13 +18,11 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from django.db import connections
 from psycopg.types.json import Jsonb
 
+from apps.core.db import connection_kwargs
 from apps.engines.models import Engine, EngineInstance
 
-# Django-only OPTIONS keys that libpq would reject.
-_DJANGO_OPTIONS = {"isolation_level", "server_side_binding", "pool", "assume_role", "sslcert"}
 _TABLE = EngineInstance._meta.db_table
 NOW = object()  # as a value in ControlConnection.update: the database's now()
 _ENGINE_TABLE = Engine._meta.db_table
@@ -34,22 +32,6 @@ def lock_key(*, engine_id: int, replica: int) -> int:
     """A stable signed 64-bit advisory lock key for one replica of one engine."""
     digest = hashlib.blake2b(f"gateway-engine:{engine_id}:{replica}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
-
-
-def connection_kwargs() -> dict[str, Any]:
-    """libpq parameters of Django's default database (the test database under pytest)."""
-    settings_dict = connections["default"].settings_dict
-    kwargs: dict[str, Any] = {
-        "dbname": settings_dict["NAME"],
-        "user": settings_dict.get("USER") or None,
-        "password": settings_dict.get("PASSWORD") or None,
-        "host": settings_dict.get("HOST") or None,
-        "port": str(settings_dict["PORT"]) if settings_dict.get("PORT") else None,
-        "application_name": "gateway-engine-manager",
-    }
-    options = settings_dict.get("OPTIONS") or {}
-    kwargs.update({k: v for k, v in options.items() if k not in _DJANGO_OPTIONS})
-    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -91,7 +73,8 @@ class ControlConnection:
     async def connect(self) -> None:
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(
-                **connection_kwargs(), autocommit=True
+                **{**connection_kwargs(), "application_name": "gateway-engine-manager"},
+                autocommit=True,
             )
 
     @property

@@ -13,7 +13,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from apps.engines.models import Engine, EngineInstance
-from apps.proxy.models import RequestLog
+from apps.request_logs.models import RequestLog
 
 CACHE_RECENT_WINDOW = timedelta(hours=24)
 # Only requests that generate go through llama.cpp's prompt (KV) cache; embeddings and

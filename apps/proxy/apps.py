@@ -3,4 +3,4 @@ from django.apps import AppConfig
 
 class ProxyConfig(AppConfig):
     name = "apps.proxy"
-    verbose_name = "Request logs"
+    verbose_name = "Proxy"

@@ -16,6 +16,7 @@ import orjson
 from channels.generic.http import AsyncHttpConsumer
 from django.conf import settings
 
+from apps.core.errors import ApiError, model_not_found
 from apps.engines.registry import ModelRoute, VariantRoute, registry
 from apps.engines.scheduler import SchedulerBusy
 from apps.engines.scheduler_service import worker_scheduler
@@ -33,18 +34,18 @@ from apps.engines.transforms import (
 )
 from apps.proxy import validation
 from apps.proxy.engine_stage import replica_order, replica_url, size_and_choose
-from apps.proxy.errors import ApiError, model_not_found
 from apps.proxy.exchange import Exchange
-from apps.proxy.request_log import request_log_writer
 from apps.proxy.session_stage import session_id_of, session_prepare, session_record
 from apps.proxy.sse import DONE_EVENT, SseRelay, error_event
 from apps.proxy.upstream import forward
 from apps.quotas.pipeline import (
+    principal_quotas,
     quota_headers,
     quota_stage_reserve,
     quota_stage_settle,
     tokens_to_reserve,
 )
+from apps.request_logs.writer import request_log_writer
 from apps.tenants.auth import Principal, identify, require_active
 from apps.tenants.rate_limits import rate_limit_check
 
@@ -250,7 +251,7 @@ class ProxyConsumer(V1Consumer):
             payload["model"] = route.name
             rewritten = True
         ex.prompt_estimate = ex.prompt_estimate or heuristic_prompt_tokens(payload, self.endpoint)
-        if ex.principal.quotas:
+        if principal_quotas(ex.principal):
             await self.reserve_quota(ex, payload, variant)
         relay = None
         if self.streams and payload.get("stream") is True:
@@ -366,7 +367,7 @@ class ProxyConsumer(V1Consumer):
             tenant_id=ex.principal.tenant_id,
             api_key_id=ex.principal.key_id,
             tokens=tokens,
-            quotas=list(ex.principal.quotas),
+            quotas=list(principal_quotas(ex.principal)),
         )
         ex.response_headers += quota_headers(ex.quota_ticket.states)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from django.conf import settings
 
+from apps.core.errors import ApiError
 from apps.engines.engine_process import EngineStartError
 from apps.engines.manager import engine_manager
 from apps.engines.registry import ModelRoute, VariantRoute
@@ -20,7 +21,6 @@ from apps.engines.sizing import (
     prompt_token_bound,
     prompt_tokens,
 )
-from apps.proxy.errors import ApiError
 
 
 async def size_and_choose(

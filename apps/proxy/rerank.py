@@ -15,10 +15,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from apps.core.errors import invalid_request
 from apps.engines.registry import VariantRoute
 from apps.engines.tokens import heuristic_tokens
 from apps.proxy.consumers import ProxyConsumer
-from apps.proxy.errors import invalid_request
 from apps.proxy.exchange import Exchange
 
 UPSTREAM_PATH = "/v1/rerank"

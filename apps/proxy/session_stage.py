@@ -18,6 +18,7 @@ import psycopg
 from channels.db import database_sync_to_async
 from django.conf import settings
 
+from apps.core.errors import ApiError
 from apps.engines.registry import VariantRoute
 from apps.engines.tokens import (
     MESSAGE_OVERHEAD_TOKENS,
@@ -25,7 +26,6 @@ from apps.engines.tokens import (
     count_message_tokens,
     heuristic_message_tokens,
 )
-from apps.proxy.errors import ApiError
 from apps.proxy.exchange import Exchange
 from apps.sessions import services as sessions
 from apps.sessions import store

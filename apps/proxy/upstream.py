@@ -9,10 +9,10 @@ from typing import Protocol
 import aiohttp
 import orjson
 
+from apps.core.errors import ApiError, engine_timeout, engine_unreachable, upstream_error_body
 from apps.engines.client import engine_session, engine_url, request_timeout
 from apps.engines.registry import EngineRoute
 from apps.engines.tokens import heuristic_tokens, message_text
-from apps.proxy.errors import ApiError, engine_timeout, engine_unreachable, upstream_error_body
 from apps.proxy.exchange import Exchange
 from apps.proxy.sse import DONE_EVENT, SseRelay, error_event
 

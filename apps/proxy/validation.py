@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from apps.proxy.errors import invalid_request
+from apps.core.errors import invalid_request
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from rest_framework.response import Response
 
 from apps.quotas.selectors import USAGE_DAYS, quota_states, usage_by_day, usage_totals
 from apps.quotas.state import QuotaState
-from apps.sessions.api_auth import TenantApiView
+from apps.tenants.api_auth import TenantApiView
 
 
 class QuotaOutput(serializers.Serializer):

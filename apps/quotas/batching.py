@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import psycopg
 
-from apps.proxy.db_batch import Batcher, json_array
+from apps.core.db_batch import Batcher, json_array
 
 RESERVE_BATCH_SQL = "SELECT * FROM gateway_quota_reserve_batch(%s::jsonb)"
 SETTLE_BATCH_SQL = "SELECT gateway_quota_settle_batch(%s::uuid[], %s::bigint[])"

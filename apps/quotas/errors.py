@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from apps.proxy.errors import ApiError
+from apps.core.errors import ApiError
 from apps.quotas.state import QuotaExceeded
 
 

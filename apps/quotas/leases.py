@@ -41,7 +41,7 @@ import orjson
 import psycopg
 from django.conf import settings
 
-from apps.proxy.db_batch import Batcher, json_array
+from apps.core.db_batch import Batcher, json_array
 from apps.quotas.models import scope_label
 from apps.quotas.periods import window_end
 from apps.quotas.state import QuotaState

@@ -31,6 +31,7 @@ from apps.quotas.errors import quota_exceeded_error
 from apps.quotas.leases import lease_book
 from apps.quotas.periods import window_start
 from apps.quotas.services import (
+    ApplicableQuota,
     QuotaExceeded,
     ReservationTicket,
     quota_reserve,
@@ -41,12 +42,18 @@ from apps.quotas.services import (
     ticket_from_rows,
 )
 from apps.quotas.state import QuotaState, human_duration
+from apps.tenants.auth import Principal
 
 logger = logging.getLogger(__name__)
 
 _reserve = database_sync_to_async(quota_reserve, thread_sensitive=False)
 _settle = database_sync_to_async(quota_settle, thread_sensitive=False)
 _settling: set[asyncio.Task] = set()
+
+
+def principal_quotas(principal: Principal) -> tuple[ApplicableQuota, ...]:
+    """The token quotas that apply to the caller, loaded with its key (QuotasConfig.ready)."""
+    return principal.attachments.get("quotas", ())
 
 
 def tokens_to_reserve(

@@ -10,10 +10,10 @@ from django.db.models import Case, Count, OuterRef, Q, QuerySet, Subquery, Sum, 
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
-from apps.proxy.models import RequestLog
 from apps.quotas.models import Quota, QuotaWindow
 from apps.quotas.periods import Period, window_end, window_start
 from apps.quotas.state import QuotaState
+from apps.request_logs.models import RequestLog
 from apps.tenants.models import ApiKey
 
 USAGE_DAYS = 30

@@ -8,8 +8,7 @@ from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from apps.proxy.errors import ApiError
-from apps.sessions.api_auth import TenantApiView
+from apps.core.errors import ApiError
 from apps.sessions.models import ChatSession, Message
 from apps.sessions.selectors import session_get, session_list, session_summary
 from apps.sessions.services import (
@@ -18,6 +17,7 @@ from apps.sessions.services import (
     tenant_set_system_prompt,
 )
 from apps.sessions.session_ids import InvalidSessionId, session_id_validate
+from apps.tenants.api_auth import TenantApiView
 
 MAX_SYSTEM_PROMPT_CHARS = 100_000
 DEFAULT_PAGE_SIZE = 20

@@ -11,7 +11,7 @@ import orjson
 import psycopg
 from django.db import connection
 
-from apps.proxy.db_batch import Batcher, json_array
+from apps.core.db_batch import Batcher, json_array
 from apps.sessions.prompts import SYSTEM_ROLES, StoredMessage, system_prompt_resolve
 
 OPEN_SQL = "SELECT * FROM gateway_session_open_batch(%s::jsonb)"

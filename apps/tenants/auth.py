@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from apps.proxy.errors import ApiError
-from apps.quotas.services import quotas_applicable
+from apps.core.errors import ApiError
 from apps.tenants.models import ApiKey
 from apps.tenants.services import hash_key, split_key
 
@@ -40,12 +41,24 @@ class Principal:
     key_rpm: int | None = None
     tenant_weight: int = 1  # share of engine slots when tenants compete
     tenant_rpm: int | None = None
-    # Token quotas that apply (apps.quotas.services.ApplicableQuota rows); quota changes
-    # take effect within AUTH_CACHE_SECONDS like everything else here.
-    quotas: tuple[tuple[int, str, int, str | None, str], ...] = ()
+    # What other apps attach to a key (attach_to_principal): e.g. the token quotas that
+    # apply. Loaded and cached with the key, so changes take effect within
+    # AUTH_CACHE_SECONDS like everything else here.
+    attachments: Mapping[str, Any] = field(default_factory=dict)
 
     def may_use(self, model_id: int) -> bool:
         return self.allowed_model_ids is None or model_id in self.allowed_model_ids
+
+
+PrincipalLoader = Callable[[ApiKey], Any]
+_attachment_loaders: dict[str, PrincipalLoader] = {}
+
+
+def attach_to_principal(name: str, loader: PrincipalLoader) -> None:
+    """Have `loader(api_key)` run (on a worker thread) whenever a key is looked up, its
+    result kept as `principal.attachments[name]`. Stages register theirs at app start, so
+    this base app never imports them."""
+    _attachment_loaders[name] = loader
 
 
 _cache: dict[str, tuple[float, Principal | None]] = {}
@@ -62,7 +75,6 @@ def _load_principal(raw_key: str) -> Principal | None:
     allowed = None  # not restricted: every model, and no query for the list
     if key.tenant.restrict_models:
         allowed = frozenset(key.tenant.allowed_models.values_list("pk", flat=True))
-    quotas = tuple(quotas_applicable(tenant_id=key.tenant_id, api_key_id=key.pk))
     return Principal(
         key_id=key.pk,
         key_name=key.name,
@@ -74,7 +86,7 @@ def _load_principal(raw_key: str) -> Principal | None:
         allowed_model_ids=allowed,
         key_rpm=key.requests_per_minute,
         tenant_rpm=key.tenant.requests_per_minute,
-        quotas=quotas,
+        attachments={name: load(key) for name, load in _attachment_loaders.items()},
         tenant_weight=key.tenant.scheduling_weight,
     )
 

@@ -11,7 +11,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django_ratelimit.core import get_usage
 
-from apps.proxy.errors import ApiError
+from apps.core.errors import ApiError
 from apps.tenants.auth import Principal
 
 

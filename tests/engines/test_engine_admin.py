@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from apps.engines.models import Engine, EngineInstance, EngineVariant
 from apps.engines.services import engine_register_external, engine_register_managed
-from apps.proxy.models import RequestLog
+from apps.request_logs.models import RequestLog
 
 pytestmark = pytest.mark.django_db
 

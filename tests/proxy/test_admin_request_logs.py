@@ -9,22 +9,22 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from apps.proxy.models import RequestLog
+from apps.request_logs.models import RequestLog
 from apps.tenants.models import Tenant
 from apps.tenants.services import api_key_create, tenant_create
 
 pytestmark = pytest.mark.django_db
 
-CHANGELIST = reverse("admin:proxy_requestlog_changelist")
-ADD = reverse("admin:proxy_requestlog_add")
+CHANGELIST = reverse("admin:request_logs_requestlog_changelist")
+ADD = reverse("admin:request_logs_requestlog_add")
 
 
 def change_url(log: RequestLog) -> str:
-    return reverse("admin:proxy_requestlog_change", args=[log.pk])
+    return reverse("admin:request_logs_requestlog_change", args=[log.pk])
 
 
 def delete_url(log: RequestLog) -> str:
-    return reverse("admin:proxy_requestlog_delete", args=[log.pk])
+    return reverse("admin:request_logs_requestlog_delete", args=[log.pk])
 
 
 def make_log(tenant: Tenant, n: int = 0, **fields: Any) -> RequestLog:

@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
+from apps.core.errors import ApiError
 from apps.engines.registry import EngineRoute, VariantRoute
-from apps.proxy.errors import ApiError
 from apps.proxy.exchange import Exchange
 from apps.proxy.rerank import (
     UPSTREAM_PATH,

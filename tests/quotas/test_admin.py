@@ -14,9 +14,9 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from apps.proxy.models import RequestLog
 from apps.quotas.models import Quota, QuotaWindow, Reservation, Usage
 from apps.quotas.services import quota_reserve, quota_set, quota_settle
+from apps.request_logs.models import RequestLog
 from apps.tenants.services import api_key_create
 from tests.conftest import TenantKey
 

@@ -10,8 +10,8 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from apps.proxy.models import RequestLog
 from apps.quotas.services import quota_reserve, quota_set, quota_settle, rate_limit_set
+from apps.request_logs.models import RequestLog
 from apps.tenants.services import api_key_create, api_key_revoke
 from tests.conftest import TenantKey, make_tenant
 

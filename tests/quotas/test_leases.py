@@ -10,7 +10,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.test import override_settings
 
-from apps.proxy.errors import ApiError
+from apps.core.errors import ApiError
 from apps.quotas.leases import LEASE_MIN_REQUESTS, LEASE_SHARE, Lease
 from apps.quotas.models import QuotaWindow, Reservation
 from apps.quotas.pipeline import quota_stage_drain, quota_stage_reserve, quota_stage_settle

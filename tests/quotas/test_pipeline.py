@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 
-from apps.proxy.errors import ApiError
+from apps.core.errors import ApiError
 from apps.quotas.models import QuotaWindow, Reservation
 from apps.quotas.pipeline import (
     quota_stage_drain,

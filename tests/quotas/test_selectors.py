@@ -8,7 +8,6 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from apps.proxy.models import RequestLog
 from apps.quotas.selectors import (
     DayUsage,
     quota_states,
@@ -16,6 +15,7 @@ from apps.quotas.selectors import (
     usage_totals,
 )
 from apps.quotas.services import quota_reserve, quota_set, quota_settle
+from apps.request_logs.models import RequestLog
 from apps.tenants.services import api_key_create
 from tests.conftest import TenantKey
 

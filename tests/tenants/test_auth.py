@@ -8,7 +8,7 @@ import pytest
 from django.test import override_settings
 from django.utils import timezone
 
-from apps.proxy.errors import ApiError
+from apps.core.errors import ApiError
 from apps.tenants import auth
 from apps.tenants.services import api_key_create, api_key_revoke, hash_key
 

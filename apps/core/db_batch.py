@@ -24,7 +24,7 @@ import orjson
 import psycopg
 from psycopg.types.json import set_json_loads
 
-from apps.engines.instance_store import connection_kwargs
+from apps.core.db import connection_kwargs
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from apps.proxy.models import RequestLog
+from apps.request_logs.models import RequestLog
 from apps.tenants.services import api_keys_touch
 
 logger = logging.getLogger(__name__)

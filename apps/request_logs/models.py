@@ -33,9 +33,10 @@ class RequestLog(models.Model):
     latency_ms = models.FloatField(help_text="Total time in the gateway (ms).")
 
     class Meta:
+        db_table = "proxy_requestlog"  # created by the proxy app, which owned it first
         ordering = ["-created_at"]
         indexes = [
-            models.Index(fields=["tenant", "-created_at"]),
+            models.Index(fields=["tenant", "-created_at"], name="proxy_reque_tenant__c2611f_idx"),
             # Prompt-cache hit rates per engine (engine admin) read only the index.
             models.Index(
                 fields=["engine", "created_at"],

@@ -15,7 +15,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
-from apps.proxy.errors import ApiError
+from apps.core.errors import ApiError
 
 logger = logging.getLogger(__name__)
 

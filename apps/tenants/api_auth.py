@@ -18,7 +18,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from apps.sessions.api_errors import openai_exception_handler
+from apps.core.api_errors import openai_exception_handler
 from apps.tenants.models import ApiKey, Tenant
 from apps.tenants.services import hash_key, split_key
 

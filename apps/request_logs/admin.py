@@ -5,7 +5,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from apps.proxy.models import RequestLog
+from apps.request_logs.models import RequestLog
 
 
 @admin.register(RequestLog)

@@ -1,0 +1,1 @@
+"""tools stage (being built)."""
