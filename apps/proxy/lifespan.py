@@ -9,9 +9,9 @@ from django.conf import settings
 
 from apps.engines.client import close_engine_session
 from apps.engines.manager import engine_manager
-from apps.proxy.session_stage import session_store_close
-from apps.quotas.pipeline import quota_stage_drain
+from apps.quotas.stage import quota_stage_drain
 from apps.request_logs.writer import request_log_writer
+from apps.sessions.stage import session_store_close
 
 
 class LifespanApp:

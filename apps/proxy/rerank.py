@@ -12,14 +12,16 @@ documents as strings; the gateway evens this out so every engine looks the same.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
+from apps.core.context import RequestContext
 from apps.core.errors import invalid_request
-from apps.engines.registry import VariantRoute
+from apps.engines.stage import adapt_for_engine, resolve_model
 from apps.engines.tokens import heuristic_tokens
 from apps.proxy.consumers import ProxyConsumer
-from apps.proxy.exchange import Exchange
+from apps.proxy.pipeline import Pipeline, validated
+from apps.quotas.stage import quota_reserve
+from apps.tenants.stage import admit, authenticate
 
 UPSTREAM_PATH = "/v1/rerank"
 
@@ -151,45 +153,61 @@ def _usage(raw: Any, documents: list[Any], query: str) -> dict[str, int]:
 
 def rerank_prompt_estimate(query: str, documents: list[Any]) -> int:
     """Heuristic prompt tokens of a rerank: each document is scored together with the query
-    (for ex.prompt_estimate / quota reservations, which cannot see `query` + `documents`)."""
+    (for ctx.prompt_estimate / quota reservations, which cannot see `query` + `documents`)."""
     texts = [document_text(document) or "" for document in documents]
     return sum(heuristic_tokens(query) + heuristic_tokens(text) for text in texts)
 
 
-# --- consumer --------------------------------------------------------------------------
+# --- pipeline ----------------------------------------------------------------------------
 
 
-class RerankConsumer(ProxyConsumer):
-    """POST /v1/rerank through the proxy pipeline (auth, model, rate limits, request log).
+class RerankNormalizer:
+    """Response filter: the engine's rerank answer in the gateway's shape (whole only)."""
 
-    prepare() rewrites the documents for the engine and remembers what the normalisation
-    needs; rewrite_response() is the normalisation, to be called by the relay on a
-    successful JSON answer (a hook upstream._relay_whole does not have yet; without it the
-    engine's answer is relayed as it is, which llama.cpp already mostly shapes right).
-    """
-
-    endpoint = "rerank"
-    upstream_path = UPSTREAM_PATH
-    streams = False
-    validate = staticmethod(validate_rerank)
-
-    async def prepare(self, ex: Exchange, payload: dict[str, Any], variant: VariantRoute) -> bool:
-        # One consumer instance serves one request, so the request's state can live here.
+    def __init__(self, payload: dict[str, Any]) -> None:
         self.client_documents = list(payload["documents"])
         self.top_n: int | None = payload.get("top_n")
         self.return_documents = payload.get("return_documents") is True
         self.query: str = payload["query"]
         self.client_model: str = payload["model"]
-        ex.prompt_estimate = rerank_prompt_estimate(self.query, self.client_documents)
-        ex.rewrite_response = functools.partial(self.rewrite_response, ex)
-        return engine_payload(payload)
 
-    def rewrite_response(self, ex: Exchange, body: Any) -> dict[str, Any]:
+    def whole(self, ctx: RequestContext, body: Any) -> dict[str, Any]:
         return normalize_rerank_response(
             body,
             self.top_n,
             self.client_documents,
             self.return_documents,
-            model=ex.model or self.client_model,
+            model=ctx.model or self.client_model,
             query=self.query,
         )
+
+    def stream(self, ctx: RequestContext) -> None:
+        return None  # rerank answers are never streamed
+
+
+async def rerank_prepare(ctx: RequestContext) -> None:
+    """Documents as plain strings for the engine; the answer normalised on the way back
+    (the filter keeps the client's documents); the prompt estimated from query + documents."""
+    ctx.response_filters.append(RerankNormalizer(ctx.payload))
+    ctx.prompt_estimate = rerank_prompt_estimate(ctx.payload["query"], ctx.payload["documents"])
+    if engine_payload(ctx.payload):
+        ctx.payload_changed = True
+
+
+RERANK = Pipeline(
+    endpoint="rerank",
+    upstream_path=UPSTREAM_PATH,
+    stages=(
+        authenticate,
+        admit,
+        validated(validate_rerank),
+        resolve_model,
+        rerank_prepare,
+        adapt_for_engine,
+        quota_reserve,
+    ),
+)
+
+
+class RerankConsumer(ProxyConsumer):
+    pipeline = RERANK

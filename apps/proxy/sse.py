@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from apps.engines.transforms import ToolCallStreamParser
+from apps.core.context import ChunkFilter
 
 DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -125,12 +125,13 @@ class SseRelay:
         *,
         client_wants_usage: bool,
         collect_reply: bool = False,
-        tool_parser: ToolCallStreamParser | None = None,
+        filters: list[ChunkFilter] | None = None,
     ) -> None:
         self.client_wants_usage = client_wants_usage
         self.reply = ReplyCollector() if collect_reply else None
-        # Turns `<tool_call>` text into OpenAI tool_calls deltas (requests with tools).
-        self.tool_parser = tool_parser
+        # The response filters' chunk filters, in order (tool-call parsing, safety, ...):
+        # with any, every event is parsed and passed through them.
+        self.filters = filters or []
         self.first_token_at: float | None = None  # perf_counter() of the first generated token
         self.last_token_at: float | None = None
         # Events forwarded as content without parsing them (~1 token each), or parsed and
@@ -169,7 +170,7 @@ class SseRelay:
         """True when no event needs parsing: the first token is seen, no usage, no error,
         no [DONE] (which the gateway itself sends last)."""
         return (
-            self.tool_parser is None
+            not self.filters
             and self.first_token_at is not None
             and b'"usage":{' not in events
             and b'"usage": {' not in events
@@ -183,9 +184,9 @@ class SseRelay:
         data = event[5:].strip()
         if data == b"[DONE]":
             self.saw_done = True
-            return self._flush_tool_parser()
+            return self._flush_filters()
         wants_parse = (
-            self.tool_parser is not None
+            bool(self.filters)
             or self.first_token_at is None
             or (b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data)
             or b'"error"' in data
@@ -203,17 +204,28 @@ class SseRelay:
             return event + b"\n\n"
         if not isinstance(chunk, dict):
             return event + b"\n\n"
-        if self.tool_parser is None:
+        if not self.filters:
             return self._relay_chunk(event, chunk)
-        out = self.tool_parser.feed(chunk)
-        if len(out) == 1 and out[0] is chunk:
-            return self._relay_chunk(event, chunk)  # untouched: forward the engine's bytes
-        return b"".join(self._relay_chunk(None, piece) for piece in out)
+        # Re-encoded even when a filter returns the chunk it got: it may have changed it.
+        return self.encode(self._through_filters([chunk]))
 
-    def _flush_tool_parser(self) -> bytes:
-        if self.tool_parser is None:
-            return b""
-        return b"".join(self._relay_chunk(None, piece) for piece in self.tool_parser.flush())
+    def _through_filters(self, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for chunk_filter in self.filters:
+            chunks = [out for chunk in chunks for out in chunk_filter.feed(chunk)]
+        return chunks
+
+    def _flush_filters(self) -> bytes:
+        """What the filters still hold at the end: each one's flush goes through the
+        filters after it."""
+        out: list[dict[str, Any]] = []
+        for chunk_filter in self.filters:
+            out = [piece for chunk in out for piece in chunk_filter.feed(chunk)]
+            out += chunk_filter.flush()
+        return self.encode(out)
+
+    def encode(self, chunks: list[dict[str, Any]]) -> bytes:
+        """Chunks made or changed by the gateway, as events (accounted like the engine's)."""
+        return b"".join(self._relay_chunk(None, chunk) for chunk in chunks)
 
     def _relay_chunk(self, event: bytes | None, chunk: dict[str, Any]) -> bytes:
         """Forward one parsed chunk: the engine's own bytes (`event`), or re-serialised."""
@@ -253,5 +265,5 @@ class SseRelay:
         tail, self._tail = self._tail.strip(), b""
         out = self._relay(tail) if tail else b""
         if not self.saw_done:
-            out += self._flush_tool_parser()
+            out += self._flush_filters()
         return out

@@ -42,6 +42,16 @@ LOG_COLUMNS = (
     "latency_ms",
 )
 _API_KEY_INDEX = LOG_COLUMNS.index("api_key_id")
+
+
+def log_row(**values: object) -> tuple:
+    """One request's log values as a row for RequestLogWriter.add (LOG_COLUMNS order);
+    a missing or unknown column is a KeyError/TypeError here, not a broken COPY later."""
+    if len(values) != len(LOG_COLUMNS):
+        raise TypeError(f"log_row takes exactly {LOG_COLUMNS}, got {sorted(values)}")
+    return tuple(values[column] for column in LOG_COLUMNS)
+
+
 _COPY_SQL = f"COPY {RequestLog._meta.db_table} ({', '.join(LOG_COLUMNS)}) FROM STDIN"
 
 

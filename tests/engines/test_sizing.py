@@ -23,8 +23,8 @@ from apps.engines.sizing import (
     prompt_tokens,
     split_prompts,
 )
+from apps.engines.stage import size_and_choose
 from apps.engines.tokens import heuristic_message_tokens
-from apps.proxy.engine_stage import size_and_choose
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hello there"}]}
 count_prompt = partial(prompt_tokens, model="m")

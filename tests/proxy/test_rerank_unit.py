@@ -8,15 +8,15 @@ from typing import Any
 import httpx
 import pytest
 
+from apps.core.context import RequestContext
 from apps.core.errors import ApiError
-from apps.engines.registry import EngineRoute, VariantRoute
-from apps.proxy.exchange import Exchange
 from apps.proxy.rerank import (
+    RERANK,
     UPSTREAM_PATH,
     MalformedRerankResponse,
-    RerankConsumer,
     engine_payload,
     normalize_rerank_response,
+    rerank_prepare,
     rerank_prompt_estimate,
     validate_rerank,
 )
@@ -159,19 +159,21 @@ def test_it_normalises_what_a_llama_server_answers(fake_engine):
     assert out["usage"]["prompt_tokens"] > 0
 
 
-# --- consumer hooks ----------------------------------------------------------------------
+# --- pipeline stage ----------------------------------------------------------------------
 
 
 async def test_it_prepares_the_engine_request_and_rewrites_the_answer():
-    consumer = RerankConsumer()
     payload = {**VALID, "documents": [{"text": "x"}, "y"], "top_n": 1, "return_documents": True}
     original = copy.deepcopy(payload["documents"])
-    engine = EngineRoute("e", "llamacpp", "http://127.0.0.1:9", "", 5)
-    ex = Exchange(endpoint=RerankConsumer.endpoint, model="rr")
-    assert await consumer.prepare(ex, payload, VariantRoute(engine, None)) is True
+    ctx = RequestContext(endpoint=RERANK.endpoint, payload=payload, model="rr")
+    await rerank_prepare(ctx)
     assert payload["documents"] == ["x", "y"]
-    out = consumer.rewrite_response(ex, jina(0.2, 0.8))
+    assert ctx.payload_changed
+    assert ctx.prompt_estimate == rerank_prompt_estimate(VALID["query"], ["x", "y"])
+    (normalizer,) = ctx.response_filters
+    out = normalizer.whole(ctx, jina(0.2, 0.8))
     assert out["results"] == [{"index": 1, "relevance_score": 0.8, "document": {"text": "y"}}]
     assert out["model"] == "rr"
-    assert consumer.client_documents == original
-    assert (RerankConsumer.upstream_path, RerankConsumer.streams) == ("/v1/rerank", False)
+    assert normalizer.client_documents == original
+    assert normalizer.stream(ctx) is None
+    assert RERANK.upstream_path == "/v1/rerank"

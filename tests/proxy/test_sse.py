@@ -127,3 +127,65 @@ def test_it_has_no_reply_when_nothing_was_generated():
     relay.feed(event(delta(role="assistant", content="")) + event(USAGE))
     assert relay.reply is not None
     assert relay.reply.message() is None
+
+
+# --- chunk filters (the response filters' stream side) ------------------------------------
+
+
+class Upper:
+    """Rewrites content to upper case."""
+
+    def feed(self, chunk: dict) -> list[dict]:
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                delta["content"] = delta["content"].upper()
+        return [chunk]
+
+    def flush(self) -> list[dict]:
+        return [content("end")]
+
+
+class HoldAll:
+    """Holds every content chunk back and releases them joined at the end."""
+
+    def __init__(self) -> None:
+        self.held: list[str] = []
+
+    def feed(self, chunk: dict) -> list[dict]:
+        delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
+        if delta.get("content"):
+            self.held.append(delta["content"])
+            return []
+        return [chunk]
+
+    def flush(self) -> list[dict]:
+        return [content("".join(self.held))]
+
+
+def texts(out: bytes) -> list[str]:
+    events = [orjson.loads(e[6:]) for e in out.split(b"\n\n") if e.startswith(b"data: {")]
+    return [e["choices"][0]["delta"]["content"] for e in events if e.get("choices")]
+
+
+def test_it_passes_every_chunk_through_the_filters_in_order():
+    relay = SseRelay(client_wants_usage=False, collect_reply=True, filters=[Upper(), HoldAll()])
+    assert texts(relay.feed(event(content("ab")) + event(content("c")))) == []
+    # At the end the first filter's flush goes through the second before it flushes.
+    assert texts(relay.feed(b"data: [DONE]\n\n")) == ["ABCend"]
+    assert relay.reply.message()["content"] == "ABCend"  # what the client got
+    assert relay.first_token_at is not None
+
+
+def test_it_flushes_the_filters_when_the_engine_ends_without_done():
+    relay = SseRelay(client_wants_usage=False, filters=[HoldAll()])
+    relay.feed(event(content("x")))
+    assert texts(relay.finish()) == ["x"]
+
+
+def test_it_still_strips_the_usage_chunk_with_filters():
+    relay = SseRelay(client_wants_usage=False, filters=[Upper()])
+    out = relay.feed(event(content("a")) + event(USAGE))
+    assert texts(out) == ["A"]
+    assert b'"usage":{' not in out
+    assert relay.usage == USAGE["usage"]

@@ -13,8 +13,8 @@ from django.test import override_settings
 from apps.core.errors import ApiError
 from apps.quotas.leases import LEASE_MIN_REQUESTS, LEASE_SHARE, Lease
 from apps.quotas.models import QuotaWindow, Reservation
-from apps.quotas.pipeline import quota_stage_drain, quota_stage_reserve, quota_stage_settle
 from apps.quotas.services import quota_set, quotas_applicable
+from apps.quotas.stage import quota_stage_drain, quota_stage_reserve, quota_stage_settle
 from tests.conftest import TenantKey, start_gateway, wait_until
 from tests.quotas.test_quotas_e2e import CHAT, RESERVED, USED, window
 

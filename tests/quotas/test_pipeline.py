@@ -10,13 +10,13 @@ from channels.db import database_sync_to_async
 
 from apps.core.errors import ApiError
 from apps.quotas.models import QuotaWindow, Reservation
-from apps.quotas.pipeline import (
+from apps.quotas.services import quota_set
+from apps.quotas.stage import (
     quota_stage_drain,
     quota_stage_reserve,
     quota_stage_settle,
     tokens_to_reserve,
 )
-from apps.quotas.services import quota_set
 from tests.conftest import TenantKey
 
 # Channels' wrapper closes the thread's connection afterwards (asgiref's would keep it

@@ -1,4 +1,4 @@
-"""Pipeline stage for server-side chat history (apps.sessions does the storing).
+"""Pipeline stage for server-side chat history.
 
 Before the engine: load the session's history and system prompt, trim the history to the
 variant's context (in tokens), send [system] + history + new messages. After a successful
@@ -9,6 +9,7 @@ PP/TG/cache metrics.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -18,15 +19,16 @@ import psycopg
 from channels.db import database_sync_to_async
 from django.conf import settings
 
+from apps.core.context import RequestContext
 from apps.core.errors import ApiError
 from apps.engines.registry import VariantRoute
+from apps.engines.stage import largest_variant
 from apps.engines.tokens import (
     MESSAGE_OVERHEAD_TOKENS,
     MessageTokens,
     count_message_tokens,
     heuristic_message_tokens,
 )
-from apps.proxy.exchange import Exchange
 from apps.sessions import services as sessions
 from apps.sessions import store
 
@@ -93,13 +95,32 @@ def completion_reserve(payload: dict[str, Any]) -> int:
     return settings.DEFAULT_MAX_TOKENS
 
 
+async def session_open(ctx: RequestContext) -> None:
+    """With `X-Session-Id` (or metadata.session_id): send the stored history along, trimmed
+    to the model's largest context, and store the new turn once the answer is in."""
+    ctx.session_id = session_id_of(ctx.header(b"x-session-id"), ctx.payload)
+    if ctx.session_id is None:
+        return
+    assert ctx.route is not None
+    turn = await session_prepare(
+        ctx=ctx,
+        external_id=ctx.session_id,
+        payload=ctx.payload,
+        variant=largest_variant(ctx.route),
+    )
+    ctx.payload_changed = True
+    ctx.before_finish.append(functools.partial(session_record, ctx=ctx, turn=turn))
+    ctx.history_tokens = turn.history_tokens
+    ctx.response_headers.append((b"x-session-id", ctx.session_id.encode()))
+
+
 async def session_prepare(
-    *, ex: Exchange, external_id: str, payload: dict[str, Any], variant: VariantRoute
+    *, ctx: RequestContext, external_id: str, payload: dict[str, Any], variant: VariantRoute
 ) -> SessionTurn:
     """Replace payload["messages"] with the session's history plus the new messages."""
-    assert ex.principal is not None
+    assert ctx.principal is not None
     context = await _load(
-        tenant_id=ex.principal.tenant_id,
+        tenant_id=ctx.principal.tenant_id,
         external_id=external_id,
         variant_system_prompt=variant.system_prompt,
     )
@@ -107,7 +128,7 @@ async def session_prepare(
     budget = None
     if variant.ctx_size:
         budget = max(1, variant.ctx_size - completion_reserve(payload))
-        counted = await count_message_tokens(variant, new_messages, model=ex.model)
+        counted = await count_message_tokens(variant, new_messages, model=ctx.model)
     else:
         # No context size: nothing is ever trimmed for this model, so the engine is not
         # asked; the stored counts are estimates (exact enough if the session moves on).
@@ -121,7 +142,7 @@ async def session_prepare(
         budget_tokens=budget,
         count_tokens=lambda m: by_identity.get(id(m)) or heuristic_message_tokens(m),
     )
-    ex.wants_reply = True
+    ctx.wants_reply = True
     return SessionTurn(
         session_pk=context.session_pk,
         new_messages=new_messages,
@@ -133,47 +154,47 @@ async def session_prepare(
     )
 
 
-def turn_metrics(ex: Exchange) -> sessions.TurnMetrics:
+def turn_metrics(ctx: RequestContext) -> sessions.TurnMetrics:
     """PP/TG figures from the engine's usage and timings, else as the gateway saw them."""
-    timings = ex.timings or {}
-    cached = ex.cached_tokens
-    pp_tokens = int(timings.get("prompt_n", max(0, ex.prompt_tokens - cached)))
-    pp_started = ex.sent_at
-    pp_finished = ex.first_token_at
-    if ex.sent_at is not None and "prompt_ms" in timings:
-        pp_finished = ex.sent_at + float(timings["prompt_ms"]) / 1000
-    tg_started = ex.first_token_at if ex.stream else pp_finished
-    tg_finished = ex.last_token_at if ex.stream else ex.received_at
-    if not ex.stream and pp_finished is not None and "predicted_ms" in timings:
+    timings = ctx.timings or {}
+    cached = ctx.cached_tokens
+    pp_tokens = int(timings.get("prompt_n", max(0, ctx.prompt_tokens - cached)))
+    pp_started = ctx.sent_at
+    pp_finished = ctx.first_token_at
+    if ctx.sent_at is not None and "prompt_ms" in timings:
+        pp_finished = ctx.sent_at + float(timings["prompt_ms"]) / 1000
+    tg_started = ctx.first_token_at if ctx.stream else pp_finished
+    tg_finished = ctx.last_token_at if ctx.stream else ctx.received_at
+    if not ctx.stream and pp_finished is not None and "predicted_ms" in timings:
         tg_finished = pp_finished + float(timings["predicted_ms"]) / 1000
     return sessions.TurnMetrics(
-        prompt_tokens=ex.prompt_tokens,
+        prompt_tokens=ctx.prompt_tokens,
         cached_tokens=cached,
         pp_tokens=pp_tokens,
-        pp_started_at=ex.wall(pp_started),
-        pp_finished_at=ex.wall(pp_finished),
-        tg_tokens=ex.completion_tokens,
-        tg_started_at=ex.wall(tg_started),
-        tg_finished_at=ex.wall(tg_finished),
+        pp_started_at=ctx.wall(pp_started),
+        pp_finished_at=ctx.wall(pp_finished),
+        tg_tokens=ctx.completion_tokens,
+        tg_started_at=ctx.wall(tg_started),
+        tg_finished_at=ctx.wall(tg_finished),
     )
 
 
-async def session_record(*, ex: Exchange, turn: SessionTurn) -> None:
+async def session_record(*, ctx: RequestContext, turn: SessionTurn) -> None:
     if turn.recount:
         # The engine runs now: store what its tokenizer says, or later trimming is off.
-        recounted = await count_message_tokens(turn.variant, turn.new_messages, model=ex.model)
+        recounted = await count_message_tokens(turn.variant, turn.new_messages, model=ctx.model)
         if recounted.exact:
             turn.token_counts = dict(enumerate(recounted.counts))
-    if ex.reply is None:
+    if ctx.reply is None:
         return  # nothing was generated: the turn is not stored (no question without answer)
     item = store.turn_item(
         session_pk=turn.session_pk,
         new_messages=turn.new_messages,
-        reply=ex.reply,
-        model=ex.model,
-        metrics=turn_metrics(ex),
+        reply=ctx.reply,
+        model=ctx.model,
+        metrics=turn_metrics(ctx),
         token_counts=turn.token_counts,
         # As history, the reply costs its tokens plus the template's role markers.
-        reply_tokens=ex.completion_tokens + MESSAGE_OVERHEAD_TOKENS,
+        reply_tokens=ctx.completion_tokens + MESSAGE_OVERHEAD_TOKENS,
     )
     await _record(item)

@@ -1,5 +1,8 @@
 """The quota stage of the async /v1 pipeline: how much to reserve, reserve, settle.
 
+In the pipeline: `quota_reserve(ctx)` before the engine is called, `quota_settle(ctx)` once
+the request is over (whatever happened). Underneath:
+
     ticket = await quota_stage_reserve(tenant_id=..., api_key_id=..., tokens=...)  # or 429
     try:
         ... call the engine ...
@@ -26,6 +29,10 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
+from apps.core.context import RequestContext
+from apps.core.errors import ApiError
+from apps.engines.sizing import TOKENIZE, prompt_token_bound, prompt_tokens
+from apps.engines.stage import GENERATING_ENDPOINTS
 from apps.quotas.batching import reserve_batcher, settle_batcher
 from apps.quotas.errors import quota_exceeded_error
 from apps.quotas.leases import lease_book
@@ -222,3 +229,52 @@ def quota_headers(states: list[QuotaState]) -> list[tuple[bytes, bytes]]:
         seconds = (tightest.resets_at - timezone.now()).total_seconds()
         headers.append((b"x-ratelimit-reset-tokens", human_duration(seconds).encode()))
     return headers
+
+
+async def quota_reserve(ctx: RequestContext) -> None:
+    """Reserve the most this request can cost (429 if a quota cannot cover it).
+
+    The prompt counts as sizing counted it, else as an upper bound of it (its bytes),
+    else the heuristic, so the engine is not asked on every request. Only when that
+    does not fit is the engine's tokenizer asked, and the exact count tried, so a quota
+    that is nearly used up still admits what really fits."""
+    assert ctx.principal is not None and ctx.variant is not None
+    if not principal_quotas(ctx.principal):
+        return
+    prompt = ctx.prompt_estimate
+    if not ctx.prompt_counted:
+        prompt = max(prompt, prompt_token_bound(ctx.payload, ctx.endpoint) or 0)
+    try:
+        await _reserve_for(ctx, prompt)
+    except ApiError as err:
+        if err.code != "insufficient_quota" or ctx.prompt_counted:
+            raise
+        exact, method = await prompt_tokens(ctx.variant, ctx.payload, ctx.endpoint, model=ctx.model)
+        if method != TOKENIZE or exact >= prompt:
+            raise
+        ctx.prompt_estimate, ctx.prompt_counted = exact, True
+        await _reserve_for(ctx, exact)
+
+
+async def _reserve_for(ctx: RequestContext, prompt: int) -> None:
+    assert ctx.principal is not None and ctx.variant is not None
+    tokens = tokens_to_reserve(
+        ctx.payload,
+        prompt_tokens=prompt,
+        ctx_size=ctx.variant.ctx_size,
+        completes=ctx.endpoint in GENERATING_ENDPOINTS,
+    )
+    ctx.quota_ticket = await quota_stage_reserve(
+        tenant_id=ctx.principal.tenant_id,
+        api_key_id=ctx.principal.key_id,
+        tokens=tokens,
+        quotas=list(principal_quotas(ctx.principal)),
+    )
+    ctx.response_headers += quota_headers(ctx.quota_ticket.states)
+
+
+def quota_settle(ctx: RequestContext) -> None:
+    """Charge what the engine really worked on (nothing if it never did); the rest of the
+    reservation goes back. Idempotent: a ticket is settled once."""
+    ticket, ctx.quota_ticket = ctx.quota_ticket, None
+    quota_stage_settle(ticket, actual_tokens=ctx.spent_tokens)

@@ -1,20 +1,27 @@
-"""Calling the engine and relaying its answer, streamed or whole, to the client."""
+"""Calling the engine: its answer, whole or as a stream of events, without client I/O.
+
+`engine_response` posts the request; `whole_answer` and `stream_events` turn the response
+into what the responder (responder.py), the one place that writes to the client, sends: a whole answer after the response filters saw it, or
+each batch of stream events as it arrives (through the SSE relay and its chunk filters).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 
+from apps.core.context import RequestContext, StreamStop
 from apps.core.errors import ApiError, engine_timeout, engine_unreachable, upstream_error_body
 from apps.engines.client import engine_session, engine_url, request_timeout
 from apps.engines.registry import EngineRoute
+from apps.engines.stage import EngineTarget
 from apps.engines.tokens import heuristic_tokens, message_text
-from apps.proxy.exchange import Exchange
-from apps.proxy.sse import DONE_EVENT, SseRelay, error_event
+from apps.proxy.sse import SseRelay, error_event
 
 Headers = list[tuple[bytes, bytes]]
 NO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -43,11 +50,6 @@ _REQUEST_DROP = HOP_BY_HOP | {
 }
 # Never relayed back: hop-by-hop, framing the gateway redoes, and what uvicorn adds itself.
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"content-encoding", b"date", b"server"}
-
-
-class Responder(Protocol):
-    send_headers: Callable[..., Awaitable[None]]
-    send_body: Callable[..., Awaitable[None]]
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -84,30 +86,29 @@ def _client_headers(resp: aiohttp.ClientResponse, *, content_type: bytes | None 
     return headers
 
 
-async def forward(
-    responder: Responder,
-    ex: Exchange,
-    *,
-    engine: EngineRoute,
-    base_url: str,
-    path: str,
-    body: bytes,
-    client_headers: Headers,
-    relay: SseRelay | None,
-) -> None:
-    """POST `body` to the engine and relay the answer; ApiError if nothing was relayed."""
-    ex.sent_at = time.perf_counter()
+@dataclass(slots=True)
+class WholeAnswer:
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@asynccontextmanager
+async def engine_response(
+    ctx: RequestContext, target: EngineTarget, *, path: str, body: bytes
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """POST `body` to the engine; its response while the block runs (closing it cancels the
+    engine's work). Connection failures and timeouts become the gateway's OpenAI errors."""
+    engine = target.engine
+    ctx.sent_at = time.perf_counter()
     try:
         async with engine_session().post(
-            engine_url(base_url, path),
+            engine_url(target.base_url, path),
             data=body,
-            headers=upstream_headers(client_headers, engine),
+            headers=upstream_headers(ctx.headers, engine),
             timeout=request_timeout(engine.timeout_seconds),
         ) as resp:
-            if relay is not None and resp.status < 400 and _is_event_stream(resp):
-                await _relay_stream(responder, ex, resp, relay, engine)
-            else:
-                await _relay_whole(responder, ex, resp)
+            yield resp
     except aiohttp.ClientConnectorError as exc:
         raise engine_unreachable(engine.name, str(exc.os_error or exc)) from None
     except aiohttp.ConnectionTimeoutError:
@@ -118,47 +119,48 @@ async def forward(
         raise engine_unreachable(engine.name, f"{type(exc).__name__}: {exc}") from None
 
 
-def _is_event_stream(resp: aiohttp.ClientResponse) -> bool:
-    return resp.content_type == "text/event-stream"
+def is_event_stream(ctx: RequestContext, resp: aiohttp.ClientResponse) -> bool:
+    """The engine streams its answer (the client asked, and it worked)."""
+    return ctx.stream and resp.status < 400 and resp.content_type == "text/event-stream"
 
 
-async def _relay_whole(responder: Responder, ex: Exchange, resp: aiohttp.ClientResponse) -> None:
+async def whole_answer(ctx: RequestContext, resp: aiohttp.ClientResponse) -> WholeAnswer:
+    """Read a whole answer: usage, timings and the reply into `ctx`, the response filters
+    applied to a successful one."""
     raw = await resp.read()
-    ex.received_at = time.perf_counter()
-    ex.status = resp.status
+    ctx.received_at = time.perf_counter()
+    ctx.status = resp.status
     content_type = None
     parsed = None
     if resp.status >= 400:
         raw = upstream_error_body(resp.status, raw)
         content_type = b"application/json"
-        ex.error_code = f"engine_{resp.status}"
-    elif ex.rewrite_response is not None:
-        raw, parsed = _rewritten(ex, raw)
+        ctx.error_code = f"engine_{resp.status}"
+    elif ctx.response_filters:
+        raw, parsed = _filtered(ctx, raw)
     else:
         # For the usage, the session reply, or (no usage) the text to estimate from.
         parsed = _json_object(raw)
     timings = parsed.get("timings") if parsed else None
-    ex.timings = timings if isinstance(timings, dict) else None
+    ctx.timings = timings if isinstance(timings, dict) else None
     if resp.status >= 400:
-        ex.record_usage(NO_USAGE)  # the engine refused: nothing was generated
+        ctx.record_usage(NO_USAGE)  # the engine refused: nothing was generated
     else:
         usage = parsed.get("usage") if parsed else None
         estimate = 0 if isinstance(usage, dict) else completion_estimate(parsed)
-        ex.record_usage(usage, fallback_completion=estimate)
-    ex.first_token_at = _first_token_from_timings(ex.timings, ex.received_at)
-    if ex.wants_reply and parsed:
-        ex.reply = _first_message(parsed)
-    # Stored before the headers go out: if storing fails, the client gets a clean 500.
-    await ex.finish()
-    headers = _client_headers(resp, content_type=content_type) + ex.response_headers
-    await responder.send_headers(status=resp.status, headers=headers)
-    await responder.send_body(raw)
+        ctx.record_usage(usage, fallback_completion=estimate)
+    ctx.first_token_at = _first_token_from_timings(ctx.timings, ctx.received_at)
+    if ctx.wants_reply and parsed:
+        ctx.reply = _first_message(parsed)
+    headers = _client_headers(resp, content_type=content_type) + ctx.response_headers
+    return WholeAnswer(status=resp.status, headers=headers, body=raw)
 
 
-def _rewritten(ex: Exchange, raw: bytes) -> tuple[bytes, dict | None]:
-    assert ex.rewrite_response is not None
+def _filtered(ctx: RequestContext, raw: bytes) -> tuple[bytes, dict | None]:
     try:
-        body = ex.rewrite_response(orjson.loads(raw))
+        body = orjson.loads(raw)
+        for response_filter in ctx.response_filters:
+            body = response_filter.whole(ctx, body)
     except ValueError as exc:  # orjson.JSONDecodeError is a ValueError too
         raise ApiError(
             502,
@@ -215,26 +217,40 @@ def _first_token_from_timings(timings: dict | None, received_at: float) -> float
     return received_at - (generation_ms - per_token_ms) / 1000
 
 
-async def _relay_stream(
-    responder: Responder,
-    ex: Exchange,
-    resp: aiohttp.ClientResponse,
-    relay: SseRelay,
-    engine: EngineRoute,
-) -> None:
-    ex.status = resp.status
-    headers = _client_headers(resp) + ex.response_headers
-    headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-    await responder.send_headers(status=resp.status, headers=headers)
+def stream_relay(ctx: RequestContext) -> SseRelay:
+    """The relay for one streamed answer, with each response filter's chunk filter."""
+    filters = [f for f in (rf.stream(ctx) for rf in ctx.response_filters) if f is not None]
+    return SseRelay(
+        client_wants_usage=ctx.client_wants_usage,
+        collect_reply=ctx.wants_reply,
+        filters=filters,
+    )
+
+
+def stream_headers(ctx: RequestContext, resp: aiohttp.ClientResponse) -> Headers:
+    headers = _client_headers(resp) + ctx.response_headers
+    return [*headers, (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+async def stream_events(
+    ctx: RequestContext, resp: aiohttp.ClientResponse, relay: SseRelay, engine: EngineRoute
+) -> AsyncIterator[bytes]:
+    """The events to send, batch by batch as the engine sends them (never `[DONE]`, which
+    the responder sends last). A stream the engine breaks, or a filter stops, ends with an
+    error event; usage so far is recorded in any case (a client disconnect included)."""
+    ctx.status = resp.status
     failure: ApiError | None = None
     try:
         async for data in resp.content.iter_any():
             out = relay.feed(data)
             if out:
-                await responder.send_body(out, more_body=True)
+                yield out
         out = relay.finish()
         if out:
-            await responder.send_body(out, more_body=True)
+            yield out
+    except StreamStop as stop:
+        failure = stop.error
+        yield relay.encode(stop.final_chunks)
     except TimeoutError:
         failure = engine_timeout(engine.name, engine.timeout_seconds)
     except aiohttp.ClientError as exc:
@@ -245,18 +261,23 @@ async def _relay_stream(
             code="engine_stream_interrupted",
         )
     finally:
-        # Runs on a client disconnect (cancellation) too: usage so far is still recorded.
-        ex.first_token_at = relay.first_token_at
-        ex.last_token_at = relay.last_token_at
-        ex.timings = relay.timings
-        if relay.reply is not None:
-            ex.reply = relay.reply.message()
-        ex.record_usage(relay.usage, fallback_completion=relay.generated_events())
+        _record_stream(ctx, relay)
     if failure is not None:
-        ex.status, ex.error_code = failure.status, failure.code or ""
-        await responder.send_body(error_event(failure.payload()), more_body=True)
+        # A filter's stop (status 200) keeps what the client got as the answer; an engine
+        # failure's status marks the answer as not complete (nothing is stored).
+        if failure.status != 200:
+            ctx.status, ctx.stream_failed = failure.status, True
+        ctx.error_code = failure.code or ""
+        yield error_event(failure.payload())
     elif relay.upstream_error is not None:
-        ex.error_code = str(relay.upstream_error.get("code") or "engine_stream_error")
-    else:
-        await ex.finish()
-    await responder.send_body(DONE_EVENT)
+        ctx.stream_failed = True
+        ctx.error_code = str(relay.upstream_error.get("code") or "engine_stream_error")
+
+
+def _record_stream(ctx: RequestContext, relay: SseRelay) -> None:
+    ctx.first_token_at = relay.first_token_at
+    ctx.last_token_at = relay.last_token_at
+    ctx.timings = relay.timings
+    if relay.reply is not None:
+        ctx.reply = relay.reply.message()
+    ctx.record_usage(relay.usage, fallback_completion=relay.generated_events())
