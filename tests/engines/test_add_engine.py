@@ -161,7 +161,8 @@ def test_it_registers_a_managed_engine(models_dir) -> None:
     assert (engine.kind, engine.command_template, engine.base_url) == ("managed", TEMPLATE, "")
     assert (engine.slots, engine.replicas, engine.idle_ttl_seconds) == (2, 2, 300)
     assert managed_variants("gemma") == {("gemma-3", 4096, "gemma/small.gguf", "--temp 0")}
-    assert "managed" in out and TEMPLATE in out
+    assert "managed" in out
+    assert TEMPLATE in out
     assert "gemma-3 (ctx_size=4096, model_path=gemma/small.gguf, extra_args=--temp 0)" in out
 
 
