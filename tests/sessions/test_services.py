@@ -246,7 +246,8 @@ def test_it_records_new_messages_then_the_reply_with_metrics(alice):
         (2, "assistant", 11),
     ]
     assert rows[0].payload == user("look at this")
-    assert rows[0].prompt_tokens is None and rows[0].tg_started_at is None
+    assert rows[0].prompt_tokens is None
+    assert rows[0].tg_started_at is None
     answer = rows[2]
     assert (answer.prompt_tokens, answer.cached_tokens, answer.pp_tokens) == (120, 100, 20)
     assert (answer.model, answer.tg_tokens) == ("fake-model", 11)
