@@ -27,7 +27,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.run import MODEL, BenchError, Gateway, note  # noqa: E402
+from bench.run import (  # noqa: E402
+    DATA_DIR,
+    MODEL,
+    BenchError,
+    CpuProbe,
+    Gateway,
+    gateway_probe,
+    note,
+    process_probe,
+)
 from tests.fake_engine import FakeEngineProcess  # noqa: E402
 
 CTX_SIZE = 8192
@@ -95,7 +104,13 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-async def bench(gateway_url: str, key: str, args: argparse.Namespace) -> dict[str, Any]:
+def cpu_now(probes: dict[str, CpuProbe]) -> dict[str, float]:
+    return {f"{who} {part}": v for who, probe in probes.items() for part, v in probe().items()}
+
+
+async def bench(
+    gateway_url: str, key: str, args: argparse.Namespace, probes: dict[str, CpuProbe]
+) -> dict[str, Any]:
     url = gateway_url + "/v1/chat/completions"
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
@@ -105,24 +120,38 @@ async def bench(gateway_url: str, key: str, args: argparse.Namespace) -> dict[st
         note(f"seeded in {time.perf_counter() - started:.1f} s")
         results: dict[str, list[float]] = {"none": [], "long": []}
         prompts: dict[str, list[int]] = {"none": [], "long": []}
+        cpu: dict[str, dict[str, float]] = {"none": {}, "long": {}}
         await measure(http, url, key, 2, None)  # warm-up
         for round_ in range(1, args.rounds + 1):
             note(f"round {round_}/{args.rounds}")
             for name, sessions in (("none", None), ("long", args.sessions)):
+                before = cpu_now(probes)
                 lat, pr = await measure(http, url, key, args.duration, sessions)
+                after = cpu_now(probes)
+                for part, value in after.items():
+                    cpu[name][part] = cpu[name].get(part, 0.0) + value - before[part]
                 results[name] += lat
                 prompts[name] += pr
-    return {"latency": results, "prompts": prompts}
+    for name, parts in cpu.items():  # CPU seconds -> microseconds per request
+        cpu[name] = {part: v / len(results[name]) * 1e6 for part, v in parts.items()}
+    return {"latency": results, "prompts": prompts, "cpu": cpu}
 
 
 def report(figures: dict[str, Any]) -> None:
     lat, prompts = figures["latency"], figures["prompts"]
-    print(f"\n{'requests':<26} {'count':>6} {'p50 ms':>8} {'p99 ms':>8} {'prompt tokens':>14}")
+    parts = sorted(figures["cpu"]["none"])
+    cpu_header = " ".join(f"{p + ' us':>16}" for p in parts)
+    print(
+        f"\n{'requests':<26} {'count':>6} {'p50 ms':>8} {'p99 ms':>8} {'prompt tokens':>14}"
+        f"  CPU per request: {cpu_header}"
+    )
     for name, title in (("none", "without a session"), ("long", "on a 200-turn session")):
         values = lat[name]
+        cpu = " ".join(f"{figures['cpu'][name][p]:16.0f}" for p in parts)
         print(
             f"{title:<26} {len(values):>6} {percentile(values, 50):8.2f} "
             f"{percentile(values, 99):8.2f} {statistics.mean(prompts[name]):14.0f}"
+            f"                   {cpu}"
         )
     added50 = percentile(lat["long"], 50) - percentile(lat["none"], 50)
     added99 = percentile(lat["long"], 99) - percentile(lat["none"], 99)
@@ -151,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         gateway = Gateway(engine.url)
         key = gateway.setup(limits=False, ctx_size=CTX_SIZE)
         gateway.start()
-        report(asyncio.run(bench(gateway.url, key, args)))
+        assert engine.proc is not None
+        assert gateway.proc is not None
+        probes = {
+            "engine": process_probe(engine.proc.pid),
+            "gateway": gateway_probe(gateway.proc.pid, DATA_DIR),
+        }
+        report(asyncio.run(bench(gateway.url, key, args, probes)))
         return 0
     except BenchError as exc:
         print(f"long_history: {exc}", file=sys.stderr)
