@@ -86,6 +86,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.postgres",
     "rest_framework",
+    "corsheaders",
     "channels",
     "apps.tenants",
     "apps.engines",
@@ -98,6 +99,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -262,3 +264,23 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": None,
 }
+
+# --- Observability and reliability (issue 15) ------------------------------------------
+# Input limits per /v1 request (apps/proxy/limits.py): beyond them, 400.
+LIMIT_MAX_MESSAGES = env_int("LIMIT_MAX_MESSAGES", 2048)
+LIMIT_MAX_CONTENT_CHARS = env_int("LIMIT_MAX_CONTENT_CHARS", 4_000_000)
+LIMIT_MAX_N = env_int("LIMIT_MAX_N", 16)
+LIMIT_MAX_TOOLS = env_int("LIMIT_MAX_TOOLS", 128)  # OpenAI's own bound
+# CORS for browser clients on /v1 and /api (django-cors-headers; the Channels consumers
+# through apps/proxy/cors.py): comma-separated origins, empty = no CORS headers at all.
+CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS", [])
+CORS_URLS_REGEX = r"^/(v1|api)(/|$)"
+CORS_EXPOSE_HEADERS = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "retry-after",
+    "x-gateway-model",
+    "x-gateway-cache",
+]
+CORS_PREFLIGHT_MAX_AGE = env_int("CORS_PREFLIGHT_MAX_AGE", 86400)

@@ -44,6 +44,7 @@ from apps.proxy.engine_call import (
     stream_relay,
     whole_answer,
 )
+from apps.proxy.limits import input_limits
 from apps.proxy.responder import Responder
 from apps.quotas.stage import quota_reserve, quota_settle
 from apps.request_logs.writer import log_row, request_log_writer
@@ -92,6 +93,7 @@ CHAT_COMPLETIONS = Pipeline(
         admit,
         validated(validation.validate_chat),
         resolve_model,
+        input_limits,
         tool_call_parsing,
         session_open,
         choose_variant_by_size,
@@ -109,6 +111,7 @@ COMPLETIONS = Pipeline(
         admit,
         validated(validation.validate_completion),
         resolve_model,
+        input_limits,
         choose_variant_by_size,
         adapt_for_engine,
         quota_reserve,
@@ -124,6 +127,7 @@ EMBEDDINGS = Pipeline(
         admit,
         validated(validation.validate_embedding),
         resolve_model,
+        input_limits,
         adapt_for_engine,
         quota_reserve,
     ),
