@@ -284,3 +284,16 @@ CORS_EXPOSE_HEADERS = [
     "x-gateway-cache",
 ]
 CORS_PREFLIGHT_MAX_AGE = env_int("CORS_PREFLIGHT_MAX_AGE", 86400)
+# Retries before the first byte reaches the client (apps/proxy/reliability.py): a
+# connection failure or an engine's 502/503/504 is retried this many more times, with
+# exponential backoff from BACKOFF (full jitter), all attempts within MAX seconds.
+ENGINE_RETRIES = env_int("ENGINE_RETRIES", 2)
+ENGINE_RETRY_BACKOFF_SECONDS = env_float("ENGINE_RETRY_BACKOFF_SECONDS", 0.1)
+ENGINE_RETRY_MAX_SECONDS = env_float("ENGINE_RETRY_MAX_SECONDS", 10.0)
+# Circuit breaker per engine replica (apps/engines/breaker.py): after FAILURES consecutive
+# failures it is skipped for COOLDOWN seconds, then probed by one request.
+CIRCUIT_BREAKER_FAILURES = env_int("CIRCUIT_BREAKER_FAILURES", 5)
+CIRCUIT_BREAKER_COOLDOWN_SECONDS = env_float("CIRCUIT_BREAKER_COOLDOWN_SECONDS", 30.0)
+# GET /metrics needs `Authorization: Bearer <it>` when set (open otherwise); GET
+# /health/detailed needs it, or a staff session, always.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")

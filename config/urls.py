@@ -1,6 +1,8 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from apps.proxy.ops import health_detailed_view, metrics_view
+
 admin.site.site_header = "LLM gateway"
 admin.site.site_title = "LLM gateway admin"
 
@@ -8,4 +10,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("apps.quotas.urls")),
     path("api/", include("apps.sessions.urls")),
+    path("metrics", metrics_view, name="metrics"),
+    path("health/detailed", health_detailed_view, name="health-detailed"),
 ]

@@ -13,6 +13,7 @@ from django.conf import settings
 
 from apps.core.context import RequestContext
 from apps.core.errors import ApiError, model_not_found
+from apps.engines.breaker import breaker
 from apps.engines.engine_process import EngineStartError
 from apps.engines.manager import engine_manager
 from apps.engines.registry import EngineRoute, ModelRoute, VariantRoute, registry
@@ -152,6 +153,29 @@ async def replica_order(variant: VariantRoute) -> tuple[int, ...]:
     )
 
 
+async def healthy_replica_order(variant: VariantRoute, avoid: frozenset[int]) -> tuple[int, ...]:
+    """replica_order without replicas whose circuit is open or that just failed this
+    request (a retry goes to another replica when there is one); 503 when every replica's
+    circuit is open."""
+    engine = variant.engine
+    allowed = [r for r in range(engine.replicas) if breaker.allows(engine.name, r)]
+    if not allowed:
+        raise ApiError(
+            503,
+            f"Engine `{engine.name}` is failing (circuit open); retry later.",
+            type="api_error",
+            code="engine_unavailable",
+            headers=[
+                (b"retry-after", str(int(settings.CIRCUIT_BREAKER_COOLDOWN_SECONDS)).encode())
+            ],
+        )
+    if not avoid and len(allowed) == engine.replicas:
+        return await replica_order(variant)
+    preferred = await replica_order(variant) or tuple(range(engine.replicas))
+    fresh = [r for r in preferred if r in allowed and r not in avoid]
+    return tuple(fresh or [r for r in preferred if r in allowed])
+
+
 @asynccontextmanager
 async def replica_url(variant: VariantRoute, replica: int) -> AsyncIterator[str]:
     """Where to send the request: an external replica's root, or a managed replica that
@@ -181,23 +205,32 @@ class EngineTarget:
     engine: EngineRoute
     base_url: str
     slot: int
+    replica: int = 0
 
 
 @asynccontextmanager
-async def engine_slot(ctx: RequestContext) -> AsyncIterator[EngineTarget]:
+async def engine_slot(
+    ctx: RequestContext, *, avoid: frozenset[int] = frozenset()
+) -> AsyncIterator[EngineTarget]:
     """Wait for a slot on a replica (fair across tenants), then hold it and that replica
-    (a managed one started or swapped to the variant first) while the block runs."""
+    (a managed one started or swapped to the variant first) while the block runs.
+    `avoid`: replicas this request already failed on (placed elsewhere if possible)."""
     assert ctx.variant is not None
     variant = ctx.variant
     async with (
-        _scheduled(ctx) as placement,
+        _scheduled(ctx, avoid) as placement,
         replica_url(variant, placement.replica) as base_url,
     ):
-        yield EngineTarget(engine=variant.engine, base_url=base_url, slot=placement.slot)
+        yield EngineTarget(
+            engine=variant.engine,
+            base_url=base_url,
+            slot=placement.slot,
+            replica=placement.replica,
+        )
 
 
 @asynccontextmanager
-async def _scheduled(ctx: RequestContext) -> AsyncIterator[Placement]:
+async def _scheduled(ctx: RequestContext, avoid: frozenset[int]) -> AsyncIterator[Placement]:
     assert ctx.principal is not None and ctx.variant is not None
     engine = ctx.variant.engine
     lease = worker_scheduler().slot(
@@ -212,7 +245,7 @@ async def _scheduled(ctx: RequestContext) -> AsyncIterator[Placement]:
         insist=ctx.history_tokens >= settings.SCHEDULER_STICKY_MIN_TOKENS,
         max_queue=settings.SCHEDULER_MAX_QUEUE,
         max_wait=settings.SCHEDULER_MAX_WAIT_SECONDS,
-        replica_order=await replica_order(ctx.variant),
+        replica_order=await healthy_replica_order(ctx.variant, avoid),
     )
     try:
         async with lease as placement:

@@ -27,7 +27,9 @@ import orjson
 from django.utils import timezone
 
 from apps.core.context import RequestContext
+from apps.core.errors import ApiError
 from apps.engines.stage import (
+    EngineTarget,
     adapt_for_engine,
     choose_variant_by_size,
     engine_slot,
@@ -35,6 +37,8 @@ from apps.engines.stage import (
     resolve_model,
     tool_call_parsing,
 )
+from apps.observability import metrics
+from apps.observability.recording import record_request
 from apps.proxy import validation
 from apps.proxy.engine_call import (
     engine_response,
@@ -45,6 +49,14 @@ from apps.proxy.engine_call import (
     whole_answer,
 )
 from apps.proxy.limits import input_limits
+from apps.proxy.reliability import (
+    RETRY_STATUSES,
+    RetryableAnswer,
+    RetryableFailure,
+    failed,
+    succeeded,
+    with_retries,
+)
 from apps.proxy.responder import Responder
 from apps.quotas.stage import quota_reserve, quota_settle
 from apps.request_logs.writer import log_row, request_log_writer
@@ -141,28 +153,67 @@ async def run_pipeline(pipeline: Pipeline, ctx: RequestContext, responder: Respo
 
 
 async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> None:
-    """Schedule, call the engine, and send its answer (whole, or streamed as it comes)."""
-    async with engine_slot(ctx) as target:
-        pin_session_slot(ctx, target)
-        body = orjson.dumps(ctx.payload) if ctx.payload_changed else ctx.body
-        async with engine_response(ctx, target, path=path, body=body) as resp:
-            if is_event_stream(ctx, resp):
-                await responder.start_stream(status=resp.status, headers=stream_headers(ctx, resp))
-                async for events in stream_events(ctx, resp, stream_relay(ctx), target.engine):
-                    await responder.write(events)
-                await ctx.finish()
-                await responder.end_stream()
-                return
-            whole = await whole_answer(ctx, resp)
-            # Stored before the headers go out: if storing fails, the client gets a clean 500.
+    """Schedule, call the engine, and send its answer (whole, or streamed as it comes);
+    retried, or served by a fallback model, while nothing reached the client
+    (reliability.py)."""
+
+    async def attempt(avoid: frozenset[int], may_retry: Callable[[], bool]) -> None:
+        assert ctx.variant is not None
+        queued = metrics.QUEUED.labels(ctx.variant.engine.name)
+        queued.inc()
+        waiting = True
+        try:
+            async with engine_slot(ctx, avoid=avoid) as target:
+                queued.dec()
+                waiting = False
+                with metrics.serving(target.engine.name):
+                    await _call_engine(ctx, responder, target, path=path, may_retry=may_retry)
+        except ApiError as err:
+            if err.code == "engine_unreachable" and not responder.started and not waiting:
+                raise RetryableFailure(target, err) from None
+            raise
+        finally:
+            if waiting:
+                queued.dec()
+
+    await with_retries(ctx, attempt)
+
+
+async def _call_engine(
+    ctx: RequestContext,
+    responder: Responder,
+    target: EngineTarget,
+    *,
+    path: str,
+    may_retry: Callable[[], bool],
+) -> None:
+    pin_session_slot(ctx, target)
+    body = orjson.dumps(ctx.payload) if ctx.payload_changed else ctx.body
+    async with engine_response(ctx, target, path=path, body=body) as resp:
+        if resp.status in RETRY_STATUSES:
+            if may_retry():
+                raise RetryableAnswer(target, resp.status)
+            failed(target, f"HTTP {resp.status}")
+        else:
+            succeeded(target)
+        if is_event_stream(ctx, resp):
+            await responder.start_stream(status=resp.status, headers=stream_headers(ctx, resp))
+            async for events in stream_events(ctx, resp, stream_relay(ctx), target.engine):
+                await responder.write(events)
             await ctx.finish()
-            await responder.send_whole(whole)
+            await responder.end_stream()
+            return
+        whole = await whole_answer(ctx, resp)
+        # Stored before the headers go out: if storing fails, the client gets a clean 500.
+        await ctx.finish()
+        await responder.send_whole(whole)
 
 
 def settle(ctx: RequestContext) -> None:
     """Whatever happened: charge the quota what was used, log the request (if a tenant is
     known: 401s are not logged, see README)."""
     quota_settle(ctx)
+    record_request(ctx)
     if ctx.principal is not None:
         request_log_writer.add(request_log_row(ctx))
 
