@@ -37,7 +37,7 @@ from apps.engines.stage import (
     resolve_model,
     tool_call_parsing,
 )
-from apps.observability import metrics
+from apps.observability import metrics, tracing
 from apps.observability.recording import record_request
 from apps.proxy import validation
 from apps.proxy.engine_call import (
@@ -147,9 +147,21 @@ EMBEDDINGS = Pipeline(
 
 
 async def run_pipeline(pipeline: Pipeline, ctx: RequestContext, responder: Responder) -> None:
+    if tracing.tracer is not None:
+        return await _run_traced(pipeline, ctx, responder)
     for stage in pipeline.stages:
         await stage(ctx)
     await answer(ctx, responder, path=pipeline.upstream_path)
+
+
+async def _run_traced(pipeline: Pipeline, ctx: RequestContext, responder: Responder) -> None:
+    """The same loop with a span per stage (only while tracing is on)."""
+    for stage in pipeline.stages:
+        with tracing.stage_span(stage.__name__):
+            await stage(ctx)
+    with tracing.stage_span("engine_call") as span:
+        await answer(ctx, responder, path=pipeline.upstream_path)
+        span.set_attribute("gateway.engine", ctx.engine)
 
 
 async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> None:
@@ -212,6 +224,13 @@ async def _call_engine(
 def settle(ctx: RequestContext) -> None:
     """Whatever happened: charge the quota what was used, log the request (if a tenant is
     known: 401s are not logged, see README)."""
+    if tracing.tracer is not None:
+        with tracing.stage_span("settle"):
+            return _settle(ctx)
+    return _settle(ctx)
+
+
+def _settle(ctx: RequestContext) -> None:
     quota_settle(ctx)
     record_request(ctx)
     if ctx.principal is not None:
