@@ -94,6 +94,7 @@ INSTALLED_APPS = [
     "apps.proxy",
     "apps.sessions",
     "apps.quotas",
+    "apps.cache",
 ]
 
 MIDDLEWARE = [
@@ -297,3 +298,11 @@ CIRCUIT_BREAKER_COOLDOWN_SECONDS = env_float("CIRCUIT_BREAKER_COOLDOWN_SECONDS",
 # GET /metrics needs `Authorization: Bearer <it>` when set (open otherwise); GET
 # /health/detailed needs it, or a staff session, always.
 METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+# Response cache (apps/cache): default TTL of cached answers of deterministic requests, in
+# seconds (0 = off unless a cache policy in the admin turns it on for a tenant or model);
+# Redis when REDIS_URL is set, else each process's memory, at most MAX_ENTRIES answers.
+RESPONSE_CACHE_SECONDS = env_int("RESPONSE_CACHE_SECONDS", 0)
+RESPONSE_CACHE_MAX_ENTRIES = env_int("RESPONSE_CACHE_MAX_ENTRIES", 10000)
+# A streamed request waiting this long for a managed engine to start or swap gets an SSE
+# comment line (`: loading model X (12 s)`), and another every as long after.
+ENGINE_PROGRESS_SECONDS = env_float("ENGINE_PROGRESS_SECONDS", 3.0)

@@ -10,6 +10,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("apps.quotas.urls")),
     path("api/", include("apps.sessions.urls")),
+    path("api/", include("apps.cache.urls")),
     path("metrics", metrics_view, name="metrics"),
     path("health/detailed", health_detailed_view, name="health-detailed"),
 ]

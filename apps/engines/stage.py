@@ -4,7 +4,10 @@ a replica and that replica's URL."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +18,7 @@ from apps.core.context import RequestContext
 from apps.core.errors import ApiError, model_not_found
 from apps.engines.breaker import breaker
 from apps.engines.engine_process import EngineStartError
-from apps.engines.manager import engine_manager
+from apps.engines.manager import ReplicaLease, engine_manager
 from apps.engines.registry import EngineRoute, ModelRoute, VariantRoute, registry
 from apps.engines.scheduler import Placement, SchedulerBusy
 from apps.engines.scheduler_service import worker_scheduler
@@ -176,18 +179,50 @@ async def healthy_replica_order(variant: VariantRoute, avoid: frozenset[int]) ->
     return tuple(fresh or [r for r in preferred if r in allowed])
 
 
+Progress = Callable[[float], Awaitable[None]]
+
+
+async def _entered(lease: ReplicaLease, progress: Progress | None) -> None:
+    """Enter the lease (start or swap the replica if needed); while that takes longer than
+    ENGINE_PROGRESS_SECONDS, call `progress(seconds waited)` every ENGINE_PROGRESS_SECONDS."""
+    if progress is None:
+        await lease.__aenter__()
+        return
+    entering = asyncio.ensure_future(lease.__aenter__())
+    started = time.monotonic()
+    try:
+        while not entering.done():
+            await asyncio.wait({entering}, timeout=settings.ENGINE_PROGRESS_SECONDS)
+            if not entering.done():
+                await progress(time.monotonic() - started)
+    except BaseException:
+        entering.cancel()
+        with contextlib.suppress(BaseException):
+            await entering
+        if entering.done() and not entering.cancelled() and entering.exception() is None:
+            await lease.__aexit__(None, None, None)
+        raise
+    entering.result()
+
+
 @asynccontextmanager
-async def replica_url(variant: VariantRoute, replica: int) -> AsyncIterator[str]:
+async def replica_url(
+    variant: VariantRoute, replica: int, progress: Progress | None = None
+) -> AsyncIterator[str]:
     """Where to send the request: an external replica's root, or a managed replica that
-    runs this variant (started or swapped to it first), held in use while the block runs."""
+    runs this variant (started or swapped to it first, `progress` called meanwhile), held
+    in use while the block runs."""
     engine = variant.engine
     if not engine.managed:
         yield engine.base_urls[replica] if engine.base_urls else engine.base_url
         return
     try:
         lease = engine_manager.acquire(engine_id=engine.id, variant_id=variant.id, replica=replica)
-        async with lease:
+        await _entered(lease, progress)
+        try:
             yield lease.base_url
+        finally:
+            await lease.__aexit__(None, None, None)
     except EngineStartError as exc:
         raise ApiError(
             503,
@@ -210,16 +245,20 @@ class EngineTarget:
 
 @asynccontextmanager
 async def engine_slot(
-    ctx: RequestContext, *, avoid: frozenset[int] = frozenset()
+    ctx: RequestContext,
+    *,
+    avoid: frozenset[int] = frozenset(),
+    progress: Progress | None = None,
 ) -> AsyncIterator[EngineTarget]:
     """Wait for a slot on a replica (fair across tenants), then hold it and that replica
     (a managed one started or swapped to the variant first) while the block runs.
-    `avoid`: replicas this request already failed on (placed elsewhere if possible)."""
+    `avoid`: replicas this request already failed on (placed elsewhere if possible);
+    `progress`: called while a managed replica starts (see _entered)."""
     assert ctx.variant is not None
     variant = ctx.variant
     async with (
         _scheduled(ctx, avoid) as placement,
-        replica_url(variant, placement.replica) as base_url,
+        replica_url(variant, placement.replica, progress) as base_url,
     ):
         yield EngineTarget(
             engine=variant.engine,

@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 from django.utils import timezone
 
+from apps.cache.stage import cache_state, response_cache
 from apps.core.context import RequestContext
 from apps.core.errors import ApiError
 from apps.engines.stage import (
@@ -40,6 +41,7 @@ from apps.engines.stage import (
 from apps.observability import metrics, tracing
 from apps.observability.recording import record_request
 from apps.proxy import validation
+from apps.proxy.cached import cached_hit, send_cached, unless_cached
 from apps.proxy.engine_call import (
     engine_response,
     is_event_stream,
@@ -58,6 +60,7 @@ from apps.proxy.reliability import (
     with_retries,
 )
 from apps.proxy.responder import Responder
+from apps.proxy.sse import error_event
 from apps.quotas.stage import quota_reserve, quota_settle
 from apps.request_logs.writer import log_row, request_log_writer
 from apps.sessions.stage import session_open
@@ -110,7 +113,8 @@ CHAT_COMPLETIONS = Pipeline(
         session_open,
         choose_variant_by_size,
         adapt_for_engine,
-        quota_reserve,
+        response_cache,
+        unless_cached(quota_reserve),
         streaming,
     ),
 )
@@ -126,7 +130,8 @@ COMPLETIONS = Pipeline(
         input_limits,
         choose_variant_by_size,
         adapt_for_engine,
-        quota_reserve,
+        response_cache,
+        unless_cached(quota_reserve),
         streaming,
     ),
 )
@@ -141,7 +146,8 @@ EMBEDDINGS = Pipeline(
         resolve_model,
         input_limits,
         adapt_for_engine,
-        quota_reserve,
+        response_cache,
+        unless_cached(quota_reserve),
     ),
 )
 
@@ -167,7 +173,10 @@ async def _run_traced(pipeline: Pipeline, ctx: RequestContext, responder: Respon
 async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> None:
     """Schedule, call the engine, and send its answer (whole, or streamed as it comes);
     retried, or served by a fallback model, while nothing reached the client
-    (reliability.py)."""
+    (reliability.py). A response cache hit is sent instead (cached.py)."""
+    hit = cached_hit(ctx)
+    if hit is not None:
+        return await send_cached(ctx, responder, hit)
 
     async def attempt(avoid: frozenset[int], may_retry: Callable[[], bool]) -> None:
         assert ctx.variant is not None
@@ -175,7 +184,8 @@ async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> Non
         queued.inc()
         waiting = True
         try:
-            async with engine_slot(ctx, avoid=avoid) as target:
+            progress = _progress(ctx, responder) if ctx.stream else None
+            async with engine_slot(ctx, avoid=avoid, progress=progress) as target:
                 queued.dec()
                 waiting = False
                 with metrics.serving(target.engine.name):
@@ -189,6 +199,24 @@ async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> Non
                 queued.dec()
 
     await with_retries(ctx, attempt)
+
+
+def _progress(ctx: RequestContext, responder: Responder) -> Callable[[float], Awaitable[None]]:
+    """While a managed engine starts for a streamed request: SSE comment lines, so clients
+    and proxies keep the connection (the stream's headers go out with the first one)."""
+
+    async def loading(waited: float) -> None:
+        if not responder.stream_started:
+            headers = [
+                *ctx.response_headers,
+                (b"content-type", b"text/event-stream"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+            ]
+            await responder.start_stream(status=200, headers=headers)
+        await responder.comment(f"loading model {ctx.model} ({waited:.0f} s)")
+
+    return loading
 
 
 async def _call_engine(
@@ -218,7 +246,23 @@ async def _call_engine(
         whole = await whole_answer(ctx, resp)
         # Stored before the headers go out: if storing fails, the client gets a clean 500.
         await ctx.finish()
+        if responder.stream_started:  # progress comments went out: the answer is a stream
+            await responder.write(error_event(_error_payload(whole.body)))
+            await responder.end_stream()
+            return
         await responder.send_whole(whole)
+
+
+def _error_payload(body: bytes) -> dict:
+    """An engine's error answer as the payload of a stream's error event."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        return payload
+    message = body.decode("utf-8", "replace") or "The engine failed."
+    return {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
 
 
 def settle(ctx: RequestContext) -> None:
@@ -239,6 +283,7 @@ def _settle(ctx: RequestContext) -> None:
 
 def request_log_row(ctx: RequestContext) -> tuple:
     assert ctx.principal is not None
+    cache = cache_state(ctx)
     ttft = None
     if ctx.first_token_at is not None:
         ttft = (ctx.first_token_at - ctx.started) * 1000
@@ -259,4 +304,6 @@ def request_log_row(ctx: RequestContext) -> tuple:
         client_disconnected=ctx.client_disconnected,
         ttft_ms=ttft,
         latency_ms=(time.perf_counter() - ctx.started) * 1000,
+        cache_status=cache.status if cache is not None else "",
+        cache_saved_tokens=cache.saved_tokens if cache is not None else 0,
     )

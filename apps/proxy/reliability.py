@@ -150,23 +150,32 @@ async def _model_attempts(
     """One model's attempts: retried while the budget lasts; the last one's failure is the
     client's answer (an engine's 5xx relayed as it is, when no fallback is left)."""
     avoid: set[int] = set()
+    last: ApiError | None = None  # what went wrong before, if this attempt is a retry
     while True:
         try:
             await attempt(frozenset(avoid), lambda: has_next or budget.can_retry())
             return
+        except ApiError as err:
+            # The failures so far opened the circuit: their error is the answer, not
+            # "circuit open" (which only a request arriving later gets).
+            if last is not None and err.code == "engine_unavailable":
+                raise last from None
+            raise
         except RetryableAnswer as answer:
             failed(answer.target, f"HTTP {answer.status}")
             avoid.add(answer.target.replica)
+            last = ApiError(
+                503,
+                f"Engine `{answer.target.engine.name}` answered {answer.status}.",
+                type="api_error",
+                code="engine_unavailable",
+            )
             if not budget.can_retry():
-                raise ApiError(
-                    503,
-                    f"Engine `{answer.target.engine.name}` answered {answer.status}.",
-                    type="api_error",
-                    code="engine_unavailable",
-                ) from None
+                raise last from None
         except RetryableFailure as failure:
             failed(failure.target, failure.error.message)
             avoid.add(failure.target.replica)
+            last = failure.error
             if not budget.can_retry():
                 raise failure.error from None
         assert ctx.variant is not None

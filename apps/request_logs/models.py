@@ -31,6 +31,15 @@ class RequestLog(models.Model):
     client_disconnected = models.BooleanField(default=False)
     ttft_ms = models.FloatField(null=True, blank=True, help_text="Time to first token (ms).")
     latency_ms = models.FloatField(help_text="Total time in the gateway (ms).")
+    cache_status = models.CharField(
+        max_length=8,
+        blank=True,
+        default="",
+        help_text="Response cache: hit, miss, bypass, or empty (not cacheable).",
+    )
+    cache_saved_tokens = models.PositiveIntegerField(
+        default=0, help_text="Tokens a cache hit did not spend (what the cached answer cost)."
+    )
 
     class Meta:
         db_table = "proxy_requestlog"  # created by the proxy app, which owned it first

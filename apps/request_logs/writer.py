@@ -40,6 +40,8 @@ LOG_COLUMNS = (
     "client_disconnected",
     "ttft_ms",
     "latency_ms",
+    "cache_status",
+    "cache_saved_tokens",
 )
 _API_KEY_INDEX = LOG_COLUMNS.index("api_key_id")
 
