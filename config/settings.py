@@ -86,6 +86,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.postgres",
     "rest_framework",
+    "corsheaders",
     "channels",
     "apps.tenants",
     "apps.engines",
@@ -94,6 +95,7 @@ INSTALLED_APPS = [
     "apps.sessions",
     "apps.quotas",
     "apps.safety",
+    "apps.cache",
 ]
 
 MIDDLEWARE = [
@@ -101,6 +103,7 @@ MIDDLEWARE = [
     # ServeStatic (WhiteNoise's fork with async support): under ASGI it streams files with an
     # async iterator; WhiteNoise's sync one made Django warn on every static file.
     "servestatic.middleware.ServeStaticMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -280,3 +283,44 @@ SAFETY_CLASSIFIER_TIMEOUT_SECONDS = env_float("SAFETY_CLASSIFIER_TIMEOUT_SECONDS
 SAFETY_CHECK_TOOL_CALLS = env_bool("SAFETY_CHECK_TOOL_CALLS", False)
 # Safety events are written in batches, at most this many seconds after they happen.
 SAFETY_EVENT_FLUSH_SECONDS = env_float("SAFETY_EVENT_FLUSH_SECONDS", 0.5)
+
+# --- Observability and reliability (issue 15) ------------------------------------------
+# Input limits per /v1 request (apps/proxy/limits.py): beyond them, 400.
+LIMIT_MAX_MESSAGES = env_int("LIMIT_MAX_MESSAGES", 2048)
+LIMIT_MAX_CONTENT_CHARS = env_int("LIMIT_MAX_CONTENT_CHARS", 4_000_000)
+LIMIT_MAX_N = env_int("LIMIT_MAX_N", 16)
+LIMIT_MAX_TOOLS = env_int("LIMIT_MAX_TOOLS", 128)  # OpenAI's own bound
+# CORS for browser clients on /v1 and /api (django-cors-headers; the Channels consumers
+# through apps/proxy/cors.py): comma-separated origins, empty = no CORS headers at all.
+CORS_ALLOWED_ORIGINS = env_list("CORS_ALLOWED_ORIGINS", [])
+CORS_URLS_REGEX = r"^/(v1|api)(/|$)"
+CORS_EXPOSE_HEADERS = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "retry-after",
+    "x-gateway-model",
+    "x-gateway-cache",
+]
+CORS_PREFLIGHT_MAX_AGE = env_int("CORS_PREFLIGHT_MAX_AGE", 86400)
+# Retries before the first byte reaches the client (apps/proxy/reliability.py): a
+# connection failure or an engine's 502/503/504 is retried this many more times, with
+# exponential backoff from BACKOFF (full jitter), all attempts within MAX seconds.
+ENGINE_RETRIES = env_int("ENGINE_RETRIES", 2)
+ENGINE_RETRY_BACKOFF_SECONDS = env_float("ENGINE_RETRY_BACKOFF_SECONDS", 0.1)
+ENGINE_RETRY_MAX_SECONDS = env_float("ENGINE_RETRY_MAX_SECONDS", 10.0)
+# Circuit breaker per engine replica (apps/engines/breaker.py): after FAILURES consecutive
+# failures it is skipped for COOLDOWN seconds, then probed by one request.
+CIRCUIT_BREAKER_FAILURES = env_int("CIRCUIT_BREAKER_FAILURES", 5)
+CIRCUIT_BREAKER_COOLDOWN_SECONDS = env_float("CIRCUIT_BREAKER_COOLDOWN_SECONDS", 30.0)
+# GET /metrics needs `Authorization: Bearer <it>` when set (open otherwise); GET
+# /health/detailed needs it, or a staff session, always.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+# Response cache (apps/cache): default TTL of cached answers of deterministic requests, in
+# seconds (0 = off unless a cache policy in the admin turns it on for a tenant or model);
+# Redis when REDIS_URL is set, else each process's memory, at most MAX_ENTRIES answers.
+RESPONSE_CACHE_SECONDS = env_int("RESPONSE_CACHE_SECONDS", 0)
+RESPONSE_CACHE_MAX_ENTRIES = env_int("RESPONSE_CACHE_MAX_ENTRIES", 10000)
+# A streamed request waiting this long for a managed engine to start or swap gets an SSE
+# comment line (`: loading model X (12 s)`), and another every as long after.
+ENGINE_PROGRESS_SECONDS = env_float("ENGINE_PROGRESS_SECONDS", 3.0)

@@ -1,6 +1,8 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from apps.proxy.ops import health_detailed_view, metrics_view
+
 admin.site.site_header = "LLM gateway"
 admin.site.site_title = "LLM gateway admin"
 # "View site": nothing is served at / yet; the health report is a real page to land on.
@@ -11,4 +13,7 @@ urlpatterns = [
     path("api/", include("apps.quotas.urls")),
     path("api/", include("apps.sessions.urls")),
     path("api/", include("apps.safety.urls")),
+    path("api/", include("apps.cache.urls")),
+    path("metrics", metrics_view, name="metrics"),
+    path("health/detailed", health_detailed_view, name="health-detailed"),
 ]

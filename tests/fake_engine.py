@@ -725,6 +725,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--no-record", action="store_true", help="skip request recording")
     parser.add_argument(
+        "--startup-delay", type=float, default=0.0, help="seconds before it listens (loading)"
+    )
+    parser.add_argument(
         "--ignore-sigterm", action="store_true", help="keep running on SIGTERM (a hung engine)"
     )
     return parser.parse_args(argv)
@@ -743,6 +746,7 @@ async def serve(args: argparse.Namespace) -> None:
         FakeEngine(config).app(), handler_cancellation=True, access_log=None, shutdown_timeout=1
     )
     await runner.setup()
+    await asyncio.sleep(args.startup_delay)  # a model that takes a while to load
     site = web.TCPSite(runner, args.host, args.port, backlog=2048)
     await site.start()
     port = runner.addresses[0][1]

@@ -12,6 +12,7 @@ from django.urls import path, reverse
 from django.views.decorators.http import require_POST
 
 from apps.core.admin import ReadOnlyAdminMixin
+from apps.engines.breaker import breaker
 from apps.engines.models import Engine, EngineInstance, EngineVariant, ServedModel
 from apps.engines.scheduler_service import scheduler_stats
 from apps.engines.selectors import (
@@ -125,6 +126,7 @@ class EngineAdmin(admin.ModelAdmin):
     form = EngineForm
     list_display = [
         "name", "kind", "flavor", "where", "slots", "variant_count", "cache_hits", "instances",
+        "circuit",
     ]  # fmt: skip
     list_filter = ["kind", "flavor"]
     search_fields = ["name", "base_url"]
@@ -172,6 +174,18 @@ class EngineAdmin(admin.ModelAdmin):
         for engine in engines:
             engine.cache_hit_rate = rates.get(engine.name)
         return changelist
+
+    @admin.display(description="circuit breaker (this process)")
+    def circuit(self, obj: Engine) -> str:
+        """Each replica's circuit: closed, or open/half-open with its failures and error."""
+        parts = []
+        for replica in range(obj.replica_count):
+            state = breaker.state(obj.name, replica)
+            text = f"#{replica} {state['state']}"
+            if state["state"] != "closed":
+                text += f" ({state['failures']} failures: {state['last_error']})"
+            parts.append(text)
+        return " · ".join(parts)
 
     @admin.display(description="instances")
     def instances(self, obj: Engine) -> str:
@@ -243,9 +257,9 @@ class ServedVariantInline(ReadOnlyAdminMixin, admin.TabularInline):
 
 @admin.register(ServedModel)
 class ServedModelAdmin(admin.ModelAdmin):
-    list_display = ["name", "variant_count", "tenant_count", "created_at"]
+    list_display = ["name", "variant_count", "tenant_count", "fallback_list", "created_at"]
     search_fields = ["name"]
-    fields = ["name", "created_at", "allowed_tenants"]
+    fields = ["name", "fallbacks", "created_at", "allowed_tenants"]
     readonly_fields = ["created_at", "allowed_tenants"]
     inlines = [ServedVariantInline]
 
@@ -262,6 +276,10 @@ class ServedModelAdmin(admin.ModelAdmin):
     @admin.display(description="variants", ordering="num_variants")
     def variant_count(self, obj: ServedModel) -> int:
         return obj.num_variants
+
+    @admin.display(description="fallbacks")
+    def fallback_list(self, obj: ServedModel) -> str:
+        return " → ".join(obj.fallbacks) or "-"
 
     @admin.display(
         description="tenants allowing it (+ all not restricted)",

@@ -58,6 +58,7 @@ from apps.engines.engine_process import EngineProcess, EngineStartError, Process
 from apps.engines.instance_store import NOW, Admission, ControlConnection, lock_key
 from apps.engines.launch import LaunchSpec, render_command
 from apps.engines.models import Engine, EngineInstance, EngineVariant
+from apps.observability import metrics
 
 __all__ = ["EngineManager", "EngineStartError", "ReplicaLease", "engine_manager"]
 
@@ -298,6 +299,7 @@ class Replica:
         self.closing = False  # set while the row is closed to new requests before a launch
         self.crashed = False
         self.crash_times: deque[float] = deque(maxlen=64)
+        self.launched_at: float | None = None  # monotonic, while a launch is loading
         self.last_used = time.monotonic()
         self.last_error = ""
         self.dropped = False
@@ -610,7 +612,23 @@ class Replica:
         await self.sync(force_log=True, variant_id=variant_id)
 
     def event(self, kind: str, variant_id: int | None) -> None:
-        self.events.append((time.monotonic(), kind, variant_id))
+        now = time.monotonic()
+        self.events.append((now, kind, variant_id))
+        self._measure(kind, now)
+
+    def _measure(self, kind: str, now: float) -> None:
+        """Starts, swaps, crashes and load times for the Prometheus metrics."""
+        name = self.engine.name
+        if kind == "launch":
+            metrics.ENGINE_STARTS.labels(name).inc()
+            self.launched_at = now
+        elif kind == "running" and self.launched_at is not None:
+            metrics.ENGINE_LOAD.labels(name).observe(now - self.launched_at)
+            self.launched_at = None
+        elif kind == "crash":
+            metrics.ENGINE_CRASHES.labels(name).inc()
+        elif kind.startswith("swap:"):
+            metrics.ENGINE_SWAPS.labels(name, kind.removeprefix("swap:")).inc()
 
     # --- publishing -------------------------------------------------------------------
 

@@ -168,6 +168,13 @@ class ServedModel(models.Model):
         help_text="Clients may ask for the tier name (light/medium/heavy) instead; "
         "if several models share a tier, the first by name serves it.",
     )
+    fallbacks = ArrayField(
+        models.CharField(max_length=200),
+        default=list,
+        blank=True,
+        help_text="Models to serve a request instead, in this order, when this model's "
+        "engines are down or overloaded (comma-separated model names).",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -175,6 +182,25 @@ class ServedModel(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        super().clean()
+        try:
+            validate_fallbacks(self.name, self.fallbacks)
+        except ValidationError as exc:
+            raise ValidationError({"fallbacks": exc.messages}) from None
+
+
+def validate_fallbacks(name: str, fallbacks: list[str]) -> None:
+    """Fallbacks are other existing models, each named once."""
+    if name in fallbacks:
+        raise ValidationError(f"A model cannot fall back to itself ({name}).")
+    if len(set(fallbacks)) != len(fallbacks):
+        raise ValidationError("Name each fallback once.")
+    known = set(ServedModel.objects.filter(name__in=fallbacks).values_list("name", flat=True))
+    missing = [f for f in fallbacks if f not in known]
+    if missing:
+        raise ValidationError(f"No such model: {', '.join(missing)}.")
 
 
 class EngineVariant(models.Model):

@@ -47,6 +47,7 @@ class ModelRoute:
     name: str
     created: int  # unix seconds, for /v1/models
     variants: tuple[VariantRoute, ...]
+    fallbacks: tuple[str, ...] = ()  # model names to try, in order, when this one is down
 
     @property
     def owned_by(self) -> str:
@@ -99,11 +100,13 @@ def load_snapshot() -> Snapshot:
     engines = {engine.pk: _engine_route(engine) for engine in Engine.objects.all()}
     grouped: dict[int, list[EngineVariant]] = {}
     names: dict[int, tuple[str, int]] = {}
+    fallbacks: dict[int, tuple[str, ...]] = {}
     extra: dict[str, tuple[list[str], str]] = {}
     for variant in EngineVariant.objects.select_related("model").order_by("model_id", "ctx_size"):
         grouped.setdefault(variant.model_id, []).append(variant)
         names[variant.model_id] = (variant.model.name, int(variant.model.created_at.timestamp()))
         extra[variant.model.name] = (variant.model.aliases, variant.model.tier)
+        fallbacks[variant.model_id] = tuple(variant.model.fallbacks)
     models = {}
     for model_id, variants in grouped.items():
         name, created = names[model_id]
@@ -112,7 +115,13 @@ def load_snapshot() -> Snapshot:
             VariantRoute(engines[v.engine_id], v.ctx_size, v.system_prompt, v.pk, ids)
             for v in variants
         )
-        models[name] = ModelRoute(id=model_id, name=name, created=created, variants=routes)
+        models[name] = ModelRoute(
+            id=model_id,
+            name=name,
+            created=created,
+            variants=routes,
+            fallbacks=fallbacks[model_id],
+        )
     return Snapshot(models=models, engines=tuple(engines.values()), names=_names(models, extra))
 
 

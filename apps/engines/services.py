@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from apps.engines.models import Engine, EngineInstance, EngineVariant, ServedModel
+from apps.engines.models import (
+    Engine,
+    EngineInstance,
+    EngineVariant,
+    ServedModel,
+    validate_fallbacks,
+)
 
 
 @transaction.atomic
@@ -138,3 +145,16 @@ def engine_instance_request_action(
     if replica is not None:
         rows = rows.filter(replica=replica)
     return rows.update(requested_action=action, requested_at=timezone.now())
+
+
+def served_model_set_fallbacks(*, name: str, fallbacks: list[str]) -> ServedModel:
+    """Replace a model's fallbacks (in order; empty clears them). ValidationError if the
+    model or a fallback does not exist, or the list names the model itself."""
+    try:
+        model = ServedModel.objects.get(name=name)
+    except ServedModel.DoesNotExist:
+        raise ValidationError(f"No such model: {name}.") from None
+    validate_fallbacks(name, fallbacks)
+    model.fallbacks = fallbacks
+    model.save(update_fields=["fallbacks"])
+    return model

@@ -4,7 +4,10 @@ a replica and that replica's URL."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +16,9 @@ from django.conf import settings
 
 from apps.core.context import RequestContext
 from apps.core.errors import ApiError, model_not_found
+from apps.engines.breaker import breaker
 from apps.engines.engine_process import EngineStartError
-from apps.engines.manager import engine_manager
+from apps.engines.manager import ReplicaLease, engine_manager
 from apps.engines.registry import EngineRoute, ModelRoute, VariantRoute, registry
 from apps.engines.scheduler import Placement, SchedulerBusy
 from apps.engines.scheduler_service import worker_scheduler
@@ -153,18 +157,73 @@ async def replica_order(variant: VariantRoute) -> tuple[int, ...]:
     )
 
 
+async def healthy_replica_order(variant: VariantRoute, avoid: frozenset[int]) -> tuple[int, ...]:
+    """replica_order without replicas whose circuit is open or that just failed this
+    request (a retry goes to another replica when there is one); 503 when every replica's
+    circuit is open."""
+    engine = variant.engine
+    allowed = [r for r in range(engine.replicas) if breaker.allows(engine.name, r)]
+    if not allowed:
+        raise ApiError(
+            503,
+            f"Engine `{engine.name}` is failing (circuit open); retry later.",
+            type="api_error",
+            code="engine_unavailable",
+            headers=[
+                (b"retry-after", str(int(settings.CIRCUIT_BREAKER_COOLDOWN_SECONDS)).encode())
+            ],
+        )
+    if not avoid and len(allowed) == engine.replicas:
+        return await replica_order(variant)
+    preferred = await replica_order(variant) or tuple(range(engine.replicas))
+    fresh = [r for r in preferred if r in allowed and r not in avoid]
+    return tuple(fresh or [r for r in preferred if r in allowed])
+
+
+Progress = Callable[[float], Awaitable[None]]
+
+
+async def _entered(lease: ReplicaLease, progress: Progress | None) -> None:
+    """Enter the lease (start or swap the replica if needed); while that takes longer than
+    ENGINE_PROGRESS_SECONDS, call `progress(seconds waited)` every ENGINE_PROGRESS_SECONDS."""
+    if progress is None:
+        await lease.__aenter__()
+        return
+    entering = asyncio.ensure_future(lease.__aenter__())
+    started = time.monotonic()
+    try:
+        while not entering.done():
+            await asyncio.wait({entering}, timeout=settings.ENGINE_PROGRESS_SECONDS)
+            if not entering.done():
+                await progress(time.monotonic() - started)
+    except BaseException:
+        entering.cancel()
+        with contextlib.suppress(BaseException):
+            await entering
+        if entering.done() and not entering.cancelled() and entering.exception() is None:
+            await lease.__aexit__(None, None, None)
+        raise
+    entering.result()
+
+
 @asynccontextmanager
-async def replica_url(variant: VariantRoute, replica: int) -> AsyncIterator[str]:
+async def replica_url(
+    variant: VariantRoute, replica: int, progress: Progress | None = None
+) -> AsyncIterator[str]:
     """Where to send the request: an external replica's root, or a managed replica that
-    runs this variant (started or swapped to it first), held in use while the block runs."""
+    runs this variant (started or swapped to it first, `progress` called meanwhile), held
+    in use while the block runs."""
     engine = variant.engine
     if not engine.managed:
         yield engine.base_urls[replica] if engine.base_urls else engine.base_url
         return
     try:
         lease = engine_manager.acquire(engine_id=engine.id, variant_id=variant.id, replica=replica)
-        async with lease:
+        await _entered(lease, progress)
+        try:
             yield lease.base_url
+        finally:
+            await lease.__aexit__(None, None, None)
     except EngineStartError as exc:
         raise ApiError(
             503,
@@ -182,23 +241,36 @@ class EngineTarget:
     engine: EngineRoute
     base_url: str
     slot: int
+    replica: int = 0
 
 
 @asynccontextmanager
-async def engine_slot(ctx: RequestContext) -> AsyncIterator[EngineTarget]:
+async def engine_slot(
+    ctx: RequestContext,
+    *,
+    avoid: frozenset[int] = frozenset(),
+    progress: Progress | None = None,
+) -> AsyncIterator[EngineTarget]:
     """Wait for a slot on a replica (fair across tenants), then hold it and that replica
-    (a managed one started or swapped to the variant first) while the block runs."""
+    (a managed one started or swapped to the variant first) while the block runs.
+    `avoid`: replicas this request already failed on (placed elsewhere if possible);
+    `progress`: called while a managed replica starts (see _entered)."""
     assert ctx.variant is not None
     variant = ctx.variant
     async with (
-        _scheduled(ctx) as placement,
-        replica_url(variant, placement.replica) as base_url,
+        _scheduled(ctx, avoid) as placement,
+        replica_url(variant, placement.replica, progress) as base_url,
     ):
-        yield EngineTarget(engine=variant.engine, base_url=base_url, slot=placement.slot)
+        yield EngineTarget(
+            engine=variant.engine,
+            base_url=base_url,
+            slot=placement.slot,
+            replica=placement.replica,
+        )
 
 
 @asynccontextmanager
-async def _scheduled(ctx: RequestContext) -> AsyncIterator[Placement]:
+async def _scheduled(ctx: RequestContext, avoid: frozenset[int]) -> AsyncIterator[Placement]:
     assert ctx.principal is not None
     assert ctx.variant is not None
     engine = ctx.variant.engine
@@ -214,7 +286,7 @@ async def _scheduled(ctx: RequestContext) -> AsyncIterator[Placement]:
         insist=ctx.history_tokens >= settings.SCHEDULER_STICKY_MIN_TOKENS,
         max_queue=settings.SCHEDULER_MAX_QUEUE,
         max_wait=settings.SCHEDULER_MAX_WAIT_SECONDS,
-        replica_order=await replica_order(ctx.variant),
+        replica_order=await healthy_replica_order(ctx.variant, avoid),
     )
     try:
         async with lease as placement:

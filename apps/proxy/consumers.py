@@ -19,6 +19,7 @@ from apps.core.context import RequestContext
 from apps.core.errors import ApiError
 from apps.engines.registry import ModelRoute, registry
 from apps.engines.stage import allowed_route
+from apps.observability import tracing
 from apps.proxy.pipeline import (
     CHAT_COMPLETIONS,
     COMPLETIONS,
@@ -182,6 +183,15 @@ class ProxyConsumer(V1Consumer):
         ctx = RequestContext(
             endpoint=self.pipeline.endpoint, headers=self.scope["headers"], body=body
         )
+        if tracing.tracer is None:
+            return await self.run_request(ctx)
+        with tracing.request_span(ctx.endpoint, ctx.headers) as span:
+            try:
+                await self.run_request(ctx)
+            finally:
+                tracing.finish_request(span, ctx)
+
+    async def run_request(self, ctx: RequestContext) -> None:
         try:
             await run_pipeline(self.pipeline, ctx, self.responder())
         except ApiError as err:

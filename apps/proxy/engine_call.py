@@ -21,6 +21,7 @@ from apps.engines.client import engine_session, engine_url, request_timeout
 from apps.engines.registry import EngineRoute
 from apps.engines.stage import EngineTarget
 from apps.engines.tokens import heuristic_tokens, message_text
+from apps.observability import tracing
 from apps.proxy.sse import SseRelay, error_event
 
 Headers = list[tuple[bytes, bytes]]
@@ -101,11 +102,14 @@ async def engine_response(
     engine's work). Connection failures and timeouts become the gateway's OpenAI errors."""
     engine = target.engine
     ctx.sent_at = time.perf_counter()
+    headers = upstream_headers(ctx.headers, engine)
+    if tracing.tracer is not None:
+        headers = tracing.trace_headers(headers)
     try:
         async with engine_session().post(
             engine_url(target.base_url, path),
             data=body,
-            headers=upstream_headers(ctx.headers, engine),
+            headers=headers,
             timeout=request_timeout(engine.timeout_seconds),
         ) as resp:
             yield resp

@@ -9,6 +9,7 @@ from django.conf import settings
 
 from apps.engines.client import close_engine_session
 from apps.engines.manager import engine_manager
+from apps.observability import tracing
 from apps.quotas.stage import quota_stage_drain
 from apps.request_logs.writer import request_log_writer
 from apps.safety.events import event_writer as safety_event_writer
@@ -27,6 +28,7 @@ class LifespanApp:
                 # What is loaded by now (Django, the apps, their modules) lives as long as
                 # the process: frozen, a full collection no longer walks it. Measured in
                 # the bench with sessions: full collections took 116 ms, 17 ms frozen.
+                tracing.configure()  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
                 gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -37,5 +39,6 @@ class LifespanApp:
                 await request_log_writer.flush()
                 await safety_event_writer.flush()
                 await close_engine_session()
+                tracing.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -27,8 +27,11 @@ from typing import Any
 import orjson
 from django.utils import timezone
 
+from apps.cache.stage import cache_state, response_cache
 from apps.core.context import RequestContext
+from apps.core.errors import ApiError
 from apps.engines.stage import (
+    EngineTarget,
     adapt_for_engine,
     choose_variant_by_size,
     engine_slot,
@@ -36,7 +39,10 @@ from apps.engines.stage import (
     resolve_model,
     tool_call_parsing,
 )
+from apps.observability import metrics, tracing
+from apps.observability.recording import record_request
 from apps.proxy import validation
+from apps.proxy.cached import cached_hit, send_cached, unless_cached
 from apps.proxy.engine_call import (
     engine_response,
     is_event_stream,
@@ -45,7 +51,17 @@ from apps.proxy.engine_call import (
     stream_relay,
     whole_answer,
 )
+from apps.proxy.limits import input_limits
+from apps.proxy.reliability import (
+    RETRY_STATUSES,
+    RetryableAnswer,
+    RetryableFailure,
+    failed,
+    succeeded,
+    with_retries,
+)
 from apps.proxy.responder import Responder
+from apps.proxy.sse import error_event
 from apps.quotas.stage import quota_reserve, quota_settle
 from apps.request_logs.writer import log_row, request_log_writer
 from apps.safety.stage import safety_action, safety_prompt, whole_precheck
@@ -94,12 +110,14 @@ CHAT_COMPLETIONS = Pipeline(
         admit,
         validated(validation.validate_chat),
         resolve_model,
+        input_limits,
         tool_call_parsing,
         session_open,
         safety_prompt,
         choose_variant_by_size,
         adapt_for_engine,
-        quota_reserve,
+        response_cache,
+        unless_cached(quota_reserve),
         streaming,
     ),
 )
@@ -112,10 +130,12 @@ COMPLETIONS = Pipeline(
         admit,
         validated(validation.validate_completion),
         resolve_model,
+        input_limits,
         safety_prompt,
         choose_variant_by_size,
         adapt_for_engine,
-        quota_reserve,
+        response_cache,
+        unless_cached(quota_reserve),
         streaming,
     ),
 )
@@ -128,48 +148,147 @@ EMBEDDINGS = Pipeline(
         admit,
         validated(validation.validate_embedding),
         resolve_model,
+        input_limits,
         adapt_for_engine,
-        quota_reserve,
+        response_cache,
+        unless_cached(quota_reserve),
     ),
 )
 
 
 async def run_pipeline(pipeline: Pipeline, ctx: RequestContext, responder: Responder) -> None:
+    if tracing.tracer is not None:
+        return await _run_traced(pipeline, ctx, responder)
     for stage in pipeline.stages:
         await stage(ctx)
     await answer(ctx, responder, path=pipeline.upstream_path)
 
 
+async def _run_traced(pipeline: Pipeline, ctx: RequestContext, responder: Responder) -> None:
+    """The same loop with a span per stage (only while tracing is on)."""
+    for stage in pipeline.stages:
+        with tracing.stage_span(stage.__name__):
+            await stage(ctx)
+    with tracing.stage_span("engine_call") as span:
+        await answer(ctx, responder, path=pipeline.upstream_path)
+        span.set_attribute("gateway.engine", ctx.engine)
+
+
 async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> None:
-    """Schedule, call the engine, and send its answer (whole, or streamed as it comes)."""
-    async with engine_slot(ctx) as target:
-        pin_session_slot(ctx, target)
-        body = orjson.dumps(ctx.payload) if ctx.payload_changed else ctx.body
-        async with engine_response(ctx, target, path=path, body=body) as resp:
-            if is_event_stream(ctx, resp):
-                await responder.start_stream(status=resp.status, headers=stream_headers(ctx, resp))
-                async for events in stream_events(ctx, resp, stream_relay(ctx), target.engine):
-                    await responder.write(events)
-                await ctx.finish()
-                await responder.end_stream()
-                return
-            await whole_precheck(ctx, resp)  # classifier rules (async) before the filters
-            whole = await whole_answer(ctx, resp)
-            # Stored before the headers go out: if storing fails, the client gets a clean 500.
+    """Schedule, call the engine, and send its answer (whole, or streamed as it comes);
+    retried, or served by a fallback model, while nothing reached the client
+    (reliability.py). A response cache hit is sent instead (cached.py)."""
+    hit = cached_hit(ctx)
+    if hit is not None:
+        return await send_cached(ctx, responder, hit)
+
+    async def attempt(avoid: frozenset[int], may_retry: Callable[[], bool]) -> None:
+        assert ctx.variant is not None
+        queued = metrics.QUEUED.labels(ctx.variant.engine.name)
+        queued.inc()
+        waiting = True
+        try:
+            progress = _progress(ctx, responder) if ctx.stream else None
+            async with engine_slot(ctx, avoid=avoid, progress=progress) as target:
+                queued.dec()
+                waiting = False
+                with metrics.serving(target.engine.name):
+                    await _call_engine(ctx, responder, target, path=path, may_retry=may_retry)
+        except ApiError as err:
+            if err.code == "engine_unreachable" and not responder.started and not waiting:
+                raise RetryableFailure(target, err) from None
+            raise
+        finally:
+            if waiting:
+                queued.dec()
+
+    await with_retries(ctx, attempt)
+
+
+def _progress(ctx: RequestContext, responder: Responder) -> Callable[[float], Awaitable[None]]:
+    """While a managed engine starts for a streamed request: SSE comment lines, so clients
+    and proxies keep the connection (the stream's headers go out with the first one)."""
+
+    async def loading(waited: float) -> None:
+        if not responder.stream_started:
+            headers = [
+                *ctx.response_headers,
+                (b"content-type", b"text/event-stream"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+            ]
+            await responder.start_stream(status=200, headers=headers)
+        await responder.comment(f"loading model {ctx.model} ({waited:.0f} s)")
+
+    return loading
+
+
+async def _call_engine(
+    ctx: RequestContext,
+    responder: Responder,
+    target: EngineTarget,
+    *,
+    path: str,
+    may_retry: Callable[[], bool],
+) -> None:
+    pin_session_slot(ctx, target)
+    body = orjson.dumps(ctx.payload) if ctx.payload_changed else ctx.body
+    async with engine_response(ctx, target, path=path, body=body) as resp:
+        if resp.status in RETRY_STATUSES:
+            if may_retry():
+                raise RetryableAnswer(target, resp.status)
+            failed(target, f"HTTP {resp.status}")
+        else:
+            succeeded(target)
+        if is_event_stream(ctx, resp):
+            await responder.start_stream(status=resp.status, headers=stream_headers(ctx, resp))
+            async for events in stream_events(ctx, resp, stream_relay(ctx), target.engine):
+                await responder.write(events)
             await ctx.finish()
-            await responder.send_whole(whole)
+            await responder.end_stream()
+            return
+        await whole_precheck(ctx, resp)  # classifier rules (async) before the filters
+        whole = await whole_answer(ctx, resp)
+        # Stored before the headers go out: if storing fails, the client gets a clean 500.
+        await ctx.finish()
+        if responder.stream_started:  # progress comments went out: the answer is a stream
+            await responder.write(error_event(_error_payload(whole.body)))
+            await responder.end_stream()
+            return
+        await responder.send_whole(whole)
+
+
+def _error_payload(body: bytes) -> dict:
+    """An engine's error answer as the payload of a stream's error event."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        return payload
+    message = body.decode("utf-8", "replace") or "The engine failed."
+    return {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
 
 
 def settle(ctx: RequestContext) -> None:
     """Whatever happened: charge the quota what was used, log the request (if a tenant is
     known: 401s are not logged, see README)."""
+    if tracing.tracer is not None:
+        with tracing.stage_span("settle"):
+            return _settle(ctx)
+    return _settle(ctx)
+
+
+def _settle(ctx: RequestContext) -> None:
     quota_settle(ctx)
+    record_request(ctx)
     if ctx.principal is not None:
         request_log_writer.add(request_log_row(ctx))
 
 
 def request_log_row(ctx: RequestContext) -> tuple:
     assert ctx.principal is not None
+    cache = cache_state(ctx)
     ttft = None
     if ctx.first_token_at is not None:
         ttft = (ctx.first_token_at - ctx.started) * 1000
@@ -191,4 +310,6 @@ def request_log_row(ctx: RequestContext) -> tuple:
         ttft_ms=ttft,
         latency_ms=(time.perf_counter() - ctx.started) * 1000,
         safety_action=safety_action(ctx),
+        cache_status=cache.status if cache is not None else "",
+        cache_saved_tokens=cache.saved_tokens if cache is not None else 0,
     )

@@ -20,15 +20,17 @@ class Responder:
         self._send_headers = send_headers
         self._send_body = send_body
         self.stream_started = False
+        self.started = False  # anything went to the client: no retry after this
 
     async def send_whole(self, answer: WholeAnswer) -> None:
+        self.started = True
         await self._send_headers(status=answer.status, headers=answer.headers)
         await self._send_body(answer.body)
 
     async def start_stream(self, *, status: int, headers: Any) -> None:
         """Send the stream's headers (once: a later round of the same answer reuses them)."""
         if not self.stream_started:
-            self.stream_started = True
+            self.stream_started = self.started = True
             await self._send_headers(status=status, headers=headers)
 
     async def write(self, events: bytes) -> None:
@@ -37,6 +39,7 @@ class Responder:
     async def comment(self, text: str) -> None:
         """An SSE comment line (`: text`): keeps clients and proxies connected during long
         work without sending content."""
+        self.started = True
         await self._send_body(b": " + text.encode() + b"\n\n", more_body=True)
 
     async def end_stream(self) -> None:

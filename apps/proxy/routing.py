@@ -8,19 +8,20 @@ from apps.proxy.consumers import (
     ModelsConsumer,
     NotFoundConsumer,
 )
+from apps.proxy.cors import cors
 from apps.proxy.health import HealthConsumer
 from apps.proxy.moderations import ModerationsConsumer
 from apps.proxy.rerank import RerankConsumer
 
 http_routes = [
-    path("v1/chat/completions", ChatCompletionsConsumer.as_asgi()),
-    path("v1/completions", CompletionsConsumer.as_asgi()),
-    path("v1/embeddings", EmbeddingsConsumer.as_asgi()),
-    path("v1/rerank", RerankConsumer.as_asgi()),
-    path("v1/moderations", ModerationsConsumer.as_asgi()),
-    path("v1/models", ModelsConsumer.as_asgi()),
-    re_path(r"^v1/models/(?P<model_id>.+)$", ModelDetailConsumer.as_asgi()),
+    path("v1/chat/completions", cors(ChatCompletionsConsumer.as_asgi())),
+    path("v1/completions", cors(CompletionsConsumer.as_asgi())),
+    path("v1/embeddings", cors(EmbeddingsConsumer.as_asgi())),
+    path("v1/rerank", cors(RerankConsumer.as_asgi())),
+    path("v1/moderations", cors(ModerationsConsumer.as_asgi())),
+    path("v1/models", cors(ModelsConsumer.as_asgi())),
+    re_path(r"^v1/models/(?P<model_id>.+)$", cors(ModelDetailConsumer.as_asgi())),
     path("health", HealthConsumer.as_asgi()),
     # `/v1` itself too, and every path under it, with or without a trailing slash.
-    re_path(r"^v1(?:/|$)", NotFoundConsumer.as_asgi()),
+    re_path(r"^v1(?:/|$)", cors(NotFoundConsumer.as_asgi())),
 ]

@@ -1,8 +1,16 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import path
 
 from apps.core.admin import ReadOnlyAdminMixin
+from apps.request_logs.charts import hour_chart
+from apps.request_logs.dashboard import hourly, top_tenants
 from apps.request_logs.models import RequestLog
 from apps.request_logs.writer import LOG_COLUMNS
 
@@ -23,14 +31,7 @@ class RequestLogAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = [SHOWN_AS.get(column, column) for column in LOG_COLUMNS]
     fields = [ON_ITS_PAGE.get(column, column) for column in LOG_COLUMNS]
     readonly_fields = ["ttft", "latency"]
-    list_filter = [
-        "tenant",
-        "status_code",
-        "endpoint",
-        "stream",
-        "client_disconnected",
-        "safety_action",
-    ]
+    list_filter = ["tenant", "status_code", "endpoint", "stream", "client_disconnected"]
     list_select_related = ["tenant", "api_key"]
     search_fields = ["model", "engine", "tenant__slug"]
     date_hierarchy = "created_at"
@@ -47,3 +48,54 @@ class RequestLogAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     @admin.display(description="latency", ordering="latency_ms")
     def latency(self, obj: RequestLog) -> str:
         return milliseconds(obj.latency_ms)
+
+    def get_urls(self) -> list:
+        view = self.admin_site.admin_view(self.dashboard_view)
+        return [path("dashboard/", view, name="request_logs_dashboard"), *super().get_urls()]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        """Charts of the last 24 hours from the request logs (staff with view permission)."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Dashboard: the last 24 hours",
+            **dashboard_context(),
+        }
+        return TemplateResponse(request, "admin/request_logs/dashboard.html", context)
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> Any:
+        extra = {**(extra_context or {}), "dashboard_url": "dashboard/"}
+        return super().changelist_view(request, extra_context=extra)
+
+
+def dashboard_context() -> dict[str, Any]:
+    hours = hourly(hours=24)
+    labels = [f"{hour.start:%H}:00" for hour in hours]
+    charts = [
+        hour_chart(
+            id="requests", title="Requests per hour", labels=labels,
+            series=[("requests", "bar", [h.requests for h in hours])],
+        ),
+        hour_chart(
+            id="tokens", title="Tokens per hour (prompt + completion)", labels=labels,
+            series=[("tokens", "bar", [h.tokens for h in hours])],
+        ),
+        hour_chart(
+            id="latency", title="Latency per hour (ms): p50 and p95", labels=labels,
+            series=[("p50", "p50", [h.p50_ms for h in hours]),
+                    ("p95", "p95", [h.p95_ms for h in hours])],
+        ),
+        hour_chart(
+            id="errors", title="Errors per hour (status 400 and above)", labels=labels,
+            series=[("errors", "bar error", [h.errors for h in hours])],
+        ),
+    ]  # fmt: skip
+    return {
+        "charts": charts,
+        "tenants": top_tenants(hours=24),
+        "total_requests": sum(h.requests for h in hours),
+        "total_errors": sum(h.errors for h in hours),
+        "total_tokens": sum(h.tokens for h in hours),
+    }

@@ -37,6 +37,15 @@ class RequestLog(models.Model):
         default="",
         help_text="The strongest safety action on this request (block, redact, flag).",
     )
+    cache_status = models.CharField(
+        max_length=8,
+        blank=True,
+        default="",
+        help_text="Response cache: hit, miss, bypass, or empty (not cacheable).",
+    )
+    cache_saved_tokens = models.PositiveIntegerField(
+        default=0, help_text="Tokens a cache hit did not spend (what the cached answer cost)."
+    )
 
     class Meta:
         db_table = "proxy_requestlog"  # created by the proxy app, which owned it first

@@ -42,6 +42,8 @@ LOG_COLUMNS = (
     "client_disconnected",
     "usage_estimated",
     "safety_action",
+    "cache_status",
+    "cache_saved_tokens",
 )
 _API_KEY_INDEX = LOG_COLUMNS.index("api_key_id")
 

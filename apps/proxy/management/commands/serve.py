@@ -4,13 +4,31 @@ uvicorn."""
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
+import psutil
 import uvicorn
+from django.conf import settings
 from django.core.management.base import CommandParser
 
 from apps.core.commands import SetupCommand
 from apps.engines.scheduler_service import start_service_thread
 from apps.proxy.services import admin_user_ensure
+
+
+def metrics_dir() -> Path:
+    """A fresh directory for this run's worker metrics (prometheus-client multiprocess
+    mode), under the data dir; those of runs whose serve process is gone are removed."""
+    root = settings.DATA_DIR / "metrics"
+    root.mkdir(exist_ok=True)
+    for old in root.iterdir():
+        if old.name.isdigit() and not psutil.pid_exists(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / str(os.getpid())
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    return path
 
 
 class Command(SetupCommand):
@@ -43,6 +61,8 @@ class Command(SetupCommand):
         if workers > 1:
             # One scheduler for all workers, so engine slots and fairness hold host-wide.
             os.environ["SCHEDULER_SOCKET"] = start_service_thread()
+            # One metrics directory for all workers: /metrics adds up every worker's values.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir())
         uvicorn.run(
             "config.asgi:application",
             host=host,

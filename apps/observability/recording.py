@@ -1,0 +1,45 @@
+"""What a finished /v1 request adds to the metrics (called from the pipeline's settle)."""
+
+from __future__ import annotations
+
+import time
+
+from apps.core.context import RequestContext
+from apps.observability import metrics
+
+QUOTA_CODES = frozenset({"insufficient_quota"})
+RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded"})
+
+
+def record_request(ctx: RequestContext) -> None:
+    """Counters and histograms only: in memory (or the workers' shared files)."""
+    tenant = ctx.principal.tenant_slug if ctx.principal is not None else ""
+    model = ctx.model or "-"
+    metrics.REQUESTS.labels(ctx.endpoint, model, tenant, str(ctx.status or 0)).inc()
+    metrics.DURATION.labels(ctx.endpoint, model).observe(time.perf_counter() - ctx.started)
+    if ctx.first_token_at is not None:
+        metrics.TTFT.labels(ctx.endpoint, model).observe(ctx.first_token_at - ctx.started)
+    if ctx.prompt_tokens:
+        metrics.TOKENS.labels(model, tenant, "prompt").inc(ctx.prompt_tokens)
+    if ctx.completion_tokens:
+        metrics.TOKENS.labels(model, tenant, "completion").inc(ctx.completion_tokens)
+        _record_speed(ctx, model)
+    if ctx.error_code in QUOTA_CODES:
+        metrics.QUOTA_REFUSALS.labels(tenant).inc()
+    elif ctx.error_code in RATE_LIMIT_CODES:
+        metrics.RATE_LIMIT_REFUSALS.labels(tenant).inc()
+
+
+def _record_speed(ctx: RequestContext, model: str) -> None:
+    """Tokens per second of generation, when the first and last token times are known
+    (a stream), or llama.cpp's own figure (a whole answer's timings)."""
+    speed = None
+    timings = ctx.timings or {}
+    if isinstance(timings.get("predicted_per_second"), int | float):
+        speed = float(timings["predicted_per_second"])
+    elif ctx.first_token_at is not None and ctx.last_token_at is not None:
+        elapsed = ctx.last_token_at - ctx.first_token_at
+        if elapsed > 0 and ctx.completion_tokens > 1:
+            speed = (ctx.completion_tokens - 1) / elapsed
+    if speed:
+        metrics.TOKENS_PER_SECOND.labels(model).observe(speed)
