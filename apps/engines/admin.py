@@ -298,3 +298,6 @@ class ServedModelAdmin(admin.ModelAdmin):
             f"Listed in the allow-list of: {listed}. "
             f"Also usable by the {unrestricted} tenant(s) whose models are not restricted."
         )
+
+
+from apps.engines import model_files_admin  # noqa: E402, F401  (registers ModelFile)

@@ -341,3 +341,59 @@ class EngineInstance(models.Model):
 
     def __str__(self) -> str:
         return f"{self.engine.name}#{self.replica}"
+
+
+class ModelFile(models.Model):
+    """What `scan_models` found in one .gguf file: its metadata, the KV-cache size per
+    token and the largest context that fits a memory budget, and (with --test-context)
+    the largest context a real llama-server started with."""
+
+    path = models.CharField(
+        max_length=1000, unique=True, help_text="Relative to MODELS_DIR when inside it."
+    )
+    size_bytes = models.BigIntegerField()
+    modified_at = models.DateTimeField(help_text="The file's mtime when it was scanned.")
+    scanned_at = models.DateTimeField(default=timezone.now)
+    error = models.TextField(blank=True, help_text="Why the file could not be read.")
+    architecture = models.CharField(max_length=100, blank=True)
+    name = models.CharField(max_length=300, blank=True)
+    parameters = models.BigIntegerField(null=True, blank=True)
+    context_length = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Trained context length."
+    )
+    block_count = models.PositiveIntegerField(null=True, blank=True, help_text="Layers.")
+    head_count = models.PositiveIntegerField(null=True, blank=True)
+    head_count_kv = models.PositiveIntegerField(null=True, blank=True, help_text="KV heads.")
+    head_size = models.PositiveIntegerField(null=True, blank=True, help_text="Key length.")
+    value_length = models.PositiveIntegerField(null=True, blank=True)
+    quantization = models.CharField(max_length=40, blank=True)
+    kv_bytes_per_token = models.BigIntegerField(null=True, blank=True, help_text="f16 cache.")
+    kv_bytes_per_token_q8_0 = models.BigIntegerField(null=True, blank=True)
+    memory_budget_bytes = models.BigIntegerField(null=True, blank=True)
+    max_context_f16 = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Largest context fitting the budget, f16 KV cache."
+    )
+    max_context_q8_0 = models.PositiveIntegerField(
+        null=True, blank=True, help_text="The same with --cache-type-k/v q8_0."
+    )
+    tested_context = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Largest -c a real llama-server started with."
+    )
+    failed_context = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Smallest -c it failed with (testing stops there)."
+    )
+    context_tests = models.JSONField(
+        default=list, blank=True, help_text="Each launch: ctx, ok, seconds, detail."
+    )
+
+    class Meta:
+        ordering = ["path"]
+
+    def __str__(self) -> str:
+        return self.path
+
+    @property
+    def context_test_done(self) -> bool:
+        return self.failed_context is not None or (
+            self.tested_context is not None and self.tested_context >= (self.context_length or 0)
+        )

@@ -4,14 +4,24 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.core.exceptions import ValidationError
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
 from django.utils import timezone
+from django.utils.html import format_html_join
+from django.utils.safestring import mark_safe
 
 from apps.core.admin import ReadOnlyAdminMixin
-from apps.tenants.models import ApiKey, Tenant
-from apps.tenants.services import api_key_fill_new, api_key_revoke
+from apps.tenants.durations import parse_grace
+from apps.tenants.models import ApiKey, RotatedKey, Tenant
+from apps.tenants.services import (
+    RotationError,
+    api_key_fill_new,
+    api_key_revoke,
+    api_key_rotate,
+)
 
 ONE_TIME_KEY_MESSAGE = "Copy this key now, it will not be shown again: {raw_key}"
 
@@ -57,6 +67,50 @@ class TenantAdmin(admin.ModelAdmin):
     @admin.display(description="keys", ordering="num_keys")
     def key_count(self, obj: Tenant) -> int:
         return obj.num_keys
+
+
+def rotated_key_state(old: RotatedKey) -> str:
+    if old.in_grace():
+        return f"in grace until {old.grace_ends_at:%Y-%m-%d %H:%M:%S} UTC"
+    return "rotated out"
+
+
+def old_key(obj: RotatedKey) -> str:
+    return f"sk-{obj.prefix}_…"
+
+
+@admin.register(RotatedKey)
+class RotatedKeyAdmin(admin.ModelAdmin):
+    list_display = ["api_key", "old_key", "rotated_at", "grace_ends_at", "state"]
+    list_select_related = ["api_key__tenant"]
+    list_filter = ["api_key__tenant"]
+    search_fields = ["prefix", "api_key__name", "api_key__tenant__slug"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="old key")
+    def old_key(self, obj: RotatedKey) -> str:
+        return old_key(obj)
+
+    @admin.display(description="state")
+    def state(self, obj: RotatedKey) -> str:
+        return rotated_key_state(obj)
+
+
+class RotateForm(forms.Form):
+    grace = forms.CharField(
+        initial="24h", help_text="How long the old keys keep working: 0, 90s, 30m, 24h, 7d."
+    )
+
+    def clean_grace(self) -> Any:
+        try:
+            return parse_grace(self.cleaned_data["grace"])
+        except ValueError as e:
+            raise ValidationError(str(e)) from e
 
 
 class StatusFilter(admin.SimpleListFilter):
@@ -105,7 +159,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_filter = ["tenant", StatusFilter]
     list_select_related = ["tenant"]
     search_fields = ["name", "prefix", "tenant__slug"]
-    actions = ["revoke"]
+    actions = ["revoke", "rotate"]
+
     add_fields = ["tenant", "name", "expires_at", "requests_per_minute"]
     change_fields = [
         "tenant",
@@ -117,8 +172,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "expires_at",
         "requests_per_minute",
         "revoked_at",
+        "previous_keys",
     ]
     change_readonly_fields = [
+        "previous_keys",
         "tenant",
         "key",
         "status",
@@ -141,6 +198,14 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def status(self, obj: ApiKey) -> str:
         return key_status(obj)
 
+    @admin.display(description="previous keys (rotated)")
+    def previous_keys(self, obj: ApiKey) -> str:
+        # A read-only list, not an inline: an inline would add a formset to every save.
+        rows = [(old_key(old), rotated_key_state(old)) for old in obj.rotated_keys.all()]
+        if not rows:
+            return "none"
+        return format_html_join(mark_safe("<br>"), "{}: {}", rows)
+
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
@@ -162,3 +227,32 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for api_key in keys:
             api_key_revoke(api_key=api_key)
         messages.success(request, f"Revoked {len(keys)} key(s).")
+
+    @admin.action(
+        description="Rotate selected keys (new key, old one kept for a grace period)",
+        permissions=["change"],
+    )
+    def rotate(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> HttpResponse | None:
+        form = RotateForm(request.POST if "grace" in request.POST else None)
+        if not form.is_valid():
+            context = {
+                **self.admin_site.each_context(request),
+                "title": "Rotate API keys",
+                "form": form,
+                "keys": queryset,
+                "opts": self.model._meta,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(request, "admin/tenants/apikey/rotate.html", context)
+        for api_key in queryset.select_related("tenant"):
+            try:
+                rotated = api_key_rotate(api_key=api_key, grace=form.cleaned_data["grace"])
+            except RotationError as e:
+                messages.error(request, f"{api_key}: {e}")
+                continue
+            messages.success(
+                request,
+                f"{api_key.tenant.slug}/{api_key.name}: "
+                + ONE_TIME_KEY_MESSAGE.format(raw_key=rotated.raw_key),
+            )
+        return None

@@ -2,13 +2,14 @@
 
 A hit costs a dict lookup; a miss costs one query (key + tenant + allowed models). Revoking
 a key, letting it expire or deactivating its tenant takes effect within
-AUTH_CACHE_SECONDS (expiry itself is checked on every request).
+AUTH_CACHE_SECONDS (expiry itself is checked on every request). A rotated key's previous
+secret authenticates as the same key until its grace period ends, also checked on every
+request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from django.utils import timezone
 
 from apps.core.errors import ApiError
 from apps.tenants.models import ApiKey
-from apps.tenants.services import hash_key, split_key
+from apps.tenants.selectors import key_find, rotated_key_message
 
 _CACHE_MAX_ENTRIES = 10_000
 
@@ -45,6 +46,9 @@ class Principal:
     # apply. Loaded and cached with the key, so changes take effect within
     # AUTH_CACHE_SECONDS like everything else here.
     attachments: Mapping[str, Any] = field(default_factory=dict)
+    # Set when the caller used a key's previous secret (RotatedKey): accepted until then.
+    rotated_at: datetime | None = None
+    grace_ends_at: datetime | None = None
 
     def may_use(self, model_id: int) -> bool:
         return self.allowed_model_ids is None or model_id in self.allowed_model_ids
@@ -66,12 +70,10 @@ _pending: dict[str, asyncio.Future] = {}
 
 
 def _load_principal(raw_key: str) -> Principal | None:
-    prefix = split_key(raw_key)
-    if prefix is None:
+    found = key_find(raw_key=raw_key)
+    if found is None:
         return None
-    key = ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
-    if key is None or not hmac.compare_digest(key.key_hash, hash_key(raw_key)):
-        return None
+    key, old = found
     allowed = None  # not restricted: every model, and no query for the list
     if key.tenant.restrict_models:
         allowed = frozenset(key.tenant.allowed_models.values_list("pk", flat=True))
@@ -88,6 +90,8 @@ def _load_principal(raw_key: str) -> Principal | None:
         tenant_rpm=key.tenant.requests_per_minute,
         attachments={name: load(key) for name, load in _attachment_loaders.items()},
         tenant_weight=key.tenant.scheduling_weight,
+        rotated_at=old.rotated_at if old else None,
+        grace_ends_at=old.grace_ends_at if old else None,
     )
 
 
@@ -140,6 +144,12 @@ async def identify(authorization: bytes | None) -> Principal:
         raise ApiError(401, "This API key has been revoked.", code="invalid_api_key")
     if principal.expires_at is not None and principal.expires_at <= timezone.now():
         raise ApiError(401, "This API key has expired.", code="invalid_api_key")
+    # Checked on every request, like expiry, so a cached old secret stops at the grace end.
+    if principal.grace_ends_at is not None and principal.grace_ends_at <= timezone.now():
+        message = rotated_key_message(
+            rotated_at=principal.rotated_at, grace_ends_at=principal.grace_ends_at
+        )
+        raise ApiError(401, message, code="invalid_api_key")
     return principal
 
 

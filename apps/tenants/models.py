@@ -73,3 +73,24 @@ class ApiKey(models.Model):
 
     def is_expired(self, *, now=None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+
+class RotatedKey(models.Model):
+    """A key's previous secret after rotation: it keeps authenticating as its ApiKey (same
+    quotas, budgets, rate limits) until `grace_ends_at`, then gets 401 saying so."""
+
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="rotated_keys")
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    key_hash = models.CharField(max_length=64, editable=False)
+    rotated_at = models.DateTimeField(default=timezone.now, editable=False)
+    grace_ends_at = models.DateTimeField(editable=False)
+
+    class Meta:
+        verbose_name = "rotated API key"
+        ordering = ["-rotated_at"]
+
+    def __str__(self) -> str:
+        return f"{self.api_key.tenant.slug}/{self.api_key.name} (old sk-{self.prefix}_…)"
+
+    def in_grace(self, *, now=None) -> bool:
+        return self.grace_ends_at > (now or timezone.now())

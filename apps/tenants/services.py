@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.utils import timezone
 
-from apps.tenants.models import ApiKey, Tenant
+from apps.tenants.models import ApiKey, RotatedKey, Tenant
 
 KEY_PREFIX_LENGTH = 12
 _PREFIX_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -72,3 +72,33 @@ def api_keys_touch(*, key_ids: list[int], used_at: datetime) -> None:
     """Record last use for keys seen in a batch of requests (one UPDATE)."""
     if key_ids:
         ApiKey.objects.filter(pk__in=key_ids).update(last_used_at=used_at)
+
+
+class RotationError(ValueError):
+    """A key that cannot be rotated (revoked, expired, negative grace)."""
+
+
+@transaction.atomic
+def api_key_rotate(*, api_key: ApiKey, grace: timedelta) -> CreatedKey:
+    """Give the key a new secret; the old one keeps working for `grace`, then is refused.
+
+    The ApiKey row (its id, name, quotas, usage) stays: only its secret changes, and the old
+    secret moves to a RotatedKey that authenticates as the same key until the grace ends."""
+    if grace < timedelta(0):
+        raise RotationError("The grace period cannot be negative.")
+    api_key = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    if api_key.is_revoked:
+        raise RotationError(f"Key {api_key.name!r} is revoked; create a new key instead.")
+    if api_key.is_expired():
+        raise RotationError(f"Key {api_key.name!r} has expired; create a new key instead.")
+    now = timezone.now()
+    RotatedKey.objects.create(
+        api_key=api_key,
+        prefix=api_key.prefix,
+        key_hash=api_key.key_hash,
+        rotated_at=now,
+        grace_ends_at=now + grace,
+    )
+    raw_key = api_key_fill_new(api_key=api_key)
+    api_key.save(update_fields=["prefix", "key_hash"])
+    return CreatedKey(api_key=api_key, raw_key=raw_key)

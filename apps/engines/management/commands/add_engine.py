@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from argparse import ArgumentParser
+from argparse import ArgumentParser, ArgumentTypeError
 from textwrap import shorten
 from typing import Any
 from urllib.parse import urlsplit
@@ -10,10 +10,13 @@ from django.core.management.base import CommandError
 
 from apps.core.commands import SetupCommand, error_text
 from apps.engines.discovery import slots_discover
+from apps.engines.gguf_info import GgufError
+from apps.engines.model_files import context_for_variant
 from apps.engines.models import Engine
 from apps.engines.services import engine_register_external, engine_register_managed
 
 # Options that only make sense when the gateway runs the engine.
+SCAN = "scan"
 MANAGED_ONLY = ("model_path", "extra_args", "idle_ttl", "replicas", "startup_timeout")
 
 
@@ -33,6 +36,24 @@ def checked_models(models: list[str] | None) -> list[str]:
     if not names:
         raise CommandError("Give at least one --model.")
     return names
+
+
+def ctx_size_option(value: str) -> int | str:
+    if value == SCAN:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ArgumentTypeError(f'must be a number of tokens or "scan", got {value!r}') from None
+
+
+def scanned_ctx_size(model_path: str | None) -> int:
+    if not model_path:
+        raise CommandError("--ctx-size scan needs --model-path (the scanned .gguf file).")
+    try:
+        return context_for_variant(model_path=model_path)
+    except GgufError as e:
+        raise CommandError(str(e)) from e
 
 
 def checked_ctx_size(ctx_size: int | None) -> int | None:
@@ -82,7 +103,12 @@ class Command(SetupCommand):
             metavar="MODEL",
             help="A model name the engine serves; repeat for several.",
         )
-        parser.add_argument("--ctx-size", type=int, help="Context size in tokens.")
+        parser.add_argument(
+            "--ctx-size",
+            type=ctx_size_option,
+            help='Context size in tokens, or "scan": what scan_models found for --model-path '
+            "(the largest context llama-server started with, else the largest fitting memory).",
+        )
         parser.add_argument(
             "--flavor",
             choices=Engine.Flavor.values,
@@ -136,6 +162,8 @@ class Command(SetupCommand):
         given = [f"--{o.replace('_', '-')}" for o in MANAGED_ONLY if options[o] is not None]
         if given:
             raise CommandError(f"{', '.join(given)} only apply to managed engines (--command).")
+        if options["ctx_size"] == SCAN:
+            raise CommandError("--ctx-size scan applies to managed engines (--model-path).")
         urls = [checked_base_url(url) for url in options["base_urls"]]
         models = checked_models(options["models"])
         slots = checked_positive("slots", options["slots"])
@@ -163,6 +191,8 @@ class Command(SetupCommand):
         return found.slots
 
     def register_managed(self, name: str, options: dict[str, Any]) -> Engine:
+        if options["ctx_size"] == SCAN:
+            options["ctx_size"] = scanned_ctx_size(options["model_path"])
         try:
             return engine_register_managed(
                 name=name,
