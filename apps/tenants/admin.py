@@ -9,7 +9,7 @@ from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.utils import timezone
 
-from apps.tenants.models import ApiKey, Tenant
+from apps.tenants.models import ApiKey, Tenant, TenantMembership
 from apps.tenants.services import api_key_fill_new, api_key_revoke
 
 ONE_TIME_KEY_MESSAGE = "Copy this key now, it will not be shown again: {raw_key}"
@@ -47,6 +47,15 @@ class ApiKeyInline(admin.TabularInline):
         return False
 
 
+class MembershipInline(admin.TabularInline):
+    """The tenant's people (tenant pages such as document upload) and their roles."""
+
+    model = TenantMembership
+    fields = ["user", "role"]
+    autocomplete_fields = ["user"]
+    extra = 0
+
+
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
     list_display = ["slug", "name", "active", "restrict_models", "key_count", "created_at"]
@@ -54,7 +63,7 @@ class TenantAdmin(admin.ModelAdmin):
     search_fields = ["slug", "name"]
     filter_horizontal = ["allowed_models"]
     readonly_fields = ["created_at"]
-    inlines = [ApiKeyInline]
+    inlines = [ApiKeyInline, MembershipInline]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
         return super().get_queryset(request).annotate(num_keys=Count("api_keys"))
@@ -167,3 +176,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for api_key in keys:
             api_key_revoke(api_key=api_key)
         messages.success(request, f"Revoked {len(keys)} key(s).")
+
+
+@admin.register(TenantMembership)
+class TenantMembershipAdmin(admin.ModelAdmin):
+    list_display = ["user", "tenant", "role"]
+    list_filter = ["role", "tenant"]
+    search_fields = ["user__username", "tenant__slug"]
+    autocomplete_fields = ["user"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 
 import uvicorn
+from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
 from apps.engines.scheduler_service import start_service_thread
 from apps.proxy.services import admin_user_ensure
+from apps.rag.worker import worker_processes_start, worker_processes_stop
 
 
 class Command(BaseCommand):
@@ -43,6 +45,16 @@ class Command(BaseCommand):
         if workers > 1:
             # One scheduler for all workers, so engine slots and fairness hold host-wide.
             os.environ["SCHEDULER_SOCKET"] = start_service_thread()
+        # Document ingestion (RAG) runs beside the server, so the embedded default needs
+        # nothing else; more workers elsewhere: `manage.py rag_worker`.
+        rag_workers = worker_processes_start(count=settings.RAG_SERVE_WORKERS)
+        try:
+            self._serve(host=host, port=port, workers=workers, access_log=access_log)
+        finally:
+            worker_processes_stop(rag_workers)
+
+    @staticmethod
+    def _serve(*, host: str, port: int, workers: int, access_log: bool) -> None:
         uvicorn.run(
             "config.asgi:application",
             host=host,

@@ -1,0 +1,64 @@
+"""RAG fixtures: a fake engine whose embeddings are a 256-dimension hashed bag of words
+(similar texts are near) and whose rerank scores word overlap, registered as models
+`rag-embed`, `rag-rerank` and `rag-chat`; a helper that runs the queued ingestion jobs in
+this process, as `manage.py rag_worker --once` would."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fake_engine import FakeEngineProcess
+
+EMBED, RERANK, CHAT = "rag-embed", "rag-rerank", "rag-chat"
+DIMS = 256
+
+
+@pytest.fixture(scope="session")
+def rag_fake_engine() -> Iterator[FakeEngineProcess]:
+    args = ["--model", CHAT, "--model", EMBED, "--model", RERANK, "--embedding-dims", str(DIMS)]
+    with FakeEngineProcess().start(*args) as engine:
+        yield engine
+
+
+@pytest.fixture
+def rag_engine(db, rag_fake_engine):
+    from apps.engines.services import engine_register_external
+
+    rag_fake_engine.reset()
+    return engine_register_external(
+        name="rag-fake",
+        base_url=rag_fake_engine.url,
+        models=[CHAT, EMBED, RERANK],
+        ctx_size=8192,
+        slots=4,
+    )
+
+
+def run_jobs() -> None:
+    """Run every queued ingestion job to its end (in a fresh event loop)."""
+    from apps.rag.worker import worker_run
+
+    asyncio.run(worker_run(concurrency=1, wait=False))
+
+
+def corpus_for(tenant, **fields):
+    from apps.rag.services import corpus_create
+
+    return corpus_create(
+        tenant=tenant, name=fields.pop("name", "docs"), embedding_model=EMBED, **fields
+    )
+
+
+def upload(corpus, name: str, data: bytes):
+    from apps.rag.services import document_upload
+
+    return document_upload(corpus=corpus, filename=name, data=data)[0]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry(settings):
+    """Each test sees the engines it registered (no in-process registry cache)."""
+    settings.REGISTRY_CACHE_SECONDS = 0
