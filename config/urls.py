@@ -8,4 +8,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("apps.quotas.urls")),
     path("api/", include("apps.sessions.urls")),
+    path("api/", include("apps.rag.urls")),
+    path("v1/", include("apps.rag.v1_urls")),
 ]

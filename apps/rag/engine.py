@@ -42,7 +42,13 @@ async def variant_of(model: str) -> tuple[str, VariantRoute]:
 
 
 async def engine_post(
-    *, model: str, path: str, body: dict[str, Any], tenant: str, weight: int = 1
+    *,
+    model: str,
+    path: str,
+    body: dict[str, Any],
+    tenant: str,
+    weight: int = 1,
+    client: aiohttp.ClientSession | None = None,
 ) -> dict[str, Any]:
     """POST `body` (with the model's own name) to `path` of the model's engine, in a slot."""
     name, variant = await variant_of(model)
@@ -65,7 +71,7 @@ async def engine_post(
         async with (
             lease as placement,
             replica_url(variant, placement.replica) as base_url,
-            engine_session().post(
+            (client or engine_session()).post(
                 engine_url(base_url, path),
                 data=orjson.dumps({**body, "model": name}),
                 headers=headers,
@@ -101,10 +107,22 @@ async def engine_post(
     return answer
 
 
-async def embed(*, model: str, texts: list[str], tenant: str, weight: int = 1) -> list[list[float]]:
+async def embed(
+    *,
+    model: str,
+    texts: list[str],
+    tenant: str,
+    weight: int = 1,
+    client: aiohttp.ClientSession | None = None,
+) -> list[list[float]]:
     """One embedding per text, in order."""
     answer = await engine_post(
-        model=model, path="/v1/embeddings", body={"input": texts}, tenant=tenant, weight=weight
+        model=model,
+        path="/v1/embeddings",
+        body={"input": texts},
+        tenant=tenant,
+        weight=weight,
+        client=client,
     )
     try:
         data = sorted(answer["data"], key=lambda item: item["index"])
@@ -134,7 +152,13 @@ async def embed_with_retries(*, model: str, texts: list[str], tenant: str) -> li
 
 
 async def rerank(
-    *, model: str, query: str, documents: list[str], tenant: str, weight: int = 1
+    *,
+    model: str,
+    query: str,
+    documents: list[str],
+    tenant: str,
+    weight: int = 1,
+    client: aiohttp.ClientSession | None = None,
 ) -> list[float]:
     """A relevance score per document, in the documents' order."""
     answer = await engine_post(
@@ -143,6 +167,7 @@ async def rerank(
         body={"query": query, "documents": documents},
         tenant=tenant,
         weight=weight,
+        client=client,
     )
     scores = [0.0] * len(documents)
     try:

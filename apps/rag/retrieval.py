@@ -18,6 +18,8 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 
+import aiohttp
+from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async as sync_to_async
 from django.conf import settings
 from django.db import connection
@@ -88,6 +90,7 @@ async def retrieve(
     tenant: str,
     weight: int = 1,
     store: str | None = None,
+    client: aiohttp.ClientSession | None = None,
 ) -> list[Hit]:
     """The best chunks for `query` across `corpora` (all of one tenant: the caller checked)."""
     searchable = [c for c in corpora if c.dims]
@@ -97,7 +100,9 @@ async def retrieve(
     vectors = {}
     for model in {c.embedding_model for c in searchable}:
         vectors[model] = (
-            await engine.embed(model=model, texts=[query], tenant=tenant, weight=weight)
+            await engine.embed(
+                model=model, texts=[query], tenant=tenant, weight=weight, client=client
+            )
         )[0]
     rerank_model = next((c.rerank_model for c in searchable if c.rerank_model), "")
     pool = k * RERANK_POOL_FACTOR if rerank_model else k
@@ -111,6 +116,7 @@ async def retrieve(
             documents=[h.text for h in hits],
             tenant=tenant,
             weight=weight,
+            client=client,
         )
         hits = sorted(
             (_rescored(h, s) for h, s in zip(hits, scores, strict=True)), key=lambda h: -h.score
@@ -233,3 +239,17 @@ def _hits(
                 )
             )
     return hits
+
+
+def search_now(*, corpora: list[Corpus], query: str, top_k: int | None, tenant: str) -> list[Hit]:
+    """retrieve() from synchronous code (the tenant API, the page), with a client of its
+    own: the worker's shared one belongs to its event loop."""
+
+    async def run() -> list[Hit]:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
+            refs = [CorpusRef.of(c) for c in corpora]
+            return await retrieve(
+                corpora=refs, query=query, top_k=top_k, tenant=tenant, client=client
+            )
+
+    return async_to_sync(run)()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from procrastinate.contrib.django import app
 
 from apps.engines.client import close_engine_session
 from apps.rag.tasks import QUEUE, stalled_jobs_retry
+
+PR_SET_PDEATHSIG = 1
 
 
 async def worker_run(*, concurrency: int, wait: bool = True, name: str | None = None) -> None:
@@ -41,7 +44,20 @@ def worker_processes_start(*, count: int) -> list[subprocess.Popen]:
     """`manage.py rag_worker` processes next to the server (they inherit its environment:
     the database, and the scheduler socket shared with the server's workers)."""
     manage = Path(settings.BASE_DIR) / "manage.py"
-    return [subprocess.Popen([sys.executable, str(manage), "rag_worker"]) for _ in range(count)]
+    return [
+        subprocess.Popen([sys.executable, str(manage), "rag_worker"], preexec_fn=_die_with_parent)
+        for _ in range(count)
+    ]
+
+
+def _die_with_parent() -> None:
+    """SIGTERM the worker when `serve` dies: uvicorn re-raises the signal it stopped on, so
+    serve's own cleanup does not always run (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def worker_processes_stop(processes: list[subprocess.Popen], *, timeout: float = 10.0) -> None:

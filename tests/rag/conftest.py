@@ -62,3 +62,24 @@ def upload(corpus, name: str, data: bytes):
 def _fresh_registry(settings):
     """Each test sees the engines it registered (no in-process registry cache)."""
     settings.REGISTRY_CACHE_SECONDS = 0
+
+
+@pytest.fixture(scope="session")
+def rag_gateway(django_db_setup, django_db_blocker, tmp_path_factory):
+    """A real `manage.py serve` with one ingestion worker beside it (RAG_SERVE_WORKERS=1)."""
+    from django.db import connection
+
+    from tests.conftest import start_gateway
+
+    log_path = tmp_path_factory.mktemp("rag-gateway") / "gateway.log"
+    env = {"RAG_SERVE_WORKERS": "1", "RAG_EMBED_RETRY_SECONDS": "0.05"}
+    gateway = start_gateway(connection.settings_dict, log_path, env=env)
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def rag_client(rag_gateway, alice):
+    import openai
+
+    return openai.OpenAI(base_url=rag_gateway.base_url, api_key=alice.raw_key, max_retries=0)
