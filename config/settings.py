@@ -287,3 +287,6 @@ RAG_WORKER_CONCURRENCY = env_int("RAG_WORKER_CONCURRENCY", 2)
 RAG_STALLED_JOB_SECONDS = env_float("RAG_STALLED_JOB_SECONDS", 30.0)
 PROCRASTINATE_IMPORT_PATHS = ["apps.rag.tasks"]
 PROCRASTINATE_AUTODISCOVER_MODULE_NAME = ""
+# Tenant users log in on the document pages (apps/rag/views.py).
+LOGIN_URL = "/rag/login/"
+LOGIN_REDIRECT_URL = "/rag/"

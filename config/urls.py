@@ -10,4 +10,5 @@ urlpatterns = [
     path("api/", include("apps.sessions.urls")),
     path("api/", include("apps.rag.urls")),
     path("v1/", include("apps.rag.v1_urls")),
+    path("rag/", include("apps.rag.page_urls")),
 ]

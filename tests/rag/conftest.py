@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from tests.fake_engine import FakeEngineProcess
@@ -75,7 +76,13 @@ def rag_gateway(django_db_setup, django_db_blocker, tmp_path_factory):
     env = {"RAG_SERVE_WORKERS": "1", "RAG_EMBED_RETRY_SECONDS": "0.05"}
     gateway = start_gateway(connection.settings_dict, log_path, env=env)
     yield gateway
+    children = psutil.Process(gateway.process.pid).children(recursive=True)
     gateway.stop()
+    # The ingestion worker stops on its own (SIGTERM when serve exits): wait for it, so the
+    # test database is not dropped under its connections.
+    _, alive = psutil.wait_procs(children, timeout=15)
+    for process in alive:
+        process.kill()
 
 
 @pytest.fixture
