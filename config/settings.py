@@ -290,3 +290,6 @@ PROCRASTINATE_AUTODISCOVER_MODULE_NAME = ""
 # Tenant users log in on the document pages (apps/rag/views.py).
 LOGIN_URL = "/rag/login/"
 LOGIN_REDIRECT_URL = "/rag/"
+# The numpy store re-checks a corpus's chunks at most this often (a new ready document
+# shows up at most this much later; removed chunks never show: rows are read from the table).
+RAG_NUMPY_REFRESH_SECONDS = env_float("RAG_NUMPY_REFRESH_SECONDS", 1.0)

@@ -100,7 +100,7 @@ class Document(models.Model):
         FAILED = "failed"
 
     corpus = models.ForeignKey(Corpus, on_delete=models.CASCADE, related_name="documents")
-    file = models.ForeignKey(StoredFile, on_delete=models.PROTECT, related_name="documents")
+    file = models.ForeignKey(StoredFile, on_delete=models.RESTRICT, related_name="documents")
     name = models.CharField(max_length=255)
     content_type = models.CharField(max_length=100)
     size = models.PositiveBigIntegerField()

@@ -155,29 +155,18 @@ def candidates(
     by_space: dict[tuple[str, int], list[int]] = defaultdict(list)
     for c in corpora:
         by_space[(c.embedding_model, c.dims)].append(c.pk)
-    corpus_of: dict[int, int] = {}
     for (model, dims), ids in by_space.items():
         nearest = vector_store(store).nearest(
             corpus_ids=ids, dims=dims, query=vectors[model], limit=pool
         )
-        rows = _corpus_of_chunks([i for i, _ in nearest])
-        corpus_of.update(rows)
-        for rank, (chunk_id, _) in enumerate(nearest, 1):
-            fused[chunk_id] += weights[rows[chunk_id]] / (RRF_K + rank)
+        for rank, (chunk_id, corpus_id, _) in enumerate(nearest, 1):
+            fused[chunk_id] += weights[corpus_id] / (RRF_K + rank)
     for rank, (chunk_id, corpus_id) in enumerate(
         _text_matches([c.pk for c in corpora], query, pool), 1
     ):
         fused[chunk_id] += (1 - weights[corpus_id]) / (RRF_K + rank)
     best = sorted(fused, key=lambda i: -fused[i])[:limit]
     return _hits(best, corpora=corpora, vectors=vectors)
-
-
-def _corpus_of_chunks(chunk_ids: list[int]) -> dict[int, int]:
-    if not chunk_ids:
-        return {}
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT id, corpus_id FROM rag_chunk WHERE id = ANY(%s)", [chunk_ids])
-        return dict(cursor.fetchall())
 
 
 WORD = re.compile(r"\w+", re.UNICODE)
