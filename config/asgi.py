@@ -12,10 +12,14 @@ from django.urls import re_path  # noqa: E402
 
 from apps.proxy.lifespan import LifespanApp  # noqa: E402
 from apps.proxy.routing import http_routes  # noqa: E402
+from apps.rag.v1_urls import V1_PREFIXES  # noqa: E402
+
+# OpenAI's files and vector stores are Django views (apps/rag), ahead of the /v1 consumers.
+django_v1_routes = [re_path(rf"^{prefix[1:]}(?:/|$)", django_asgi_app) for prefix in V1_PREFIXES]
 
 application = ProtocolTypeRouter(
     {
-        "http": URLRouter([*http_routes, re_path(r"", django_asgi_app)]),
+        "http": URLRouter([*django_v1_routes, *http_routes, re_path(r"", django_asgi_app)]),
         "lifespan": LifespanApp(),
     }
 )

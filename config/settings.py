@@ -96,6 +96,8 @@ INSTALLED_APPS = [
     "apps.quotas",
     "apps.safety",
     "apps.cache",
+    "procrastinate.contrib.django",
+    "apps.rag",
 ]
 
 MIDDLEWARE = [
@@ -324,3 +326,31 @@ RESPONSE_CACHE_MAX_ENTRIES = env_int("RESPONSE_CACHE_MAX_ENTRIES", 10000)
 # A streamed request waiting this long for a managed engine to start or swap gets an SSE
 # comment line (`: loading model X (12 s)`), and another every as long after.
 ENGINE_PROGRESS_SECONDS = env_float("ENGINE_PROGRESS_SECONDS", 3.0)
+# --- RAG (apps/rag) -----------------------------------------------------------------
+# Nearest-chunk search: "pgvector" (HNSW index in PostgreSQL) or "numpy" (in-process
+# cosine over a matrix of the corpus's chunks, cached per process; small corpora, tests).
+RAG_VECTOR_STORE = env_str("RAG_VECTOR_STORE", "pgvector")
+# The embedding model of corpora created without one (e.g. by /v1/vector_stores); empty:
+# the first model the tenant may use whose engine answers /v1/embeddings.
+RAG_EMBEDDING_MODEL = env_str("RAG_EMBEDDING_MODEL", "")
+RAG_MAX_FILE_BYTES = env_int("RAG_MAX_FILE_BYTES", 20 * 1024 * 1024)
+RAG_MAX_DOCUMENTS_PER_CORPUS = env_int("RAG_MAX_DOCUMENTS_PER_CORPUS", 1000)
+RAG_EMBED_BATCH = env_int("RAG_EMBED_BATCH", 32)  # chunks per /v1/embeddings call
+RAG_EMBED_RETRIES = env_int("RAG_EMBED_RETRIES", 3)  # transient engine errors, with backoff
+RAG_EMBED_RETRY_SECONDS = env_float("RAG_EMBED_RETRY_SECONDS", 0.5)
+# Candidates each method (vectors, full text) brings to the fusion before reranking.
+RAG_CANDIDATES = env_int("RAG_CANDIDATES", 40)
+# Ingestion workers `serve` starts next to the server (procrastinate; 0: none, run
+# `manage.py rag_worker` elsewhere), and the jobs each runs at once.
+RAG_SERVE_WORKERS = env_int("RAG_SERVE_WORKERS", 1)
+RAG_WORKER_CONCURRENCY = env_int("RAG_WORKER_CONCURRENCY", 2)
+# A job whose worker sent no heartbeat for this long (it crashed) is run again.
+RAG_STALLED_JOB_SECONDS = env_float("RAG_STALLED_JOB_SECONDS", 30.0)
+PROCRASTINATE_IMPORT_PATHS = ["apps.rag.tasks"]
+PROCRASTINATE_AUTODISCOVER_MODULE_NAME = ""
+# Tenant users log in on the document pages (apps/rag/views.py).
+LOGIN_URL = "/rag/login/"
+LOGIN_REDIRECT_URL = "/rag/"
+# The numpy store re-checks a corpus's chunks at most this often (a new ready document
+# shows up at most this much later; removed chunks never show: rows are read from the table).
+RAG_NUMPY_REFRESH_SECONDS = env_float("RAG_NUMPY_REFRESH_SECONDS", 1.0)

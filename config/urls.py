@@ -16,4 +16,7 @@ urlpatterns = [
     path("api/", include("apps.cache.urls")),
     path("metrics", metrics_view, name="metrics"),
     path("health/detailed", health_detailed_view, name="health-detailed"),
+    path("api/", include("apps.rag.urls")),
+    path("v1/", include("apps.rag.v1_urls")),
+    path("rag/", include("apps.rag.page_urls")),
 ]

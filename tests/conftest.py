@@ -99,6 +99,8 @@ def start_gateway(
         # Engine managers of gateway processes would take over the replicas that the
         # in-process managers of tests/engines own; tests of managed engines turn it on.
         "ENGINE_MANAGER_AUTOSTART": "0",
+        # No RAG ingestion worker unless a test asks for one (tests/rag).
+        "RAG_SERVE_WORKERS": "0",
         **(env or {}),
     }
     log = log_path.open("w")

@@ -255,11 +255,20 @@ def token_id(word: str) -> int:
     return int.from_bytes(digest, "big") % VOCAB_SIZE
 
 
+WORD_PATTERN = re.compile(r"\w+")
+
+
 @functools.lru_cache(maxsize=4096)
 def embedding_vector(text: str, dims: int) -> list[float]:
-    """A unit vector seeded by the text's hash: equal texts give equal vectors."""
-    rng = random.Random(hashlib.sha256(text.encode()).digest())
-    vec = [rng.gauss(0.0, 1.0) for _ in range(dims)]
+    """A hashed bag of words, normalized: texts sharing words are near (cosine), equal texts
+    equal; a text without words gets a unit vector seeded by its hash."""
+    vec = [0.0] * dims
+    for word in WORD_PATTERN.findall(text.lower()):
+        digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+        vec[int.from_bytes(digest[:4], "big") % dims] += 1.0 if digest[4] & 1 else -1.0
+    if not any(vec):
+        rng = random.Random(hashlib.sha256(text.encode()).digest())
+        vec = [rng.gauss(0.0, 1.0) for _ in range(dims)]
     norm = math.sqrt(sum(x * x for x in vec)) or 1.0
     return [x / norm for x in vec]
 
@@ -428,6 +437,7 @@ class Config:
     ctx_size: int = 4096
     slots: int = 4
     record: bool = True
+    embedding_dims: int = DEFAULT_EMBEDDING_DIMS
 
 
 class FakeEngine:
@@ -577,7 +587,7 @@ class FakeEngine:
         body = await request_body(request)
         if not isinstance(body, dict) or "input" not in body:
             raise BadRequest("'input' is required")
-        dims = int(body.get("dimensions") or DEFAULT_EMBEDDING_DIMS)
+        dims = int(body.get("dimensions") or self.config.embedding_dims)
         inputs = embedding_inputs(body["input"])
         data = [
             {"object": "embedding", "index": i, "embedding": embedding_vector(text, dims)}
@@ -724,6 +734,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ctx-size", type=int, default=4096)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--no-record", action="store_true", help="skip request recording")
+    parser.add_argument("--embedding-dims", type=int, default=DEFAULT_EMBEDDING_DIMS)
     parser.add_argument(
         "--startup-delay", type=float, default=0.0, help="seconds before it listens (loading)"
     )
@@ -739,6 +750,7 @@ async def serve(args: argparse.Namespace) -> None:
         ctx_size=args.ctx_size,
         slots=args.slots,
         record=not args.no_record,
+        embedding_dims=args.embedding_dims,
     )
     # handler_cancellation: a client disconnect must cancel the handler at once, as it
     # does in llama-server, so cancellation tests observe it. No access log: speed.

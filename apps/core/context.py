@@ -79,6 +79,9 @@ class RequestContext:
     client_wants_usage: bool = False  # the client asked for the usage chunk of a stream
     session_id: str | None = None
     history_tokens: int = 0  # of the session history sent along: what the engine may cache
+    # Prompt tokens a stage adds after the session history is trimmed (RAG sources): the
+    # trimming keeps room for them.
+    added_prompt_tokens: int = 0
     # Tokens
     prompt_estimate: int = 0
     prompt_counted: bool = False  # prompt_estimate came from the engine's tokenizer

@@ -8,9 +8,10 @@ happened, the request is settled: the quota charged what was really used, the re
 logged.
 
     chat completions:  authenticate → admit → validate → resolve model → tool-call parsing
-                       → session → safety (prompt rules; response/tool hooks)
-                       → size/choose variant → adapt for the engine → quota
-                       → streaming → [schedule → engine call → response filters → respond]
+                       → RAG retrieval → session → safety (prompt rules; response/tool
+                       hooks) → RAG sources injected → size/choose variant → adapt for
+                       the engine → cache → quota → streaming
+                       → [schedule → engine call → response filters → respond]
                        → settle (quota, request log)
 
 Adding a capability is adding its stage to a tuple below (and, to see the answer, a
@@ -63,6 +64,7 @@ from apps.proxy.reliability import (
 from apps.proxy.responder import Responder
 from apps.proxy.sse import error_event
 from apps.quotas.stage import quota_reserve, quota_settle
+from apps.rag.stage import rag_inject, rag_retrieve
 from apps.request_logs.writer import log_row, request_log_writer
 from apps.safety.stage import safety_action, safety_prompt, whole_precheck
 from apps.sessions.stage import session_open
@@ -102,6 +104,20 @@ async def streaming(ctx: RequestContext) -> None:
     ctx.payload_changed = True
 
 
+async def sources_on_session_reply(ctx: RequestContext) -> None:
+    """Glue of two stages that never import each other (rag, sessions): the RAG sources a
+    reply was given are stored with it in the session, as its `sources` field."""
+    turn = ctx.extras.get("rag")
+    if turn is None or not turn.hits or ctx.session_id is None:
+        return
+
+    async def add_sources() -> None:
+        if ctx.reply is not None:
+            ctx.reply = {**ctx.reply, "sources": turn.sources()}
+
+    ctx.before_finish.insert(0, add_sources)  # before the session stores the reply
+
+
 CHAT_COMPLETIONS = Pipeline(
     endpoint="chat.completions",
     upstream_path="/v1/chat/completions",
@@ -112,8 +128,11 @@ CHAT_COMPLETIONS = Pipeline(
         resolve_model,
         input_limits,
         tool_call_parsing,
+        rag_retrieve,
         session_open,
         safety_prompt,
+        rag_inject,
+        sources_on_session_reply,
         choose_variant_by_size,
         adapt_for_engine,
         response_cache,

@@ -126,7 +126,7 @@ async def session_prepare(
     new_messages = payload["messages"]
     budget = None
     if variant.ctx_size:
-        budget = max(1, variant.ctx_size - completion_reserve(payload))
+        budget = max(1, variant.ctx_size - completion_reserve(payload) - ctx.added_prompt_tokens)
         counted = await count_message_tokens(variant, new_messages, model=ctx.model)
     else:
         # No context size: nothing is ever trimmed for this model, so the engine is not

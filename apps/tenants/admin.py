@@ -15,7 +15,7 @@ from django.utils.safestring import mark_safe
 
 from apps.core.admin import ReadOnlyAdminMixin
 from apps.tenants.durations import parse_grace
-from apps.tenants.models import ApiKey, RotatedKey, Tenant
+from apps.tenants.models import ApiKey, RotatedKey, Tenant, TenantMembership
 from apps.tenants.services import (
     RotationError,
     api_key_fill_new,
@@ -52,6 +52,15 @@ class ApiKeyInline(ReadOnlyAdminMixin, admin.TabularInline):
         return super().get_queryset(request).select_related("tenant")
 
 
+class MembershipInline(admin.TabularInline):
+    """The tenant's people (tenant pages such as document upload) and their roles."""
+
+    model = TenantMembership
+    fields = ["user", "role"]
+    autocomplete_fields = ["user"]
+    extra = 0
+
+
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
     list_display = ["slug", "name", "active", "restrict_models", "key_count", "created_at"]
@@ -59,7 +68,7 @@ class TenantAdmin(admin.ModelAdmin):
     search_fields = ["slug", "name"]
     filter_horizontal = ["allowed_models"]
     readonly_fields = ["created_at"]
-    inlines = [ApiKeyInline]
+    inlines = [ApiKeyInline, MembershipInline]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
         return super().get_queryset(request).annotate(num_keys=Count("api_keys"))
@@ -256,3 +265,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
                 + ONE_TIME_KEY_MESSAGE.format(raw_key=rotated.raw_key),
             )
         return None
+
+
+@admin.register(TenantMembership)
+class TenantMembershipAdmin(admin.ModelAdmin):
+    list_display = ["user", "tenant", "role"]
+    list_filter = ["role", "tenant"]
+    search_fields = ["user__username", "tenant__slug"]
+    autocomplete_fields = ["user"]

@@ -94,3 +94,29 @@ class RotatedKey(models.Model):
 
     def in_grace(self, *, now=None) -> bool:
         return self.grace_ends_at > (now or timezone.now())
+
+
+class TenantMembership(models.Model):
+    """A person (Django user) of a tenant, for the tenant pages (e.g. document upload).
+    Viewers read; editors also upload and delete."""
+
+    class Role(models.TextChoices):
+        VIEWER = "viewer"
+        EDITOR = "editor"
+
+    user = models.ForeignKey("auth.User", on_delete=models.CASCADE, related_name="memberships")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.VIEWER)
+
+    class Meta:
+        ordering = ["tenant__slug", "user__username"]
+        constraints = [
+            models.UniqueConstraint(fields=["user", "tenant"], name="unique_membership"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} @ {self.tenant} ({self.role})"
+
+    @property
+    def can_edit(self) -> bool:
+        return self.role == self.Role.EDITOR

@@ -15,6 +15,7 @@ from django.core.management.base import CommandParser
 from apps.core.commands import SetupCommand
 from apps.engines.scheduler_service import start_service_thread
 from apps.proxy.services import admin_user_ensure
+from apps.rag.worker import worker_processes_start, worker_processes_stop
 
 
 def metrics_dir() -> Path:
@@ -63,6 +64,16 @@ class Command(SetupCommand):
             os.environ["SCHEDULER_SOCKET"] = start_service_thread()
             # One metrics directory for all workers: /metrics adds up every worker's values.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir())
+        # Document ingestion (RAG) runs beside the server, so the embedded default needs
+        # nothing else; more workers elsewhere: `manage.py rag_worker`.
+        rag_workers = worker_processes_start(count=settings.RAG_SERVE_WORKERS)
+        try:
+            self._serve(host=host, port=port, workers=workers, access_log=access_log)
+        finally:
+            worker_processes_stop(rag_workers)
+
+    @staticmethod
+    def _serve(*, host: str, port: int, workers: int, access_log: bool) -> None:
         uvicorn.run(
             "config.asgi:application",
             host=host,

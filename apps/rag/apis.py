@@ -1,0 +1,170 @@
+"""Tenant API for corpora (`/api/corpora`, API-key auth, OpenAI-shaped errors). Thin
+views: services write, selectors read, presenters shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from apps.core.errors import ApiError, invalid_request
+from apps.rag import presenters, selectors, services
+from apps.rag.engine import EngineError
+from apps.rag.models import Corpus
+from apps.rag.retrieval import search_now
+from apps.tenants.api_auth import TenantApiView
+
+INT_FIELDS = ("chunk_tokens", "chunk_overlap", "top_k")
+FLOAT_FIELDS = ("hybrid_weight", "score_threshold")
+STR_FIELDS = ("name", "description", "embedding_model", "rerank_model")
+
+
+def corpus_fields(
+    data: Any, *, allowed: tuple[str, ...] = services.CORPUS_FIELDS
+) -> dict[str, Any]:
+    """The corpus fields of a JSON body, type-checked (400 naming the field otherwise)."""
+    if not isinstance(data, dict):
+        raise invalid_request("The body must be a JSON object.")
+    fields = {}
+    for key, value in data.items():
+        if key not in allowed:
+            raise invalid_request(f"Unknown field `{key}`.", param=key)
+        if value is None:
+            continue
+        ok = (
+            (key in INT_FIELDS and isinstance(value, int) and not isinstance(value, bool))
+            or (
+                key in FLOAT_FIELDS
+                and isinstance(value, int | float)
+                and not isinstance(value, bool)
+            )
+            or (key in STR_FIELDS and isinstance(value, str))
+            or (key == "metadata" and isinstance(value, dict))
+        )
+        if not ok:
+            raise invalid_request(f"`{key}` has the wrong type.", param=key)
+        fields[key] = value
+    return fields
+
+
+def top_k_of(value: Any, *, param: str = "top_k") -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise invalid_request(f"`{param}` must be an integer between 1 and 100.", param=param)
+    return value
+
+
+class RagApiView(TenantApiView):
+    """Errors of the rag services and selectors as OpenAI-shaped API errors."""
+
+    def handle_exception(self, exc: Exception) -> Response:
+        if isinstance(exc, services.RagError):
+            exc = ApiError(exc.status, exc.message, param=exc.param)
+        elif isinstance(exc, selectors.NotFound):
+            exc = ApiError(404, str(exc), code="not_found")
+        elif isinstance(exc, EngineError):
+            exc = ApiError(502, str(exc), type="api_error", code="engine_error")
+        return super().handle_exception(exc)
+
+    def corpus(self, corpus_id: str) -> Corpus:
+        return selectors.corpus_get(tenant_id=self.principal.tenant.pk, public_id=corpus_id)
+
+    def search(self, corpus: Corpus, query: Any, top_k: int | None) -> list:
+        if not isinstance(query, str) or not query.strip():
+            raise invalid_request("`query` must be a non-empty string.", param="query")
+        return search_now(
+            corpora=[corpus], query=query, top_k=top_k, tenant=self.principal.tenant.slug
+        )
+
+
+class CorporaApi(RagApiView):
+    def get(self, request: Request) -> Response:
+        corpora = selectors.corpora_of(tenant_id=self.principal.tenant.pk)
+        return Response(presenters.list_json([presenters.corpus_json(c) for c in corpora]))
+
+    def post(self, request: Request) -> Response:
+        fields = corpus_fields(request.data)
+        name = fields.pop("name", None)
+        if name is None:
+            raise invalid_request("`name` is required.", param="name")
+        corpus = services.corpus_create(tenant=self.principal.tenant, name=name, **fields)
+        return Response(presenters.corpus_json(corpus), status=201)
+
+
+class CorpusApi(RagApiView):
+    def get(self, request: Request, corpus_id: str) -> Response:
+        return Response(presenters.corpus_json(self.corpus(corpus_id)))
+
+    def patch(self, request: Request, corpus_id: str) -> Response:
+        corpus = services.corpus_update(
+            corpus=self.corpus(corpus_id), **corpus_fields(request.data)
+        )
+        return Response(presenters.corpus_json(corpus))
+
+    def delete(self, request: Request, corpus_id: str) -> Response:
+        corpus = self.corpus(corpus_id)
+        services.corpus_delete(corpus=corpus)
+        return Response({"id": corpus_id, "object": "corpus.deleted", "deleted": True})
+
+
+class DocumentsApi(RagApiView):
+    parser_classes = [MultiPartParser, JSONParser]
+
+    def get(self, request: Request, corpus_id: str) -> Response:
+        documents = selectors.documents_of(corpus=self.corpus(corpus_id))
+        return Response(presenters.list_json([presenters.document_json(d) for d in documents]))
+
+    def post(self, request: Request, corpus_id: str) -> Response:
+        """Multipart `file` (repeat it for several): all are added, or none."""
+        corpus = self.corpus(corpus_id)
+        uploads = request.FILES.getlist("file")
+        if not uploads:
+            raise invalid_request("Send the document as the multipart field `file`.", param="file")
+        results = []
+        with transaction.atomic():
+            for upload in uploads:
+                results.append(
+                    services.document_upload(
+                        corpus=corpus, filename=upload.name, data=read_upload(upload)
+                    )
+                )
+        created = any(c for _, c in results)
+        data = [presenters.document_json(d) for d, _ in results]
+        body = data[0] if len(data) == 1 else presenters.list_json(data)
+        return Response(body, status=201 if created else 200)
+
+
+def read_upload(upload) -> bytes:
+    """The upload's bytes, refused unread beyond the size limit."""
+    from django.conf import settings
+
+    if upload.size > settings.RAG_MAX_FILE_BYTES:
+        raise services.RagError(
+            f"The file is too large ({upload.size} bytes; the limit is {settings.RAG_MAX_FILE_BYTES}).",
+            param="file",
+            status=413,
+        )
+    return upload.read()
+
+
+class DocumentApi(RagApiView):
+    def get(self, request: Request, corpus_id: str, file_id: str) -> Response:
+        document = selectors.document_get(corpus=self.corpus(corpus_id), file_id=file_id)
+        return Response(presenters.document_json(document))
+
+    def delete(self, request: Request, corpus_id: str, file_id: str) -> Response:
+        document = selectors.document_get(corpus=self.corpus(corpus_id), file_id=file_id)
+        services.document_delete(document=document)
+        return Response({"id": file_id, "object": "document.deleted", "deleted": True})
+
+
+class CorpusSearchApi(RagApiView):
+    def post(self, request: Request, corpus_id: str) -> Response:
+        corpus = self.corpus(corpus_id)
+        data = request.data if isinstance(request.data, dict) else {}
+        hits = self.search(corpus, data.get("query"), top_k_of(data.get("top_k")))
+        return Response(presenters.list_json([h.as_source(n) for n, h in enumerate(hits, 1)]))

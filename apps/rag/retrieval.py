@@ -1,0 +1,244 @@
+"""Hybrid retrieval over one or more corpora of a tenant.
+
+1. The query is embedded with each corpus's embedding model.
+2. Vector candidates come from the vector store (cosine), full-text candidates from
+   PostgreSQL (`ts_rank_cd` over the chunks' tsvector, any of the query's words).
+3. The two rankings are fused by weighted reciprocal rank fusion: a chunk scores
+   w / (RRF_K + vector rank) + (1 - w) / (RRF_K + text rank), w the corpus's hybrid
+   weight.
+4. With a rerank model (the first corpus's that has one), the best fused candidates are
+   reranked through the engine's /v1/rerank and its relevance score is the chunk's
+   score; without, the score is the chunk's cosine similarity to the query.
+5. Chunks scoring below the corpus's threshold (if not 0) are dropped; top_k are kept.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import aiohttp
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async as sync_to_async
+from django.conf import settings
+from django.db import connection
+
+from apps.rag import engine
+from apps.rag.models import Corpus
+from apps.rag.stores import _vector_literal, vector_store
+
+RRF_K = 60
+RERANK_POOL_FACTOR = 4  # candidates reranked per result kept
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    chunk_id: int
+    corpus_id: str  # public id
+    document: str
+    document_id: str  # the file's public id
+    page: int | None
+    text: str
+    score: float
+    position: int
+
+    def as_source(self, number: int) -> dict:
+        return {
+            "id": number,
+            "document": self.document,
+            "document_id": self.document_id,
+            "corpus_id": self.corpus_id,
+            "page": self.page,
+            "score": round(self.score, 4),
+            "text": self.text,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CorpusRef:
+    """What retrieval needs of a corpus (safe to pass between threads)."""
+
+    pk: int
+    public_id: str
+    embedding_model: str
+    dims: int | None
+    top_k: int
+    rerank_model: str
+    hybrid_weight: float
+    score_threshold: float
+
+    @classmethod
+    def of(cls, corpus: Corpus) -> CorpusRef:
+        return cls(
+            corpus.pk,
+            corpus.public_id,
+            corpus.embedding_model,
+            corpus.embedding_dims,
+            corpus.top_k,
+            corpus.rerank_model,
+            corpus.hybrid_weight,
+            corpus.score_threshold,
+        )
+
+
+async def retrieve(
+    *,
+    corpora: list[CorpusRef],
+    query: str,
+    top_k: int | None,
+    tenant: str,
+    weight: int = 1,
+    store: str | None = None,
+    client: aiohttp.ClientSession | None = None,
+) -> list[Hit]:
+    """The best chunks for `query` across `corpora` (all of one tenant: the caller checked)."""
+    searchable = [c for c in corpora if c.dims]
+    if not searchable or not query.strip():
+        return []
+    k = top_k or max(c.top_k for c in searchable)
+    vectors = {}
+    for model in {c.embedding_model for c in searchable}:
+        vectors[model] = (
+            await engine.embed(
+                model=model, texts=[query], tenant=tenant, weight=weight, client=client
+            )
+        )[0]
+    rerank_model = next((c.rerank_model for c in searchable if c.rerank_model), "")
+    pool = k * RERANK_POOL_FACTOR if rerank_model else k
+    hits = await sync_to_async(candidates, thread_sensitive=False)(
+        corpora=searchable, query=query, vectors=vectors, limit=pool, store=store
+    )
+    if rerank_model and hits:
+        scores = await engine.rerank(
+            model=rerank_model,
+            query=query,
+            documents=[h.text for h in hits],
+            tenant=tenant,
+            weight=weight,
+            client=client,
+        )
+        hits = sorted(
+            (_rescored(h, s) for h, s in zip(hits, scores, strict=True)), key=lambda h: -h.score
+        )
+    thresholds = {c.public_id: c.score_threshold for c in searchable}
+    return [h for h in hits if not thresholds[h.corpus_id] or h.score >= thresholds[h.corpus_id]][
+        :k
+    ]
+
+
+def _rescored(hit: Hit, score: float) -> Hit:
+    return Hit(
+        hit.chunk_id,
+        hit.corpus_id,
+        hit.document,
+        hit.document_id,
+        hit.page,
+        hit.text,
+        score,
+        hit.position,
+    )
+
+
+def candidates(
+    *,
+    corpora: list[CorpusRef],
+    query: str,
+    vectors: dict[str, list[float]],
+    limit: int,
+    store: str | None = None,
+) -> list[Hit]:
+    """Fused vector + full-text candidates, best first (at most `limit`)."""
+    fused: dict[int, float] = defaultdict(float)
+    weights = {c.pk: c.hybrid_weight for c in corpora}
+    pool = max(limit, settings.RAG_CANDIDATES)
+    by_space: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for c in corpora:
+        by_space[(c.embedding_model, c.dims)].append(c.pk)
+    for (model, dims), ids in by_space.items():
+        nearest = vector_store(store).nearest(
+            corpus_ids=ids, dims=dims, query=vectors[model], limit=pool
+        )
+        for rank, (chunk_id, corpus_id, _) in enumerate(nearest, 1):
+            fused[chunk_id] += weights[corpus_id] / (RRF_K + rank)
+    for rank, (chunk_id, corpus_id) in enumerate(
+        _text_matches([c.pk for c in corpora], query, pool), 1
+    ):
+        fused[chunk_id] += (1 - weights[corpus_id]) / (RRF_K + rank)
+    best = sorted(fused, key=lambda i: -fused[i])[:limit]
+    return _hits(best, corpora=corpora, vectors=vectors)
+
+
+WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _text_matches(corpus_ids: list[int], query: str, limit: int) -> list[tuple[int, int]]:
+    """Chunks matching any word of the query, by ts_rank_cd (English stemming, stop words
+    dropped), best first."""
+    words = WORD.findall(query.lower())[:64]
+    if not words:
+        return []
+    tsquery = " | ".join(f"'{w}'" for w in words)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT c.id, c.corpus_id FROM rag_chunk c, to_tsquery('english', %s) q "
+            "WHERE c.corpus_id = ANY(%s) AND c.search_vector @@ q "
+            "ORDER BY ts_rank_cd(c.search_vector, q) DESC, c.id LIMIT %s",
+            [tsquery, corpus_ids, limit],
+        )
+        return cursor.fetchall()
+
+
+def _hits(
+    chunk_ids: list[int], *, corpora: list[CorpusRef], vectors: dict[str, list[float]]
+) -> list[Hit]:
+    """The chunks with their documents, scored by cosine similarity to the query, in the
+    order given."""
+    if not chunk_ids:
+        return []
+    by_pk = {c.pk: c for c in corpora}
+    rows: dict[int, tuple] = {}
+    for corpus in corpora:
+        n = int(corpus.dims)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT c.id, c.text, c.page, c.position, d.name, f.public_id, "
+                f"1 - (c.embedding::vector({n}) <=> %s::vector({n})) "
+                f"FROM rag_chunk c JOIN rag_document d ON d.id = c.document_id "
+                f"JOIN rag_storedfile f ON f.id = d.file_id "
+                f"WHERE c.id = ANY(%s) AND c.corpus_id = %s AND c.dims = {n}",
+                [_vector_literal(vectors[corpus.embedding_model]), chunk_ids, corpus.pk],
+            )
+            for row in cursor.fetchall():
+                rows[row[0]] = (corpus.pk, *row[1:])
+    hits = []
+    for chunk_id in chunk_ids:
+        if chunk_id in rows:
+            corpus_pk, text, page, position, name, file_id, similarity = rows[chunk_id]
+            hits.append(
+                Hit(
+                    chunk_id,
+                    by_pk[corpus_pk].public_id,
+                    name,
+                    file_id,
+                    page,
+                    text,
+                    float(similarity),
+                    position,
+                )
+            )
+    return hits
+
+
+def search_now(*, corpora: list[Corpus], query: str, top_k: int | None, tenant: str) -> list[Hit]:
+    """retrieve() from synchronous code (the tenant API, the page), with a client of its
+    own: the worker's shared one belongs to its event loop."""
+
+    async def run() -> list[Hit]:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
+            refs = [CorpusRef.of(c) for c in corpora]
+            return await retrieve(
+                corpora=refs, query=query, top_k=top_k, tenant=tenant, client=client
+            )
+
+    return async_to_sync(run)()

@@ -1,0 +1,80 @@
+"""Reads of the rag app. Every lookup by a client-given id is filtered by tenant, so an id
+of another tenant is indistinguishable from one that does not exist (404)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db.models import QuerySet
+
+from apps.rag.models import AutoRag, Corpus, Document, StoredFile
+
+
+class NotFound(Exception):
+    """No such object for this tenant (whether it exists for another is not told)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AutoRagDefault:
+    corpus_ids: tuple[int, ...]
+    top_k: int | None
+
+
+def auto_rag_for_key(api_key) -> AutoRagDefault | None:
+    """The key's own automatic RAG, else its tenant's; None when neither is on."""
+    rows = {
+        row.api_key_id: row
+        for row in AutoRag.objects.filter(tenant_id=api_key.tenant_id).prefetch_related("corpora")
+        if row.api_key_id in (None, api_key.pk)
+    }
+    row = rows.get(api_key.pk) or rows.get(None)
+    if row is None or not row.enabled:
+        return None
+    return AutoRagDefault(
+        corpus_ids=tuple(sorted(c.pk for c in row.corpora.all())), top_k=row.top_k
+    )
+
+
+def corpora_of(*, tenant_id: int) -> QuerySet[Corpus]:
+    return Corpus.objects.filter(tenant_id=tenant_id)
+
+
+def corpus_get(*, tenant_id: int, public_id: str) -> Corpus:
+    corpus = Corpus.objects.filter(tenant_id=tenant_id, public_id=public_id).first()
+    if corpus is None:
+        raise NotFound(f"No vector store found with id '{public_id}'.")
+    return corpus
+
+
+def corpora_get(*, tenant_id: int, public_ids: list[str]) -> list[Corpus]:
+    found = {
+        c.public_id: c for c in Corpus.objects.filter(tenant_id=tenant_id, public_id__in=public_ids)
+    }
+    for public_id in public_ids:
+        if public_id not in found:
+            raise NotFound(f"No vector store found with id '{public_id}'.")
+    return [found[p] for p in public_ids]
+
+
+def documents_of(*, corpus: Corpus) -> QuerySet[Document]:
+    return corpus.documents.select_related("file").order_by("-created_at", "-pk")
+
+
+def document_get(*, corpus: Corpus, file_id: str) -> Document:
+    document = corpus.documents.select_related("file").filter(file__public_id=file_id).first()
+    if document is None:
+        raise NotFound(f"No file found with id '{file_id}' in vector store '{corpus.public_id}'.")
+    return document
+
+
+def files_of(*, tenant_id: int) -> QuerySet[StoredFile]:
+    return StoredFile.objects.filter(tenant_id=tenant_id).defer("data")
+
+
+def file_get(*, tenant_id: int, public_id: str) -> StoredFile:
+    stored = (
+        StoredFile.objects.filter(tenant_id=tenant_id, public_id=public_id).defer("data").first()
+    )
+    if stored is None:
+        raise NotFound(f"No such File object: {public_id}")
+    return stored

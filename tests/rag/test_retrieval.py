@@ -1,0 +1,100 @@
+"""The same retrieval behaviour with both vector stores (pgvector HNSW and numpy)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from apps.engines.client import close_engine_session
+from apps.rag.retrieval import CorpusRef, retrieve
+from tests.rag.conftest import RERANK, corpus_for, run_jobs, upload
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+FACTS = {
+    "otters.txt": "Sea otters hold hands while they sleep so they do not drift apart.",
+    "beavers.txt": "Beavers build dams from branches and mud across streams.",
+    "herons.txt": "Herons stand still in shallow water waiting to spear fish.",
+    "bees.txt": "Honey bees dance to tell the hive where the flowers are.",
+}
+
+
+@pytest.fixture(params=["pgvector", "numpy"])
+def store(request):
+    return request.param
+
+
+def search(corpora, query, *, store, top_k=None, tenant="alice"):
+    async def run():
+        try:
+            return await retrieve(
+                corpora=[CorpusRef.of(c) for c in corpora],
+                query=query,
+                top_k=top_k,
+                tenant=tenant,
+                store=store,
+            )
+        finally:
+            await close_engine_session()
+
+    for c in corpora:
+        c.refresh_from_db()
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def animals(rag_engine, alice):
+    corpus = corpus_for(alice.tenant, name="animals")
+    for name, text in FACTS.items():
+        upload(corpus, name, text.encode())
+    run_jobs()
+    corpus.refresh_from_db()  # embedding_dims, set by the ingestion
+    return corpus
+
+
+def test_it_finds_the_chunk_that_answers(animals, store):
+    hits = search([animals], "why do otters hold hands when they sleep", store=store, top_k=2)
+    assert hits[0].document == "otters.txt"
+    assert hits[0].text == FACTS["otters.txt"]
+    assert hits[0].score > hits[1].score
+    assert hits[0].document_id.startswith("file-")
+
+
+def test_it_keeps_top_k_and_the_threshold(animals, store):
+    assert len(search([animals], "beavers dams", store=store, top_k=3)) == 3
+    animals.score_threshold = 0.3
+    animals.save()
+    hits = search([animals], "beavers dams", store=store, top_k=3)
+    assert [h.document for h in hits] == ["beavers.txt"]
+
+
+def test_full_text_alone_finds_exact_words(animals, store):
+    animals.hybrid_weight = 0.0  # full-text ranking only
+    animals.save()
+    hits = search([animals], "spear", store=store, top_k=1)
+    assert hits[0].document == "herons.txt"
+
+
+def test_it_reranks_with_the_corpus_rerank_model(animals, rag_fake_engine, store):
+    animals.rerank_model = RERANK
+    animals.save()
+    hits = search([animals], "bees dance flowers", store=store, top_k=2)
+    assert hits[0].document == "bees.txt"
+    assert hits[0].score == 1.0
+    assert any(r["path"] == "/v1/rerank" for r in rag_fake_engine.requests())
+
+
+def test_it_never_returns_chunks_of_other_corpora(animals, rag_engine, bob, store):
+    other = corpus_for(bob.tenant, name="bob's")
+    upload(other, "otters.txt", b"Otters hold hands: Bob's secret copy.")
+    run_jobs()
+    hits = search([animals], "otters hold hands", store=store, top_k=10)
+    assert hits
+    assert {h.corpus_id for h in hits} == {animals.public_id}
+
+
+def test_a_document_being_ingested_is_invisible(animals, store):
+    upload(animals, "late.txt", b"Sea otters hold hands late at night.")  # queued, not run
+    hits = search([animals], "otters hold hands", store=store, top_k=10)
+    assert "late.txt" not in {h.document for h in hits}
