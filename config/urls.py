@@ -19,4 +19,5 @@ urlpatterns = [
     path("api/", include("apps.rag.urls")),
     path("v1/", include("apps.rag.v1_urls")),
     path("rag/", include("apps.rag.page_urls")),
+    path("api/", include("apps.tools.urls")),
 ]
