@@ -131,6 +131,8 @@ def tenant_form(**fields: Any) -> dict[str, Any]:
         "requests_per_minute": "",
         "api_keys-TOTAL_FORMS": "0",
         "api_keys-INITIAL_FORMS": "0",
+        "memberships-TOTAL_FORMS": "0",
+        "memberships-INITIAL_FORMS": "0",
         **fields,
     }
 
