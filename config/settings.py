@@ -99,7 +99,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    # ServeStatic (WhiteNoise's fork with async support): under ASGI it streams files with an
+    # async iterator; WhiteNoise's sync one made Django warn on every static file.
+    "servestatic.middleware.ServeStaticMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -184,9 +186,9 @@ STATIC_ROOT = DATA_DIR / "static"
 STATIC_ROOT.mkdir(exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    "staticfiles": {"BACKEND": "servestatic.storage.CompressedStaticFilesStorage"},
 }
-WHITENOISE_USE_FINDERS = True
+SERVESTATIC_USE_FINDERS = True
 
 LOGGING = {
     "version": 1,
@@ -293,3 +295,8 @@ LOGIN_REDIRECT_URL = "/rag/"
 # The numpy store re-checks a corpus's chunks at most this often (a new ready document
 # shows up at most this much later; removed chunks never show: rows are read from the table).
 RAG_NUMPY_REFRESH_SECONDS = env_float("RAG_NUMPY_REFRESH_SECONDS", 1.0)
+# Corpora of at most this many chunks are searched exactly (every vector compared), not
+# through the HNSW index: faster for them, and exact.
+RAG_EXACT_SEARCH_MAX_CHUNKS = env_int("RAG_EXACT_SEARCH_MAX_CHUNKS", 5000)
+# Full-text candidates are ranked among at most this many matching chunks.
+RAG_TEXT_MATCH_CAP = env_int("RAG_TEXT_MATCH_CAP", 1000)

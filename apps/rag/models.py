@@ -164,6 +164,9 @@ class Chunk(models.Model):
             models.UniqueConstraint(fields=["document", "position"], name="unique_chunk_position"),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.document_id}#{self.position}"
+
 
 class AutoRag(models.Model):
     """Retrieval added to every chat completion of a tenant (api_key empty) or of one key
@@ -187,3 +190,7 @@ class AutoRag(models.Model):
                 fields=["tenant", "api_key"], name="unique_auto_rag_scope", nulls_distinct=False
             ),
         ]
+
+    def __str__(self) -> str:
+        scope = f"key {self.api_key.name}" if self.api_key_id else "tenant"
+        return f"{self.tenant.slug} ({scope})"

@@ -65,9 +65,10 @@ def _fresh_registry(settings):
     settings.REGISTRY_CACHE_SECONDS = 0
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def rag_gateway(django_db_setup, django_db_blocker, tmp_path_factory):
-    """A real `manage.py serve` with one ingestion worker beside it (RAG_SERVE_WORKERS=1)."""
+    """A real `manage.py serve` with one ingestion worker beside it (RAG_SERVE_WORKERS=1),
+    per module: its worker must not take the jobs of in-process tests in other modules."""
     from django.db import connection
 
     from tests.conftest import start_gateway
@@ -90,3 +91,25 @@ def rag_client(rag_gateway, alice):
     import openai
 
     return openai.OpenAI(base_url=rag_gateway.base_url, api_key=alice.raw_key, max_retries=0)
+
+
+def queued_jobs() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing') "
+            "AND task_name = 'rag.ingest_document'"
+        )
+        return cursor.fetchone()[0]
+
+
+@pytest.fixture(autouse=True)
+def _idle_ingestion_worker(request):
+    """After a test with a serve process, let its worker finish what the test queued
+    before the test's tables are emptied (the flush and a running job would deadlock)."""
+    yield
+    if "rag_gateway" in request.fixturenames:
+        from tests.conftest import wait_until
+
+        wait_until(lambda: queued_jobs() == 0, timeout=60, interval=0.1)

@@ -25,7 +25,9 @@ def test_it_creates_lists_updates_and_deletes_corpora(rag_engine, client, alice)
     )
     assert created.status_code == 201, created.content
     body = created.json()
-    assert body["id"].startswith("vs_") and body["rerank_model"] == RERANK and body["top_k"] == 3
+    assert body["id"].startswith("vs_")
+    assert body["rerank_model"] == RERANK
+    assert body["top_k"] == 3
     listed = client.get("/api/corpora", **auth(alice)).json()["data"]
     assert [c["id"] for c in listed] == [body["id"]]
     patched = client.patch(
@@ -48,7 +50,8 @@ def test_it_creates_lists_updates_and_deletes_corpora(rag_engine, client, alice)
 )
 def test_it_refuses_bad_corpora(rag_engine, client, alice, body, param):
     resp = client.post("/api/corpora", body, content_type="application/json", **auth(alice))
-    assert resp.status_code in (400, 404) and resp.json()["error"]["param"] == param
+    assert resp.status_code in (400, 404)
+    assert resp.json()["error"]["param"] == param
     assert not Corpus.objects.exists()
 
 
@@ -74,7 +77,8 @@ def test_it_uploads_lists_searches_and_deletes_documents(rag_engine, client, ali
         **auth(alice),
     ).json()["data"]
     assert [(s["id"], s["document"], s["page"]) for s in found] == [(1, "report.pdf", 1)]
-    assert found[0]["score"] > 0 and "Herons" in found[0]["text"]
+    assert found[0]["score"] > 0
+    assert "Herons" in found[0]["text"]
     pdf_id = found[0]["document_id"]
     assert (
         client.delete(
@@ -89,8 +93,10 @@ def test_a_bad_file_in_a_batch_adds_none_of_it(rag_engine, client, alice):
     corpus = corpus_for(alice.tenant)
     files = [SimpleUploadedFile("ok.txt", b"fine text"), SimpleUploadedFile("empty.txt", b"")]
     resp = client.post(f"/api/corpora/{corpus.public_id}/documents", {"file": files}, **auth(alice))
-    assert resp.status_code == 400 and resp.json()["error"]["message"] == "The file is empty."
-    assert not Document.objects.exists() and not StoredFile.objects.exists()
+    assert resp.status_code == 400
+    assert resp.json()["error"]["message"] == "The file is empty."
+    assert not Document.objects.exists()
+    assert not StoredFile.objects.exists()
 
 
 def test_it_refuses_search_without_a_query(rag_engine, client, alice):
@@ -101,7 +107,8 @@ def test_it_refuses_search_without_a_query(rag_engine, client, alice):
         content_type="application/json",
         **auth(alice),
     )
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "query"
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "query"
 
 
 def test_another_tenants_corpora_are_404(rag_engine, client, alice, bob):
@@ -135,7 +142,8 @@ def test_another_tenants_corpora_are_404(rag_engine, client, alice, bob):
             else getattr(client, method)(path, **auth(bob))
         )
         assert resp.status_code == 404, (method, path, resp.content)
-    assert Corpus.objects.get().top_k == 5 and Document.objects.count() == 1
+    assert Corpus.objects.get().top_k == 5
+    assert Document.objects.count() == 1
 
 
 def test_it_needs_a_key(client):

@@ -39,14 +39,19 @@ def test_it_injects_numbered_sources_and_returns_them(store, rag_client, rag_fak
         model=CHAT, messages=QUESTION, extra_body={"rag": {"corpora": [store.id], "top_k": 1}}
     )
     (source,) = resp.model_extra["sources"]
-    assert source["id"] == 1 and source["document"] == "otters.txt"
-    assert source["text"] == OTTERS.decode() and source["document_id"].startswith("file-")
-    assert source["page"] is None and source["score"] > 0
+    assert source["id"] == 1
+    assert source["document"] == "otters.txt"
+    assert source["text"] == OTTERS.decode()
+    assert source["document_id"].startswith("file-")
+    assert source["page"] is None
+    assert source["score"] > 0
     (body,) = chat_bodies(rag_fake_engine)
     assert "rag" not in body
     system, user = body["messages"]
-    assert system["role"] == "system" and "[1] (otters.txt)" in system["content"]
-    assert "cite" in system["content"] and OTTERS.decode() in system["content"]
+    assert system["role"] == "system"
+    assert "[1] (otters.txt)" in system["content"]
+    assert "cite" in system["content"]
+    assert OTTERS.decode() in system["content"]
     assert user == QUESTION[0]
 
 
@@ -60,7 +65,8 @@ def test_a_stream_ends_with_one_sources_chunk(store, rag_client):
         )
     )
     with_sources = [c for c in chunks if (c.model_extra or {}).get("sources")]
-    assert with_sources == [chunks[-1]] and chunks[-1].choices == []
+    assert with_sources == [chunks[-1]]
+    assert chunks[-1].choices == []
     assert [s["id"] for s in chunks[-1].model_extra["sources"]] == [1, 2]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # the answer
 
@@ -85,7 +91,8 @@ def test_tenant_and_key_defaults_apply_and_rag_false_turns_them_off(
     )
     assert "sources" not in (off.model_extra or {})
     key_off = AutoRag.objects.create(tenant=alice.tenant, api_key=alice.api_key, enabled=False)
-    assert key_off.pk and "sources" not in (
+    assert key_off.pk
+    assert "sources" not in (
         rag_client.chat.completions.create(model=CHAT, messages=QUESTION).model_extra or {}
     )
 
@@ -113,7 +120,8 @@ def test_sources_are_stored_on_the_session_reply_not_in_its_history(
     )
     (body,) = chat_bodies(rag_fake_engine)
     systems = [m for m in body["messages"] if m["role"] == "system"]
-    assert len(systems) == 1 and "bees.txt" in systems[0]["content"]  # this turn's sources only
+    assert len(systems) == 1
+    assert "bees.txt" in systems[0]["content"]
 
 
 def test_another_tenants_corpus_is_a_404(store, rag_gateway, bob):
@@ -138,4 +146,5 @@ def test_it_refuses_a_malformed_rag_field(rag_engine, rag_gateway, alice, rag, p
         headers=alice.auth,
         json={"model": CHAT, "messages": QUESTION, "rag": rag},
     )
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == param

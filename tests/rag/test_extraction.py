@@ -43,7 +43,8 @@ def test_it_keeps_pdf_page_numbers():
         pdf_bytes(["The first page talks about otters.", "The second page is about beavers."]), PDF
     )
     assert [s.page for s in sections] == [1, 2]
-    assert "otters" in sections[0].text and "beavers" in sections[1].text
+    assert "otters" in sections[0].text
+    assert "beavers" in sections[1].text
 
 
 def test_it_fails_a_corrupt_pdf_with_the_parsers_message():
@@ -67,7 +68,8 @@ def test_it_refuses_a_docx_zip_bomb_without_inflating_it():
 def test_it_keeps_the_main_content_of_html_not_navigation():
     (section,) = extract(HTML_PAGE, HTML)
     assert "hold hands while they sleep" in section.text
-    assert "navigation menu" not in section.text and "Copyright footer" not in section.text
+    assert "navigation menu" not in section.text
+    assert "Copyright footer" not in section.text
 
 
 def test_it_reads_latin1_text():

@@ -41,7 +41,9 @@ def test_it_ingests_every_supported_type_to_ready(rag_engine, alice):
             "SELECT indexdef FROM pg_indexes WHERE indexname = %s", [f"rag_chunk_hnsw_{DIMS}"]
         )
         (indexdef,) = cursor.fetchone()
-    assert "hnsw" in indexdef and f"vector({DIMS})" in indexdef and f"dims = {DIMS}" in indexdef
+    assert "hnsw" in indexdef
+    assert f"vector({DIMS})" in indexdef
+    assert f"dims = {DIMS}" in indexdef
 
 
 def test_it_embeds_in_batches_through_the_engine(rag_engine, rag_fake_engine, alice, settings):
@@ -62,7 +64,8 @@ def test_it_does_not_duplicate_the_same_file(rag_engine, alice):
         corpus=corpus, filename="b.txt", data=b"same bytes about otters"
     )
     assert (second.pk, created) == (first.pk, False)
-    assert corpus.documents.count() == 1 and StoredFile.objects.count() == 1
+    assert corpus.documents.count() == 1
+    assert StoredFile.objects.count() == 1
 
 
 def test_a_corrupt_pdf_ends_failed_with_no_chunks(rag_engine, alice):
@@ -70,7 +73,9 @@ def test_a_corrupt_pdf_ends_failed_with_no_chunks(rag_engine, alice):
     doc = upload(corpus, "broken.pdf", b"%PDF-1.7\n" + b"\x00garbage" * 50)
     run_jobs()
     doc.refresh_from_db()
-    assert doc.status == "failed" and doc.error and doc.chunks.count() == 0
+    assert doc.status == "failed"
+    assert doc.error
+    assert doc.chunks.count() == 0
 
 
 def test_a_permanent_engine_error_fails_the_document(rag_engine, alice, settings):
@@ -80,7 +85,8 @@ def test_a_permanent_engine_error_fails_the_document(rag_engine, alice, settings
     doc = upload(corpus, "a.txt", b"text about otters")
     run_jobs()
     doc.refresh_from_db()
-    assert doc.status == "failed" and "not served by any engine" in doc.error
+    assert doc.status == "failed"
+    assert "not served by any engine" in doc.error
     assert Chunk.objects.count() == 0
 
 
@@ -95,7 +101,8 @@ def test_it_retries_transient_engine_errors_then_fails_clearly(
     doc = upload(corpus, "a.txt", b"text about otters")
     run_jobs()
     doc.refresh_from_db()
-    assert doc.status == "failed" and "unreachable" in doc.error
+    assert doc.status == "failed"
+    assert "unreachable" in doc.error
 
 
 def test_deleting_a_document_or_a_corpus_removes_its_chunks(rag_engine, alice):
@@ -107,7 +114,8 @@ def test_deleting_a_document_or_a_corpus_removes_its_chunks(rag_engine, alice):
     assert set(Chunk.objects.values_list("document_id", flat=True)) == {kept.pk}
     assert StoredFile.objects.count() == 1
     corpus_delete(corpus=corpus)
-    assert Chunk.objects.count() == 0 and Document.objects.count() == 0
+    assert Chunk.objects.count() == 0
+    assert Document.objects.count() == 0
 
 
 def test_it_refuses_oversized_files_and_full_corpora_writing_nothing(rag_engine, alice, settings):
@@ -119,7 +127,8 @@ def test_it_refuses_oversized_files_and_full_corpora_writing_nothing(rag_engine,
     upload(corpus, "a.txt", b"one")
     with pytest.raises(RagError, match="already has 1 documents"):
         upload(corpus, "b.txt", b"two")
-    assert StoredFile.objects.count() == 1 and corpus.documents.count() == 1
+    assert StoredFile.objects.count() == 1
+    assert corpus.documents.count() == 1
 
 
 def test_a_crashed_workers_job_runs_again(rag_engine, alice, settings):

@@ -35,7 +35,8 @@ def pages(corpus, doc):
 def test_every_page_needs_a_login(setup, client):
     for method, path in [("get", "/rag/"), *pages(*setup)]:
         resp = getattr(client, method)(path)
-        assert resp.status_code == 302 and resp["Location"].startswith("/rag/login/"), path
+        assert resp.status_code == 302, path
+        assert resp["Location"].startswith("/rag/login/"), path
 
 
 def test_another_tenants_user_gets_404_everywhere(setup, client):
@@ -48,7 +49,8 @@ def test_another_tenants_user_gets_404_everywhere(setup, client):
         client.post("/rag/corpora/new", {"tenant": corpus.tenant_id, "name": "x"}).status_code
         == 404
     )
-    assert Document.objects.count() == 1 and Corpus.objects.count() == 1
+    assert Document.objects.count() == 1
+    assert Corpus.objects.count() == 1
 
 
 def test_a_viewer_may_not_change_anything(setup, client):
@@ -71,11 +73,13 @@ def test_an_editor_creates_a_corpus_and_sees_form_errors(setup, client):
         "/rag/corpora/new",
         {"tenant": corpus.tenant_id, "name": "Manuals", "embedding_model": EMBED},
     )
-    assert resp.status_code == 302 and Corpus.objects.filter(name="Manuals").exists()
+    assert resp.status_code == 302
+    assert Corpus.objects.filter(name="Manuals").exists()
     bad = client.post(
         "/rag/corpora/new", {"tenant": corpus.tenant_id, "name": " ", "embedding_model": EMBED}
     )
-    assert bad.status_code == 400 and "non-empty" in bad.content.decode()
+    assert bad.status_code == 400
+    assert "non-empty" in bad.content.decode()
 
 
 def test_uploads_are_csrf_protected(setup):
@@ -87,4 +91,5 @@ def test_uploads_are_csrf_protected(setup):
     resp = strict.post(
         f"/rag/{corpus.public_id}/upload", {"file": SimpleUploadedFile("b.txt", b"beavers")}
     )
-    assert resp.status_code == 403 and Document.objects.count() == 1
+    assert resp.status_code == 403
+    assert Document.objects.count() == 1

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from apps.engines.client import close_engine_session
-from apps.rag.retrieval import CorpusRef, retrieve
+from apps.rag.retrieval import corpus_refs, retrieve
 from tests.rag.conftest import RERANK, corpus_for, run_jobs, upload
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -20,16 +20,19 @@ FACTS = {
 }
 
 
-@pytest.fixture(params=["pgvector", "numpy"])
-def store(request):
-    return request.param
+@pytest.fixture(params=["pgvector-exact", "pgvector-hnsw", "numpy"])
+def store(request, settings):
+    """pgvector searches small corpora exactly and large ones through the HNSW index."""
+    if request.param == "pgvector-hnsw":
+        settings.RAG_EXACT_SEARCH_MAX_CHUNKS = 0
+    return request.param.split("-")[0]
 
 
 def search(corpora, query, *, store, top_k=None, tenant="alice"):
     async def run():
         try:
             return await retrieve(
-                corpora=[CorpusRef.of(c) for c in corpora],
+                corpora=refs,
                 query=query,
                 top_k=top_k,
                 tenant=tenant,
@@ -40,6 +43,7 @@ def search(corpora, query, *, store, top_k=None, tenant="alice"):
 
     for c in corpora:
         c.refresh_from_db()
+    refs = corpus_refs(corpora)
     return asyncio.run(run())
 
 
@@ -55,8 +59,10 @@ def animals(rag_engine, alice):
 
 def test_it_finds_the_chunk_that_answers(animals, store):
     hits = search([animals], "why do otters hold hands when they sleep", store=store, top_k=2)
-    assert hits[0].document == "otters.txt" and hits[0].text == FACTS["otters.txt"]
-    assert hits[0].score > hits[1].score and hits[0].document_id.startswith("file-")
+    assert hits[0].document == "otters.txt"
+    assert hits[0].text == FACTS["otters.txt"]
+    assert hits[0].score > hits[1].score
+    assert hits[0].document_id.startswith("file-")
 
 
 def test_it_keeps_top_k_and_the_threshold(animals, store):
@@ -78,7 +84,8 @@ def test_it_reranks_with_the_corpus_rerank_model(animals, rag_fake_engine, store
     animals.rerank_model = RERANK
     animals.save()
     hits = search([animals], "bees dance flowers", store=store, top_k=2)
-    assert hits[0].document == "bees.txt" and hits[0].score == 1.0  # word overlap, 3 of 3
+    assert hits[0].document == "bees.txt"
+    assert hits[0].score == 1.0
     assert any(r["path"] == "/v1/rerank" for r in rag_fake_engine.requests())
 
 
@@ -87,7 +94,8 @@ def test_it_never_returns_chunks_of_other_corpora(animals, rag_engine, bob, stor
     upload(other, "otters.txt", b"Otters hold hands: Bob's secret copy.")
     run_jobs()
     hits = search([animals], "otters hold hands", store=store, top_k=10)
-    assert hits and {h.corpus_id for h in hits} == {animals.public_id}
+    assert hits
+    assert {h.corpus_id for h in hits} == {animals.public_id}
 
 
 def test_a_document_being_ingested_is_invisible(animals, store):

@@ -25,7 +25,8 @@ def named(name: str, data: bytes) -> tuple[str, io.BytesIO]:
 
 def test_it_creates_uploads_polls_and_searches_with_the_sdk(rag_engine, rag_client):
     store = rag_client.vector_stores.create(name="animals")
-    assert store.id.startswith("vs_") and store.status == "completed"
+    assert store.id.startswith("vs_")
+    assert store.status == "completed"
     corpus = Corpus.objects.get(public_id=store.id)
     # No RAG_EMBEDDING_MODEL: the first model (by name) whose engine answers /v1/embeddings.
     assert corpus.embedding_model == CHAT
@@ -40,10 +41,13 @@ def test_it_creates_uploads_polls_and_searches_with_the_sdk(rag_engine, rag_clie
         vector_store_id=store.id, query="why do otters hold hands?"
     )
     first = results.data[0]
-    assert first.filename == "otters.md" and first.file_id == done.id
-    assert "hold hands" in first.content[0].text and first.score > results.data[1].score
+    assert first.filename == "otters.md"
+    assert first.file_id == done.id
+    assert "hold hands" in first.content[0].text
+    assert first.score > results.data[1].score
     store = rag_client.vector_stores.retrieve(store.id)
-    assert store.file_counts.completed == 2 and store.usage_bytes == len(OTTERS) + len(BEES)
+    assert store.file_counts.completed == 2
+    assert store.usage_bytes == len(OTTERS) + len(BEES)
     listed = rag_client.vector_stores.files.list(vector_store_id=store.id)
     assert {f.id for f in listed.data} == {done.id, *(f.id for f in listed.data)}
     assert len(listed.data) == 2
@@ -56,12 +60,15 @@ def test_it_attaches_uploaded_files_and_reports_failures(rag_engine, rag_client)
     broken = rag_client.files.create(
         file=named("broken.pdf", b"%PDF-1.4\n" + b"\x00junk" * 40), purpose="assistants"
     )
-    assert good.object == "file" and good.bytes > 0 and good.filename == "report.pdf"
+    assert good.object == "file"
+    assert good.bytes > 0
+    assert good.filename == "report.pdf"
     store = rag_client.vector_stores.create(name="reports", file_ids=[good.id])
     failed = rag_client.vector_stores.files.create_and_poll(
         vector_store_id=store.id, file_id=broken.id, poll_interval_ms=100
     )
-    assert failed.status == "failed" and failed.last_error.code == "invalid_file"
+    assert failed.status == "failed"
+    assert failed.last_error.code == "invalid_file"
     assert failed.last_error.message
     ok = rag_client.vector_stores.files.poll(
         good.id, vector_store_id=store.id, poll_interval_ms=100
@@ -78,9 +85,11 @@ def test_it_deletes_files_stores_and_their_chunks(rag_engine, rag_client):
         vector_store_id=store.id, file=named("o.md", OTTERS), poll_interval_ms=100
     )
     deleted = rag_client.vector_stores.files.delete(file_id=f.id, vector_store_id=store.id)
-    assert deleted.deleted and Chunk.objects.count() == 0
+    assert deleted.deleted
+    assert Chunk.objects.count() == 0
     assert rag_client.files.retrieve(f.id).id == f.id  # the file outlives the store entry
-    assert rag_client.files.delete(f.id).deleted and not StoredFile.objects.exists()
+    assert rag_client.files.delete(f.id).deleted
+    assert not StoredFile.objects.exists()
     assert rag_client.vector_stores.delete(store.id).deleted
     with pytest.raises(openai.NotFoundError):
         rag_client.vector_stores.retrieve(store.id)
@@ -125,8 +134,10 @@ def test_it_refuses_bad_uploads_with_openai_errors(
         files={"file": (name, data)},
         data={"purpose": "assistants"},
     )
-    assert resp.status_code == status and message in resp.json()["error"]["message"]
-    assert resp.json()["error"]["param"] == "file" and not StoredFile.objects.exists()
+    assert resp.status_code == status
+    assert message in resp.json()["error"]["message"]
+    assert resp.json()["error"]["param"] == "file"
+    assert not StoredFile.objects.exists()
 
 
 def test_it_refuses_oversized_uploads_and_bad_purposes(rag_engine, rag_client):
@@ -136,7 +147,8 @@ def test_it_refuses_oversized_uploads_and_bad_purposes(rag_engine, rag_client):
         rag_client.files.create(
             file=named("big.txt", b"x" * (21 * 1024 * 1024)), purpose="assistants"
         )
-    assert info.value.status_code == 413 and not StoredFile.objects.exists()
+    assert info.value.status_code == 413
+    assert not StoredFile.objects.exists()
 
 
 def test_unknown_ids_are_404s(rag_engine, rag_client):
@@ -153,7 +165,8 @@ def test_another_tenant_sees_and_reaches_nothing(rag_engine, rag_client, rag_gat
         vector_store_id=store.id, file=named("o.md", OTTERS), poll_interval_ms=100
     )
     other = openai.OpenAI(base_url=rag_gateway.base_url, api_key=bob.raw_key, max_retries=0)
-    assert other.vector_stores.list().data == [] and other.files.list().data == []
+    assert other.vector_stores.list().data == []
+    assert other.files.list().data == []
     calls = [
         lambda: other.vector_stores.retrieve(store.id),
         lambda: other.vector_stores.search(vector_store_id=store.id, query="otters"),
@@ -175,4 +188,5 @@ def test_another_tenant_sees_and_reaches_nothing(rag_engine, rag_client, rag_gat
 
 def test_it_needs_a_key(rag_gateway):
     resp = httpx.get(f"{rag_gateway.base_url}/vector_stores")
-    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "invalid_api_key"
