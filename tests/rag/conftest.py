@@ -6,6 +6,7 @@ this process, as `manage.py rag_worker --once` would."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import psutil
@@ -113,3 +114,33 @@ def _idle_ingestion_worker(request):
         from tests.conftest import wait_until
 
         wait_until(lambda: queued_jobs() == 0, timeout=60, interval=0.1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _flush_retries_deadlocks():
+    """A serve process's ingestion worker polls the job tables while a transactional test's
+    flush empties them; PostgreSQL may then pick the flush as a deadlock victim. Try the
+    flush again (only this module's tests, only on a deadlock)."""
+    from django.test.testcases import TransactionTestCase
+
+    def deadlocked(exc: BaseException | None) -> bool:
+        while exc is not None:
+            if "deadlock detected" in str(exc):
+                return True
+            exc = exc.__cause__ or exc.__context__
+        return False
+
+    original = TransactionTestCase._fixture_teardown
+
+    def teardown(self):
+        for attempt in range(5):
+            try:
+                return original(self)
+            except Exception as exc:  # flush wraps the driver's error in CommandError
+                if not deadlocked(exc) or attempt == 4:
+                    raise
+                time.sleep(0.2)
+
+    TransactionTestCase._fixture_teardown = teardown
+    yield
+    TransactionTestCase._fixture_teardown = original
