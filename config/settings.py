@@ -355,6 +355,12 @@ LOGIN_REDIRECT_URL = "/rag/"
 # The numpy store re-checks a corpus's chunks at most this often (a new ready document
 # shows up at most this much later; removed chunks never show: rows are read from the table).
 RAG_NUMPY_REFRESH_SECONDS = env_float("RAG_NUMPY_REFRESH_SECONDS", 1.0)
+# Corpora of at most this many chunks are searched exactly (every vector compared), not
+# through the HNSW index: faster for them, and exact.
+RAG_EXACT_SEARCH_MAX_CHUNKS = env_int("RAG_EXACT_SEARCH_MAX_CHUNKS", 5000)
+# Full-text candidates are ranked among at most this many matching chunks.
+RAG_TEXT_MATCH_CAP = env_int("RAG_TEXT_MATCH_CAP", 1000)
+
 # Sandboxed tools (apps/tools, README "Sandboxed tools"): `subprocess` (bubblewrap; the
 # default) or `docker`. Without bwrap the subprocess backend refuses to run unless the
 # weaker rlimits-only mode (no namespaces) is allowed explicitly.

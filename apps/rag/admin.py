@@ -7,20 +7,17 @@ from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
+from apps.core.admin import ReadOnlyAdminMixin
 from apps.rag.models import AutoRag, Corpus, Document, StoredFile
 from apps.rag.services import document_enqueue
 
 
-class DocumentInline(admin.TabularInline):
+class DocumentInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = Document
     fields = ["name", "status", "progress_percent", "chunk_count", "error", "created_at"]
     readonly_fields = fields
     extra = 0
     show_change_link = True
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="progress")
     def progress_percent(self, obj: Document) -> str:

@@ -165,7 +165,7 @@ class Chunk(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.document_id} #{self.position}"
+        return f"{self.document_id}#{self.position}"
 
 
 class AutoRag(models.Model):
@@ -192,5 +192,5 @@ class AutoRag(models.Model):
         ]
 
     def __str__(self) -> str:
-        scope = self.api_key.name if self.api_key_id else "every key"
-        return f"{self.tenant.slug} / {scope}"
+        scope = f"key {self.api_key.name}" if self.api_key_id else "tenant"
+        return f"{self.tenant.slug} ({scope})"

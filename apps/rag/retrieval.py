@@ -23,9 +23,10 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async as sync_to_async
 from django.conf import settings
 from django.db import connection
+from django.db.models import Sum
 
 from apps.rag import engine
-from apps.rag.models import Corpus
+from apps.rag.models import Corpus, Document
 from apps.rag.stores import _vector_literal, vector_store
 
 RRF_K = 60
@@ -67,9 +68,10 @@ class CorpusRef:
     rerank_model: str
     hybrid_weight: float
     score_threshold: float
+    chunks: int = 0  # in its ready documents
 
     @classmethod
-    def of(cls, corpus: Corpus) -> CorpusRef:
+    def of(cls, corpus: Corpus, *, chunks: int = 0) -> CorpusRef:
         return cls(
             corpus.pk,
             corpus.public_id,
@@ -79,7 +81,20 @@ class CorpusRef:
             corpus.rerank_model,
             corpus.hybrid_weight,
             corpus.score_threshold,
+            chunks,
         )
+
+
+def corpus_refs(corpora: list[Corpus]) -> list[CorpusRef]:
+    """The corpora with their chunk counts (summed over their ready documents: one small
+    aggregate, never a count of the chunks themselves)."""
+    counts = dict(
+        Document.objects.filter(corpus__in=corpora, status=Document.Status.READY)
+        .values("corpus_id")
+        .annotate(n=Sum("chunk_count"))
+        .values_list("corpus_id", "n")
+    )
+    return [CorpusRef.of(c, chunks=counts.get(c.pk) or 0) for c in corpora]
 
 
 async def retrieve(
@@ -155,9 +170,13 @@ def candidates(
     by_space: dict[tuple[str, int], list[int]] = defaultdict(list)
     for c in corpora:
         by_space[(c.embedding_model, c.dims)].append(c.pk)
+    chunks = {c.pk: c.chunks for c in corpora}
     for (model, dims), ids in by_space.items():
+        # Small corpora are searched exactly: a filtered HNSW walk over a large index
+        # visits many other corpora's vectors before it finds this one's.
+        exact = sum(chunks[i] for i in ids) <= settings.RAG_EXACT_SEARCH_MAX_CHUNKS
         nearest = vector_store(store).nearest(
-            corpus_ids=ids, dims=dims, query=vectors[model], limit=pool
+            corpus_ids=ids, dims=dims, query=vectors[model], limit=pool, exact=exact
         )
         for rank, (chunk_id, corpus_id, _) in enumerate(nearest, 1):
             fused[chunk_id] += weights[corpus_id] / (RRF_K + rank)
@@ -179,12 +198,16 @@ def _text_matches(corpus_ids: list[int], query: str, limit: int) -> list[tuple[i
     if not words:
         return []
     tsquery = " | ".join(f"'{w}'" for w in words)
+    # Ranked among at most RAG_TEXT_MATCH_CAP matching rows: ranking is per row and a
+    # common word matches a large share of a big corpus (no index orders by rank).
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT c.id, c.corpus_id FROM rag_chunk c, to_tsquery('english', %s) q "
-            "WHERE c.corpus_id = ANY(%s) AND c.search_vector @@ q "
-            "ORDER BY ts_rank_cd(c.search_vector, q) DESC, c.id LIMIT %s",
-            [tsquery, corpus_ids, limit],
+            "WITH q AS (SELECT to_tsquery('english', %s) AS q) "
+            "SELECT m.id, m.corpus_id FROM q, LATERAL ("
+            "  SELECT c.id, c.corpus_id, c.search_vector FROM rag_chunk c "
+            "  WHERE c.corpus_id = ANY(%s) AND c.search_vector @@ q.q LIMIT %s) m "
+            "ORDER BY ts_rank_cd(m.search_vector, q.q) DESC, m.id LIMIT %s",
+            [tsquery, corpus_ids, settings.RAG_TEXT_MATCH_CAP, limit],
         )
         return cursor.fetchall()
 
@@ -234,9 +257,10 @@ def search_now(*, corpora: list[Corpus], query: str, top_k: int | None, tenant: 
     """retrieve() from synchronous code (the tenant API, the page), with a client of its
     own: the worker's shared one belongs to its event loop."""
 
+    refs = corpus_refs(corpora)
+
     async def run() -> list[Hit]:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
-            refs = [CorpusRef.of(c) for c in corpora]
             return await retrieve(
                 corpora=refs, query=query, top_k=top_k, tenant=tenant, client=client
             )

@@ -23,7 +23,7 @@ from apps.core.errors import ApiError, invalid_request
 from apps.engines.tokens import heuristic_tokens, message_text
 from apps.rag.engine import EngineError
 from apps.rag.models import Corpus
-from apps.rag.retrieval import CorpusRef, Hit, retrieve
+from apps.rag.retrieval import CorpusRef, Hit, corpus_refs, retrieve
 
 CITE_INSTRUCTION = (
     "Answer using the numbered sources below when they are relevant, and cite each one you "
@@ -97,7 +97,7 @@ def _corpora_now(tenant_id: int, wanted: RagRequest) -> list[CorpusRef]:
             code="not_found",
             param="rag.corpora",
         )
-    return [CorpusRef.of(found[c]) for c in wanted.corpus_ids if c in found]
+    return corpus_refs([found[c] for c in wanted.corpus_ids if c in found])
 
 
 _corpora = database_sync_to_async(_corpora_now, thread_sensitive=False)

@@ -29,8 +29,16 @@ EF_SEARCH = 100
 
 
 class VectorStore(Protocol):
+    """`exact`: a hint that the corpora are small enough to compare with every vector."""
+
     def nearest(
-        self, *, corpus_ids: list[int], dims: int, query: list[float], limit: int
+        self,
+        *,
+        corpus_ids: list[int],
+        dims: int,
+        query: list[float],
+        limit: int,
+        exact: bool = False,
     ) -> Nearest: ...
 
 
@@ -40,13 +48,22 @@ def _vector_literal(values: list[float] | np.ndarray) -> str:
 
 class PgVectorStore:
     def nearest(
-        self, *, corpus_ids: list[int], dims: int, query: list[float], limit: int
+        self,
+        *,
+        corpus_ids: list[int],
+        dims: int,
+        query: list[float],
+        limit: int,
+        exact: bool = False,
     ) -> Nearest:
         n = int(dims)
+        # Ordering by the uncast column is not the index's expression: an exact scan of the
+        # corpus's rows (found by the corpus_id index) instead of the HNSW walk.
+        order = "embedding" if exact else f"embedding::vector({n})"
         sql = (
             f"SELECT id, corpus_id, 1 - (embedding::vector({n}) <=> %s::vector({n})) FROM rag_chunk "
             f"WHERE dims = {n} AND corpus_id = ANY(%s) "
-            f"ORDER BY embedding::vector({n}) <=> %s::vector({n}) LIMIT %s"
+            f"ORDER BY {order} <=> %s::vector({n}) LIMIT %s"
         )
         literal = _vector_literal(query)
         with connection.cursor() as cursor:
@@ -87,7 +104,13 @@ class NumpyStore:
         self._lock = threading.Lock()
 
     def nearest(
-        self, *, corpus_ids: list[int], dims: int, query: list[float], limit: int
+        self,
+        *,
+        corpus_ids: list[int],
+        dims: int,
+        query: list[float],
+        limit: int,
+        exact: bool = False,
     ) -> Nearest:
         q = np.asarray(query, dtype=np.float32)
         q /= np.linalg.norm(q) or 1.0

@@ -6,6 +6,7 @@ this process, as `manage.py rag_worker --once` would."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import psutil
@@ -65,9 +66,10 @@ def _fresh_registry(settings):
     settings.REGISTRY_CACHE_SECONDS = 0
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def rag_gateway(django_db_setup, django_db_blocker, tmp_path_factory):
-    """A real `manage.py serve` with one ingestion worker beside it (RAG_SERVE_WORKERS=1)."""
+    """A real `manage.py serve` with one ingestion worker beside it (RAG_SERVE_WORKERS=1),
+    per module: its worker must not take the jobs of in-process tests in other modules."""
     from django.db import connection
 
     from tests.conftest import start_gateway
@@ -90,3 +92,55 @@ def rag_client(rag_gateway, alice):
     import openai
 
     return openai.OpenAI(base_url=rag_gateway.base_url, api_key=alice.raw_key, max_retries=0)
+
+
+def queued_jobs() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing') "
+            "AND task_name = 'rag.ingest_document'"
+        )
+        return cursor.fetchone()[0]
+
+
+@pytest.fixture(autouse=True)
+def _idle_ingestion_worker(request):
+    """After a test with a serve process, let its worker finish what the test queued
+    before the test's tables are emptied (the flush and a running job would deadlock)."""
+    yield
+    if "rag_gateway" in request.fixturenames:
+        from tests.conftest import wait_until
+
+        wait_until(lambda: queued_jobs() == 0, timeout=60, interval=0.1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _flush_retries_deadlocks():
+    """A serve process's ingestion worker polls the job tables while a transactional test's
+    flush empties them; PostgreSQL may then pick the flush as a deadlock victim. Try the
+    flush again (only this module's tests, only on a deadlock)."""
+    from django.test.testcases import TransactionTestCase
+
+    def deadlocked(exc: BaseException | None) -> bool:
+        while exc is not None:
+            if "deadlock detected" in str(exc):
+                return True
+            exc = exc.__cause__ or exc.__context__
+        return False
+
+    original = TransactionTestCase._fixture_teardown
+
+    def teardown(self):
+        for attempt in range(5):
+            try:
+                return original(self)
+            except Exception as exc:  # flush wraps the driver's error in CommandError
+                if not deadlocked(exc) or attempt == 4:
+                    raise
+                time.sleep(0.2)
+
+    TransactionTestCase._fixture_teardown = teardown
+    yield
+    TransactionTestCase._fixture_teardown = original

@@ -92,7 +92,7 @@ def test_an_editor_uploads_watches_searches_and_deletes(
     )
     for name in ("otters.md", "herons.pdf"):
         row = page.locator("#documents tr", has_text=name)
-        row.locator("td.status", has_text="ready").wait_for(timeout=30_000)
+        row.locator("td.status", has_text="ready").wait_for(timeout=90_000)
         assert row.locator("progress").get_attribute("value") == "100"
     assert page.locator("#uploads li", has_text="uploaded").count() == 2
 

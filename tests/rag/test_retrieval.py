@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from apps.engines.client import close_engine_session
-from apps.rag.retrieval import CorpusRef, retrieve
+from apps.rag.retrieval import corpus_refs, retrieve
 from tests.rag.conftest import RERANK, corpus_for, run_jobs, upload
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -20,16 +20,19 @@ FACTS = {
 }
 
 
-@pytest.fixture(params=["pgvector", "numpy"])
-def store(request):
-    return request.param
+@pytest.fixture(params=["pgvector-exact", "pgvector-hnsw", "numpy"])
+def store(request, settings):
+    """pgvector searches small corpora exactly and large ones through the HNSW index."""
+    if request.param == "pgvector-hnsw":
+        settings.RAG_EXACT_SEARCH_MAX_CHUNKS = 0
+    return request.param.split("-")[0]
 
 
 def search(corpora, query, *, store, top_k=None, tenant="alice"):
     async def run():
         try:
             return await retrieve(
-                corpora=[CorpusRef.of(c) for c in corpora],
+                corpora=refs,
                 query=query,
                 top_k=top_k,
                 tenant=tenant,
@@ -40,6 +43,7 @@ def search(corpora, query, *, store, top_k=None, tenant="alice"):
 
     for c in corpora:
         c.refresh_from_db()
+    refs = corpus_refs(corpora)
     return asyncio.run(run())
 
 
