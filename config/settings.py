@@ -93,6 +93,7 @@ INSTALLED_APPS = [
     "apps.proxy",
     "apps.sessions",
     "apps.quotas",
+    "apps.safety",
 ]
 
 MIDDLEWARE = [
@@ -264,3 +265,18 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": None,
 }
+
+# --- Safety (apps/safety) -----------------------------------------------------------
+# Rule changes (admin, commands) reach every gateway process within this many seconds.
+SAFETY_RULES_CACHE_SECONDS = env_float("SAFETY_RULES_CACHE_SECONDS", 5.0)
+# Characters of a streamed answer held back so a regex match split across chunks is
+# caught before any of it is sent; matches longer than this may be cut late (README).
+SAFETY_STREAM_HOLDBACK_CHARS = env_int("SAFETY_STREAM_HOLDBACK_CHARS", 64)
+# A stream under classifier (model) rules is classified every this many tokens.
+SAFETY_STREAM_MODEL_EVERY_TOKENS = env_int("SAFETY_STREAM_MODEL_EVERY_TOKENS", 32)
+# How long a classifier may take before its rule's fail_open decides.
+SAFETY_CLASSIFIER_TIMEOUT_SECONDS = env_float("SAFETY_CLASSIFIER_TIMEOUT_SECONDS", 10.0)
+# Check the tool_calls a model returns to the client with the tenant's tool-stage rules.
+SAFETY_CHECK_TOOL_CALLS = env_bool("SAFETY_CHECK_TOOL_CALLS", False)
+# Safety events are written in batches, at most this many seconds after they happen.
+SAFETY_EVENT_FLUSH_SECONDS = env_float("SAFETY_EVENT_FLUSH_SECONDS", 0.5)

@@ -93,6 +93,8 @@ def start_gateway(
         "AUTH_CACHE_SECONDS": "0",
         "REGISTRY_CACHE_SECONDS": "0",
         "REQUEST_LOG_FLUSH_SECONDS": "0.05",
+        "SAFETY_RULES_CACHE_SECONDS": "0",
+        "SAFETY_EVENT_FLUSH_SECONDS": "0.05",
         "ADMIN_PASSWORD": "admin-test-password",
         # Engine managers of gateway processes would take over the replicas that the
         # in-process managers of tests/engines own; tests of managed engines turn it on.

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import select
 import signal
 import subprocess
@@ -78,6 +79,9 @@ class Knobs:
     cached: int = 0
     # Report usage but no llama.cpp `timings` (as vLLM and other OpenAI servers do).
     no_timings: bool = False
+    # Reply with exactly these pieces, one chunk each (split at chosen places); a header
+    # carries them as a JSON array. Overrides `reply` and `chunks`.
+    pieces: tuple[str, ...] | None = None
 
 
 KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
@@ -91,6 +95,9 @@ KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
     "reply": _parse_str,
     "cached": int,
     "no_timings": _parse_bool,
+    "pieces": lambda value: tuple(
+        str(piece) for piece in (orjson.loads(value) if isinstance(value, str) else value)
+    ),
 }
 # Header lookups are precomputed: header parsing runs on every request of a benchmark.
 KNOB_HEADERS: tuple[tuple[str, str], ...] = tuple(
@@ -335,6 +342,8 @@ class Completion:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def piece(self, i: int) -> str:
+        if self.knobs.pieces is not None:
+            return self.knobs.pieces[i]
         reply = self.knobs.reply
         if reply is None:
             return f"w{i} "
@@ -390,6 +399,24 @@ class Completion:
         if self.include_usage:
             tail += self.usage_chunk()
         return tail + SSE_DONE
+
+
+# --- a Llama Guard style classifier ----------------------------------------------------
+
+GUARD_MARK = re.compile(r"fake-unsafe:(S\d{1,2})")
+
+
+def guard_verdict(body: dict[str, Any], knobs: Knobs) -> Knobs:
+    """A model whose name contains `guard` answers like Llama Guard: `unsafe\nS2` when the
+    conversation it is shown contains `fake-unsafe:S2` (any code), else `safe`."""
+    if "guard" not in str(body.get("model") or "") or knobs.reply is not None:
+        return knobs
+    text = " ".join(
+        message_text(m.get("content")) for m in body.get("messages") or () if isinstance(m, dict)
+    ) + str(body.get("prompt") or "")
+    found = GUARD_MARK.search(text)
+    reply = f"unsafe\n{found.group(1)}" if found else "safe"
+    return dataclasses.replace(knobs, reply=reply, chunks=1, pieces=None)
 
 
 # --- the app ---------------------------------------------------------------------------
@@ -475,6 +502,9 @@ class FakeEngine:
             stream_options.get("include_usage")
         )
         knobs: Knobs = request["fake_knobs"]
+        if knobs.pieces is not None:
+            knobs = dataclasses.replace(knobs, chunks=len(knobs.pieces))
+        knobs = guard_verdict(body, knobs)
         completion = Completion(
             chat=chat,
             id=f"{'chatcmpl' if chat else 'cmpl'}-fake-{next(self._ids)}",

@@ -8,7 +8,8 @@ happened, the request is settled: the quota charged what was really used, the re
 logged.
 
     chat completions:  authenticate → admit → validate → resolve model → tool-call parsing
-                       → session → size/choose variant → adapt for the engine → quota
+                       → session → safety (prompt rules; response/tool hooks)
+                       → size/choose variant → adapt for the engine → quota
                        → streaming → [schedule → engine call → response filters → respond]
                        → settle (quota, request log)
 
@@ -47,6 +48,7 @@ from apps.proxy.engine_call import (
 from apps.proxy.responder import Responder
 from apps.quotas.stage import quota_reserve, quota_settle
 from apps.request_logs.writer import log_row, request_log_writer
+from apps.safety.stage import safety_prompt
 from apps.sessions.stage import session_open
 from apps.tenants.stage import admit, authenticate
 
@@ -94,6 +96,7 @@ CHAT_COMPLETIONS = Pipeline(
         resolve_model,
         tool_call_parsing,
         session_open,
+        safety_prompt,
         choose_variant_by_size,
         adapt_for_engine,
         quota_reserve,
@@ -109,6 +112,7 @@ COMPLETIONS = Pipeline(
         admit,
         validated(validation.validate_completion),
         resolve_model,
+        safety_prompt,
         choose_variant_by_size,
         adapt_for_engine,
         quota_reserve,
