@@ -11,6 +11,7 @@ from apps.engines.client import close_engine_session
 from apps.engines.manager import engine_manager
 from apps.quotas.stage import quota_stage_drain
 from apps.request_logs.writer import request_log_writer
+from apps.safety.events import event_writer as safety_event_writer
 from apps.sessions.stage import session_store_close
 
 
@@ -34,6 +35,7 @@ class LifespanApp:
                 await quota_stage_drain()
                 await session_store_close()
                 await request_log_writer.flush()
+                await safety_event_writer.flush()
                 await close_engine_session()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -48,7 +48,7 @@ from apps.proxy.engine_call import (
 from apps.proxy.responder import Responder
 from apps.quotas.stage import quota_reserve, quota_settle
 from apps.request_logs.writer import log_row, request_log_writer
-from apps.safety.stage import safety_prompt
+from apps.safety.stage import safety_action, safety_prompt
 from apps.sessions.stage import session_open
 from apps.tenants.stage import admit, authenticate
 
@@ -189,4 +189,5 @@ def request_log_row(ctx: RequestContext) -> tuple:
         client_disconnected=ctx.client_disconnected,
         ttft_ms=ttft,
         latency_ms=(time.perf_counter() - ctx.started) * 1000,
+        safety_action=safety_action(ctx),
     )

@@ -31,6 +31,12 @@ class RequestLog(models.Model):
     client_disconnected = models.BooleanField(default=False)
     ttft_ms = models.FloatField(null=True, blank=True, help_text="Time to first token (ms).")
     latency_ms = models.FloatField(help_text="Total time in the gateway (ms).")
+    safety_action = models.CharField(
+        max_length=10,
+        blank=True,
+        default="",
+        help_text="The strongest safety action on this request (block, redact, flag).",
+    )
 
     class Meta:
         db_table = "proxy_requestlog"  # created by the proxy app, which owned it first

@@ -41,6 +41,7 @@ LOG_COLUMNS = (
     "latency_ms",
     "client_disconnected",
     "usage_estimated",
+    "safety_action",
 )
 _API_KEY_INDEX = LOG_COLUMNS.index("api_key_id")
 

@@ -69,3 +69,27 @@ def _one_line(exc: ValidationError) -> str:
             for field, messages in exc.message_dict.items()
         )
     return " ".join(exc.messages)
+
+
+def rule_try(*, rule: SafetyRule, text: str) -> str:
+    """What the (validated, maybe unsaved) rule would do to `text`, in one line."""
+    from apps.safety.checks import excerpt, redact_all
+    from apps.safety.rules import _rule
+
+    built = _rule(rule)
+    if built is None:
+        return "The pattern does not compile."
+    if built.kind == Kind.MODEL:
+        from apps.safety.classifier import try_classifier
+
+        return try_classifier(rule=built, text=text)
+    assert built.regex is not None
+    found = built.regex.search(text)
+    if found is None:
+        return "No match: the text would pass unchanged."
+    matched = excerpt(text, *found.span())
+    if rule.action == "block":
+        return f"Blocked: matches “{found.group(0)[:100]}” (in “{matched}”)."
+    if rule.action == "redact":
+        return f"Redacted to: “{redact_all(built, text)[:300]}”."
+    return f"Passes, flagged: matches “{found.group(0)[:100]}”."

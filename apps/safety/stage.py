@@ -60,6 +60,17 @@ def state_of(ctx: RequestContext) -> SafetyState | None:
     return ctx.extras.get(EXTRAS_KEY)
 
 
+_STRENGTH = {Action.FLAG: 1, Action.REDACT: 2, Action.BLOCK: 3}
+
+
+def safety_action(ctx: RequestContext) -> str:
+    """The strongest action safety took on this request, for its request log ("" if none)."""
+    state = ctx.extras.get(EXTRAS_KEY)
+    if state is None or not state.actions:
+        return ""
+    return max(state.actions, key=lambda action: _STRENGTH.get(action, 0))
+
+
 async def safety_prompt(ctx: RequestContext) -> None:
     assert ctx.principal is not None
     snapshot = await rule_cache.get()

@@ -11,7 +11,7 @@ from django.core.management import call_command
 
 from apps.safety.models import SafetyEvent
 from apps.sessions.models import Message
-from tests.conftest import FAKE_MODEL, wait_until
+from tests.conftest import FAKE_MODEL, request_logs, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -202,3 +202,17 @@ def test_it_records_events_of_what_it_did(engine, openai_client, alice):
         "prompt",
     )
     assert "bomb" in event.excerpt
+
+
+def test_it_notes_the_safety_action_in_the_request_log(engine, openai_client, alice):
+    call_command(
+        "add_safety_rule", "pii", "--stage", "prompt", "--preset", "emails", "--action", "redact"
+    )
+    add_rule("no-bombs", "prompt", r"bomb")
+    chat(openai_client, "write to a@b.org")
+    with pytest.raises(openai.BadRequestError):
+        chat(openai_client, "a bomb")
+    chat(openai_client, "nothing to see")
+    logs = wait_until(lambda: len(request_logs()) == 3 and request_logs())
+    assert [log.safety_action for log in logs] == ["redact", "block", ""]
+    assert logs[1].error_code == "content_filter"
