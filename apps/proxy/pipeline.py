@@ -48,7 +48,7 @@ from apps.proxy.engine_call import (
 from apps.proxy.responder import Responder
 from apps.quotas.stage import quota_reserve, quota_settle
 from apps.request_logs.writer import log_row, request_log_writer
-from apps.safety.stage import safety_action, safety_prompt
+from apps.safety.stage import safety_action, safety_prompt, whole_precheck
 from apps.sessions.stage import session_open
 from apps.tenants.stage import admit, authenticate
 
@@ -153,6 +153,7 @@ async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> Non
                 await ctx.finish()
                 await responder.end_stream()
                 return
+            await whole_precheck(ctx, resp)  # classifier rules (async) before the filters
             whole = await whole_answer(ctx, resp)
             # Stored before the headers go out: if storing fails, the client gets a clean 500.
             await ctx.finish()

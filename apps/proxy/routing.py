@@ -9,6 +9,7 @@ from apps.proxy.consumers import (
     NotFoundConsumer,
 )
 from apps.proxy.health import HealthConsumer
+from apps.proxy.moderations import ModerationsConsumer
 from apps.proxy.rerank import RerankConsumer
 
 http_routes = [
@@ -16,6 +17,7 @@ http_routes = [
     path("v1/completions", CompletionsConsumer.as_asgi()),
     path("v1/embeddings", EmbeddingsConsumer.as_asgi()),
     path("v1/rerank", RerankConsumer.as_asgi()),
+    path("v1/moderations", ModerationsConsumer.as_asgi()),
     path("v1/models", ModelsConsumer.as_asgi()),
     re_path(r"^v1/models/(?P<model_id>.+)$", ModelDetailConsumer.as_asgi()),
     path("health", HealthConsumer.as_asgi()),

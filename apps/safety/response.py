@@ -187,6 +187,8 @@ class StreamWindow:
         if not window.pending:
             return ""
         hold_from = self._check(window, final=final)
+        if not final and self.classifier is not None and self.classifier.must_hold():
+            return ""  # a classifier verdict is overdue: wait for it (bounds what slips)
         cut = len(window.pending) if final else len(window.pending) - self.holdback
         cut = min(cut, hold_from)
         if cut <= 0:

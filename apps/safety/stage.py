@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from django.conf import settings
 
 from apps.core.context import RequestContext
@@ -34,6 +35,8 @@ class SafetyState:
     snapshot: Snapshot
     scope: EventScope
     actions: list[str] = field(default_factory=list)  # for the request log
+    # A whole answer's classifier findings per choice index (whole_precheck).
+    whole_verdicts: dict[int, list[Finding]] = field(default_factory=dict)
 
     def rules(self, stage: str, ctx: RequestContext) -> StageRules:
         assert ctx.principal is not None
@@ -173,6 +176,36 @@ async def prompt_check(ctx: RequestContext, state: SafetyState, rules: StageRule
             rules.model, conversation=conversation_of(ctx.payload), tool_command=None
         )
         settle_model_findings(state, Stage.PROMPT, findings, param=prompt_param(ctx))
+
+
+async def whole_precheck(ctx: RequestContext, resp: Any) -> None:
+    """Before a whole answer goes through the (synchronous) response filters: classify
+    each choice with the response-stage model rules, for the filter to act on. `resp`
+    is the engine's response (its body is read once and kept by aiohttp)."""
+    state = state_of(ctx)
+    if state is None or ctx.stream or resp.status >= 400:
+        return
+    rules = state.rules(Stage.RESPONSE, ctx)
+    if not rules.model:
+        return
+    from apps.safety.classifier import classify_rules, conversation_of
+
+    try:
+        body = orjson.loads(await resp.read())
+        choices = [c for c in body["choices"] if isinstance(c, dict)]
+    except (ValueError, KeyError, TypeError):
+        return  # not an answer: the response filters report it
+    conversation = conversation_of(ctx.payload)
+    for choice in choices:
+        message = choice.get("message") or {}
+        text = message.get("content") if isinstance(message, dict) else choice.get("text")
+        if not isinstance(text, str) or not text:
+            continue
+        turns = [*conversation, ("Agent", text)]
+        findings = await classify_rules(rules.model, conversation=turns, tool_command=None)
+        for finding in findings:
+            state.record(Stage.RESPONSE, finding)
+        state.whole_verdicts[choice.get("index", 0)] = findings
 
 
 def prompt_regex(
