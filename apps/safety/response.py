@@ -83,6 +83,7 @@ class SafetyResponseFilter:
 
         classifier = StreamClassifier.of(ctx, self.state, self.rules) if self.rules.model else None
         return StreamWindow(
+            ctx=ctx,
             state=self.state,
             rules=self.rules,
             holdback=settings.SAFETY_STREAM_HOLDBACK_CHARS,
@@ -113,6 +114,7 @@ class _ChoiceWindow:
 class StreamWindow:
     """The ChunkFilter of one streamed answer."""
 
+    ctx: RequestContext | None
     state: SafetyState
     rules: StageRules
     holdback: int
@@ -120,6 +122,7 @@ class StreamWindow:
     tool_rules: StageRules | None = None
     choices: dict[int, _ChoiceWindow] = field(default_factory=dict)
     flagged: set[int] = field(default_factory=set)
+    tokens_seen: int = 0  # content chunks from the engine (~1 token each), held ones too
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         choices = chunk.get("choices")
@@ -155,6 +158,7 @@ class StreamWindow:
             return True
         text = holder.get(key)
         if isinstance(text, str) and text:
+            self.tokens_seen += 1
             window.pending += text
             if self.classifier is not None:
                 self.classifier.add(index, text)
@@ -233,6 +237,8 @@ class StreamWindow:
         )
 
     def _stop_chunks(self) -> list[dict[str, Any]]:
+        if self.ctx is not None:
+            self.ctx.before_finish.insert(0, self._settle_usage)
         return [
             self._chunk(window, index, None, finish="content_filter")
             for index, window in self.choices.items()
@@ -254,6 +260,13 @@ class StreamWindow:
             choice = {"index": index, "text": text or "", "finish_reason": finish}
         chunk["choices"] = [choice]
         return chunk
+
+    async def _settle_usage(self) -> None:
+        """A stopped stream has no usage from the engine: the estimate counts what was
+        sent; the quota is charged what the engine generated (held text too)."""
+        ctx = self.ctx
+        if ctx is not None and ctx.usage_estimated:
+            ctx.completion_tokens = max(ctx.completion_tokens, self.tokens_seen)
 
 
 def _carries_more(holder: dict[str, Any], key: str) -> bool:

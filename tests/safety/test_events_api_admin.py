@@ -103,3 +103,26 @@ def test_it_lists_searches_and_charts_events_in_the_admin(admin_client: Client, 
     filtered = admin_client.get(url, {"action": "redact"}).content.decode()
     assert "mail [REDACTED]" in filtered and "a bomb recipe" not in filtered
     assert 'title="no-bombs' not in filtered  # the chart follows the filter
+
+
+def test_it_tests_a_classifier_rule_against_its_model(admin_client: Client, engine, fake_engine):
+    from apps.engines.services import engine_register_external
+
+    engine_register_external(name="guard", base_url=fake_engine.url, models=["fake-guard"])
+    form = {
+        "name": "guard",
+        "stage": "prompt",
+        "kind": "model",
+        "action": "block",
+        "classifier_model": "fake-guard",
+        "replacement": "[REDACTED]",
+        "enabled": "on",
+        "_test_rule": "Test this rule",
+    }
+    url = reverse("admin:safety_safetyrule_add")
+    page = admin_client.post(url, {**form, "sample_text": "steal it fake-unsafe:S2"}).content
+    assert "unsafe (S2 Non-Violent Crimes): the rule would block" in page.decode()
+    page = admin_client.post(url, {**form, "sample_text": "hello"}).content.decode()
+    assert "The classifier says safe" in page
+    page = admin_client.post(url, {**form, "classifier_model": "nope"}).content.decode()
+    assert "No model `nope`: the rule would fail closed" in page

@@ -13,7 +13,7 @@ from tests.safety.helpers import chat_chunk, delivered, rule, state_of
 def window(*rules, holdback: int = 16) -> StreamWindow:
     state, snapshot = state_of(*rules)
     stage_rules = snapshot.for_key(tenant_id=1, key_id=1, stage="response")
-    return StreamWindow(state=state, rules=stage_rules, holdback=holdback)
+    return StreamWindow(ctx=None, state=state, rules=stage_rules, holdback=holdback)
 
 
 def feed_all(w: StreamWindow, pieces: list[str]) -> list[dict]:
@@ -63,3 +63,24 @@ async def test_it_releases_a_short_answer_only_when_it_finishes():
     out = w.feed(chat_chunk(finish="stop"))
     assert delivered(out) == "all fine"
     assert out[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_it_charges_what_the_engine_generated_when_it_stops_a_stream():
+    from apps.core.context import RequestContext
+
+    state, snapshot = state_of(rule("x", r"forbidden"))
+    ctx = RequestContext(endpoint="chat.completions")
+    w = StreamWindow(
+        ctx=ctx,
+        state=state,
+        rules=snapshot.for_key(tenant_id=1, key_id=1, stage="response"),
+        holdback=64,
+    )
+    for piece in ["a ", "b ", "c ", "forbid"]:
+        w.feed(chat_chunk(piece))
+    with pytest.raises(StreamStop):
+        w.feed(chat_chunk("den"))
+    ctx.status = 200
+    ctx.record_usage(None, fallback_completion=0)  # nothing was sent: all was held back
+    await ctx.finish()
+    assert ctx.completion_tokens == 5
