@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench import safety as bench_safety  # noqa: E402
 from tests.fake_engine import FakeEngineProcess  # noqa: E402  (needs the repo on sys.path)
 
 BENCH_DIR = REPO / "bench"
@@ -763,6 +764,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"the full pipeline: --limits and --sessions {FULL_SESSIONS_PER_THREAD} "
         f"({FULL_SESSIONS_PER_THREAD * THREADS} sessions whose histories grow over each run)",
     )
+    parser.add_argument(
+        "--safety-rules",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the gateway with N regex rules on prompt and N on response "
+        "(another tenant, same process) and compare (bench/safety.py)",
+    )
     args = parser.parse_args(argv)
     if args.full:
         args.limits = True
@@ -787,11 +796,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         engine.start("--no-record", "--model", MODEL)
         note(f"fake engine at {engine.url}")
-        api_key = ""
+        api_key = safety_key = ""
         if not args.direct_only:
             gateway = Gateway(engine.url)
             note(f"setting up the gateway in {DATA_DIR.relative_to(REPO)} (migrate, tenant, key)")
             api_key = gateway.setup(limits=args.limits)
+            if args.safety_rules:
+                safety_key = bench_safety.setup(gateway, args.safety_rules)
             gateway.start()
             note(f"gateway at {gateway.url} (log: {gateway.log_path.relative_to(REPO)})")
             if not args.no_bare:
@@ -808,6 +819,9 @@ def run(args: argparse.Namespace) -> int:
             assert gateway.proc is not None
             probe = gateway_probe(gateway.proc.pid, DATA_DIR)
             targets.append(Target("gateway", gateway.url, api_key, cpu=probe))
+            if args.safety_rules:
+                targets.append(Target("safety", gateway.url, safety_key, cpu=probe))
+        safety_rows = []
         for scenario in scenarios:
             runs = measure_scenario(scenario, targets, args)
             direct_rows.append((scenario, median_result(runs["direct"])))
@@ -818,11 +832,15 @@ def run(args: argparse.Namespace) -> int:
                     for d, g, b in zip(runs["direct"], runs["gateway"], bares, strict=True)
                 ]
                 rows.append((scenario, Comparison(rounds)))
+            if "safety" in runs:
+                safety_rows.append((scenario, runs["gateway"], runs["safety"]))
         if gateway is None:
             print_direct_table(direct_rows)
             note("--direct-only: no gateway, no budgets checked, no results file written")
             return 0
         print_table(rows)
+        if safety_rows:
+            print_safety(safety_rows, gateway, api_key, safety_key, args.safety_rules)
         valid, passed = verdicts(rows, pipeline_mode(args))
         write_results(rows, args)
         return 0 if valid and passed else 1
@@ -832,6 +850,15 @@ def run(args: argparse.Namespace) -> int:
         if bare is not None:
             bare.stop()
         engine.stop()
+
+
+def print_safety(rows: list, gateway: Gateway, api_key: str, safety_key: str, rules: int) -> None:
+    bench_safety.print_table(rows, rules)
+    body = next(s for s in SCENARIOS if s.key == "c").body()
+    url = gateway.url + "/v1/chat/completions"
+    plain, held = (bench_safety.ttft_ms(url, key, body) for key in (api_key, safety_key))
+    print(f"time to first token, scenario c body: {plain:.1f} ms without rules, {held:.1f} ms with")
+    print()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,8 +77,13 @@ def safety_action(ctx: RequestContext) -> str:
 async def safety_prompt(ctx: RequestContext) -> None:
     assert ctx.principal is not None
     snapshot = await rule_cache.get()
-    if not snapshot.rules:
-        return  # nothing configured anywhere: no cost beyond the lookup
+    if not snapshot.rules or not any(
+        snapshot.for_key(
+            tenant_id=ctx.principal.tenant_id, key_id=ctx.principal.key_id, stage=stage
+        )
+        for stage in Stage.values
+    ):
+        return  # no rule for this key: no cost beyond the (memoised) lookups
     state = SafetyState(
         snapshot=snapshot,
         scope=EventScope(
