@@ -32,7 +32,22 @@ class SafetyRuleForm(forms.ModelForm):
 
     class Meta:
         model = SafetyRule
-        fields = "__all__"
+        fields = [
+            "name",
+            "description",
+            "enabled",
+            "stage",
+            "action",
+            "tenant",
+            "api_key",
+            "kind",
+            "pattern",
+            "flags",
+            "replacement",
+            "classifier_model",
+            "categories",
+            "fail_open",
+        ]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()

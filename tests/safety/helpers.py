@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import openai
+
 from apps.safety.events import EventScope
 from apps.safety.models import SafetyRule
 from apps.safety.rules import Rule, Snapshot, _rule
@@ -45,3 +47,14 @@ def delivered(chunks: list[dict]) -> str:
         for c in chunks
         if c.get("choices") and "delta" in c["choices"][0]
     )
+
+
+def read_until_error(stream) -> tuple[list, openai.APIError | None]:
+    """The chunks of a stream, and the error event that ended it (the SDK raises it)."""
+    chunks = []
+    try:
+        for chunk in stream:
+            chunks.append(chunk)
+    except openai.APIError as exc:
+        return chunks, exc
+    return chunks, None

@@ -9,6 +9,7 @@ from django.core.management import call_command
 
 from apps.safety.models import SafetyEvent
 from tests.conftest import FAKE_MODEL, free_port, wait_until
+from tests.safety.helpers import read_until_error
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -82,10 +83,9 @@ def test_it_stops_an_unsafe_stream_while_it_runs_and_cancels_the_engine(
         stream=True,
         extra_body={"fake": {"pieces": pieces, "chunk_delay": 0.01}},
     )
-    chunks = []
-    with pytest.raises(openai.APIError, match="guard-answer"):
-        for chunk in stream:
-            chunks.append(chunk)
+    chunks, error = read_until_error(stream)
+    assert error is not None
+    assert "guard-answer" in error.message
     assert chunks[-1].choices[0].finish_reason == "content_filter"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "w299" not in text
@@ -138,9 +138,12 @@ def test_it_moderates_through_the_sdk(guard, openai_client, gateway, bob):
     )
     result = openai_client.moderations.create(input=[UNSAFE, "BUY NOW cheap", "pineapple pizza"])
     unsafe, spam, pizza = result.results
-    assert unsafe.flagged and unsafe.categories.illicit and not unsafe.categories.violence
+    assert unsafe.flagged
+    assert unsafe.categories.illicit
+    assert not unsafe.categories.violence
     assert unsafe.category_scores.illicit == 1.0
-    assert spam.flagged and [r["name"] for r in spam.model_extra["rules"]] == ["no-spam"]
+    assert spam.flagged
+    assert [r["name"] for r in spam.model_extra["rules"]] == ["no-spam"]
     assert not pizza.flagged  # bob's rule is not alice's
     bob_client = openai.OpenAI(base_url=gateway.base_url, api_key=bob.raw_key, max_retries=0)
     assert bob_client.moderations.create(input="pineapple pizza").results[0].flagged

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from django.core.management import call_command
@@ -59,12 +60,16 @@ def test_gemma_classifies_prompts_for_a_model_rule(engine, gateway, alice):
         rules = result.model_extra["rules"]
         # A verdict, not a failure: flagged only with the categories Gemma named.
         assert not result.flagged or rules[0]["categories"], rules
-    try:
-        answer = client.chat.completions.create(
-            model=FAKE_MODEL, messages=[{"role": "user", "content": prompts[0]}]
-        )
-        assert answer.choices[0].message.content  # Gemma said safe
-    except openai.BadRequestError as refused:
-        assert refused.body["code"] == "content_filter"  # Gemma said unsafe
+    response = httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        headers=alice.auth,
+        json={"model": FAKE_MODEL, "messages": [{"role": "user", "content": prompts[0]}]},
+        timeout=180,
+    )
+    if response.status_code == 200:  # Gemma said safe
+        assert response.json()["choices"][0]["message"]["content"]
+    else:  # Gemma said unsafe
+        assert response.json()["error"]["code"] == "content_filter"
         event = wait_until(lambda: SafetyEvent.objects.first())
-        assert event.categories and "classifier failed" not in event.detail
+        assert event.categories
+        assert "classifier failed" not in event.detail

@@ -12,23 +12,13 @@ from django.core.management import call_command
 from apps.safety.models import SafetyEvent
 from apps.sessions.models import Message
 from tests.conftest import FAKE_MODEL, request_logs, wait_until
+from tests.safety.helpers import read_until_error
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def add_rule(name: str, stage: str, pattern: str, *extra: str) -> None:
     call_command("add_safety_rule", name, "--stage", stage, "--regex", pattern, *extra)
-
-
-def read_until_error(stream) -> tuple[list, openai.APIError | None]:
-    """The chunks of a stream, and the error event that ended it (the SDK raises it)."""
-    chunks = []
-    try:
-        for chunk in stream:
-            chunks.append(chunk)
-    except openai.APIError as exc:
-        return chunks, exc
-    return chunks, None
 
 
 def chat(client: openai.OpenAI, content: str, **kwargs):
@@ -98,10 +88,13 @@ def test_it_cuts_a_stream_at_a_match_spanning_two_chunks_and_cancels_the_engine(
     )
     chunks, error = read_until_error(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert "launch" not in text and "1234" not in text
-    assert text and intro.startswith(text)  # what came before the match, up to the holdback
+    assert "launch" not in text
+    assert "1234" not in text
+    assert text
+    assert intro.startswith(text)
     assert chunks[-1].choices[0].finish_reason == "content_filter"
-    assert error is not None and "launch-codes" in error.message
+    assert error is not None
+    assert "launch-codes" in error.message
     record = wait_until(
         lambda: next((r for r in engine_calls(fake_engine) if r["cancelled"]), None)
     )
@@ -119,7 +112,8 @@ def test_it_ends_a_blocked_stream_with_an_error_event_then_done(engine, gateway,
     raw = httpx.post(f"{gateway.base_url}/chat/completions", json=body, headers=alice.auth).text
     events = [e for e in raw.split("\n\n") if e]
     assert '"finish_reason":"content_filter"' in events[-3]
-    assert '"code":"content_filter"' in events[-2] and "launch-codes" in events[-2]
+    assert '"code":"content_filter"' in events[-2]
+    assert "launch-codes" in events[-2]
     assert events[-1] == "data: [DONE]"
     assert "9999" not in raw
 

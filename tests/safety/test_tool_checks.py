@@ -113,4 +113,5 @@ def test_it_checks_tool_calls_returned_to_the_client_when_enabled(engine, checki
             "fake": {"reply": RM},
         },
     ).text
-    assert "rm -rf" not in streamed and '"code":"content_filter"' in streamed
+    assert "rm -rf" not in streamed
+    assert '"code":"content_filter"' in streamed
