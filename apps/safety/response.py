@@ -25,10 +25,6 @@ from apps.safety.rules import Rule, StageRules
 if TYPE_CHECKING:
     from apps.safety.stage import SafetyState
 
-# Characters already sent that a new match may still start in (for the late cut of a
-# match longer than the holdback, which is then only partly held back).
-SENT_CONTEXT_CHARS = 1024
-
 
 def content_filter_error(rule_name: str) -> ApiError:
     # Status 200: the stream so far stays the answer (stored, billed); see engine_call.
@@ -86,7 +82,7 @@ class SafetyResponseFilter:
             ctx=ctx,
             state=self.state,
             rules=self.rules,
-            holdback=settings.SAFETY_STREAM_HOLDBACK_CHARS,
+            holdback=self.rules.holdback(settings.SAFETY_STREAM_HOLDBACK_CHARS),
             classifier=classifier,
             tool_rules=self.tool_rules,
         )
@@ -157,13 +153,19 @@ class StreamWindow:
         if not isinstance(holder, dict):
             return True
         text = holder.get(key)
-        if isinstance(text, str) and text:
+        if text and isinstance(text, str):
             self.tokens_seen += 1
             window.pending += text
             if self.classifier is not None:
                 self.classifier.add(index, text)
-        self._hold_tool_calls(window, holder)
+        if self.tool_rules is not None:
+            self._hold_tool_calls(window, holder)
         final = choice.get("finish_reason") is not None
+        if not final and len(window.pending) <= self.holdback:
+            # The steady state of a stream: this piece is held, nothing else to do.
+            if text is not None:
+                holder[key] = ""
+            return len(holder) > 1 and _carries_more(holder, key)
         released = self._release(window, final=final)
         if isinstance(text, str) or released:
             holder[key] = released
@@ -173,7 +175,7 @@ class StreamWindow:
 
     def _hold_tool_calls(self, window: _ChoiceWindow, delta: dict[str, Any]) -> None:
         # Tool calls the operator wants checked are held whole until the choice finishes.
-        if self.tool_rules is not None and delta.get("tool_calls"):
+        if delta.get("tool_calls"):
             window.tool_calls.extend(delta.pop("tool_calls"))
 
     def _released_tool_calls(self, window: _ChoiceWindow) -> list[dict[str, Any]]:
@@ -188,8 +190,8 @@ class StreamWindow:
 
     def _release(self, window: _ChoiceWindow, *, final: bool) -> str:
         """Check the window; return what may be sent now (the rest stays pending)."""
-        if not window.pending:
-            return ""
+        if not window.pending or (not final and len(window.pending) <= self.holdback):
+            return ""  # nothing could be sent yet: the check waits until something can
         hold_from = self._check(window, final=final)
         if not final and self.classifier is not None and self.classifier.must_hold():
             return ""  # a classifier verdict is overdue: wait for it (bounds what slips)
@@ -198,7 +200,9 @@ class StreamWindow:
         if cut <= 0:
             return ""
         out, window.pending = window.pending[:cut], window.pending[cut:]
-        window.sent = (window.sent + out)[-SENT_CONTEXT_CHARS:]
+        # As much sent text as is held back: a match up to twice the holdback that
+        # straddles the two is still caught (late); longer ones may be missed.
+        window.sent = (window.sent + out)[-self.holdback :] if self.holdback else ""
         return out
 
     def _check(self, window: _ChoiceWindow, *, final: bool) -> int:
