@@ -1,11 +1,11 @@
 """Response-stage checks: whole answers, and a sliding window over streamed ones.
 
-Streams: each choice's text is held back by at most SAFETY_STREAM_HOLDBACK_CHARS
-characters (or, while a redact rule's match may still grow, from that match's start) and
-checked together with the last characters already sent, so a match split across chunks
-is caught before any of it leaves. A block ends the stream (StreamStop): a final chunk
-with finish_reason `content_filter`, an error event, `[DONE]`; the relay closes the
-engine request.
+Streams: each choice's text is held back by the longest possible match less one (at most
+SAFETY_STREAM_HOLDBACK_CHARS; or, while a redact rule's match may still grow, from that
+match's start) and checked together with as many characters already sent, so a match
+split across chunks is caught before any of it leaves. A block ends the stream
+(StreamStop): a final chunk with finish_reason `content_filter`, an error event,
+`[DONE]`; the relay closes the engine request.
 """
 
 from __future__ import annotations
