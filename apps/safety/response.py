@@ -17,20 +17,14 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 
 from apps.core.context import RequestContext, StreamStop
-from apps.core.errors import ApiError
-from apps.safety.checks import Finding, excerpt, matching, regex_check
+from apps.safety.checks import Finding, content_filter_error, excerpt, matching, regex_check
+from apps.safety.classifier import StreamClassifier
 from apps.safety.models import Action, Stage
 from apps.safety.rules import Rule, StageRules
+from apps.safety.tools import merged_tool_calls, tool_calls_blocked
 
 if TYPE_CHECKING:
     from apps.safety.stage import SafetyState
-
-
-def content_filter_error(rule_name: str) -> ApiError:
-    # Status 200: the stream so far stays the answer (stored, billed); see engine_call.
-    return ApiError(
-        200, f"The answer was stopped by the safety rule `{rule_name}`.", code="content_filter"
-    )
 
 
 @dataclass
@@ -48,9 +42,6 @@ class SafetyResponseFilter:
         return body
 
     def _check_choice(self, ctx: RequestContext, choice: dict[str, Any]) -> None:
-        from apps.safety.classifier import precheck_verdicts
-        from apps.safety.tools import tool_calls_blocked
-
         message = choice.get("message")
         holder, key = (message, "content") if isinstance(message, dict) else (choice, "text")
         text = holder.get(key) if isinstance(holder, dict) else None
@@ -61,7 +52,7 @@ class SafetyResponseFilter:
             if verdict.blocked is not None:
                 return filtered_choice(choice, holder, key)
             holder[key] = verdict.text
-        for finding in precheck_verdicts(ctx, choice.get("index", 0)):
+        for finding in self.state.whole_verdicts.get(choice.get("index", 0), []):
             if finding.action == Action.BLOCK:
                 return filtered_choice(choice, holder, key)
         if (
@@ -75,9 +66,7 @@ class SafetyResponseFilter:
     def stream(self, ctx: RequestContext) -> StreamWindow | None:
         if not (self.rules or self.tool_rules):
             return None
-        from apps.safety.classifier import StreamClassifier
-
-        classifier = StreamClassifier.of(ctx, self.state, self.rules) if self.rules.model else None
+        classifier = StreamClassifier(ctx, self.state, self.rules) if self.rules.model else None
         return StreamWindow(
             ctx=ctx,
             state=self.state,
@@ -114,7 +103,7 @@ class StreamWindow:
     state: SafetyState
     rules: StageRules
     holdback: int
-    classifier: Any = None  # classifier.StreamClassifier when model rules apply
+    classifier: StreamClassifier | None = None  # when model rules apply
     tool_rules: StageRules | None = None
     choices: dict[int, _ChoiceWindow] = field(default_factory=dict)
     flagged: set[int] = field(default_factory=set)
@@ -179,8 +168,6 @@ class StreamWindow:
             window.tool_calls.extend(delta.pop("tool_calls"))
 
     def _released_tool_calls(self, window: _ChoiceWindow) -> list[dict[str, Any]]:
-        from apps.safety.tools import merged_tool_calls, tool_calls_blocked
-
         calls = merged_tool_calls(window.tool_calls)
         window.tool_calls = []
         assert self.tool_rules is not None

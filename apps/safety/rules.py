@@ -105,7 +105,8 @@ class Snapshot:
         return StageRules(regex=regex, model=model, matcher=matcher)
 
 
-def _rule(row: SafetyRule) -> Rule | None:
+def rule_view(row: SafetyRule) -> Rule | None:
+    """The row as the snapshot holds it (None if its pattern does not compile)."""
     regex = None
     if row.kind == Kind.REGEX:
         try:
@@ -133,7 +134,7 @@ def _rule(row: SafetyRule) -> Rule | None:
 
 def load_snapshot() -> Snapshot:
     rows = SafetyRule.objects.filter(enabled=True).order_by("pk")
-    return Snapshot(rules=tuple(rule for rule in map(_rule, rows) if rule is not None))
+    return Snapshot(rules=tuple(rule for rule in map(rule_view, rows) if rule is not None))
 
 
 _load_async = database_sync_to_async(load_snapshot, thread_sensitive=False)
