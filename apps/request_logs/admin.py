@@ -31,7 +31,14 @@ class RequestLogAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = [SHOWN_AS.get(column, column) for column in LOG_COLUMNS]
     fields = [ON_ITS_PAGE.get(column, column) for column in LOG_COLUMNS]
     readonly_fields = ["ttft", "latency"]
-    list_filter = ["tenant", "status_code", "endpoint", "stream", "client_disconnected"]
+    list_filter = [
+        "tenant",
+        "status_code",
+        "endpoint",
+        "stream",
+        "client_disconnected",
+        "safety_action",
+    ]
     list_select_related = ["tenant", "api_key"]
     search_fields = ["model", "engine", "tenant__slug"]
     date_hierarchy = "created_at"

@@ -71,7 +71,6 @@ class SafetyRuleAdmin(admin.ModelAdmin):
     list_filter = ("stage", "kind", "action", "enabled", "tenant")
     search_fields = ("name", "pattern", "classifier_model", "description")
     list_editable = ("enabled",)
-    autocomplete_fields = ()
     fieldsets = (
         (None, {"fields": ("name", "description", "enabled", "stage", "action")}),
         ("Scope", {"fields": ("tenant", "api_key")}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from apps.core.errors import ApiError
 from apps.safety.models import EXCERPT_CHARS, Action
 from apps.safety.rules import Rule, StageRules
 
@@ -69,3 +70,11 @@ def regex_check(rules: StageRules, text: str, *, hits: list[Rule] | None = None)
 def redact_all(rule: Rule, text: str) -> str:
     assert rule.regex is not None
     return rule.regex.sub(lambda _found: rule.replacement, text)
+
+
+def content_filter_error(rule_name: str) -> ApiError:
+    """The error event that ends a stopped stream. Status 200: the stream so far stays the
+    answer (stored, billed); see apps/proxy/engine_call.py."""
+    return ApiError(
+        200, f"The answer was stopped by the safety rule `{rule_name}`.", code="content_filter"
+    )

@@ -27,16 +27,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import httpx
 import orjson
 from django.conf import settings
 
-from apps.core.context import RequestContext
+from apps.core.context import RequestContext, StreamStop
 from apps.engines.client import engine_session, engine_url
-from apps.engines.registry import registry
+from apps.engines.registry import load_snapshot, registry
 from apps.engines.stage import replica_url
 from apps.engines.tokens import message_text
-from apps.safety.checks import Finding
-from apps.safety.models import Action
+from apps.safety.checks import Finding, content_filter_error
+from apps.safety.models import Action, Stage
 from apps.safety.rules import Rule
 
 logger = logging.getLogger(__name__)
@@ -221,15 +222,6 @@ def failure_finding(rule: Rule, reason: str) -> Finding:
 # --- whole answers and streams ------------------------------------------------------
 
 
-def precheck_verdicts(ctx: RequestContext, index: int) -> list[Finding]:
-    """What the response classifiers said about a whole answer's choice `index`
-    (worked out by whole_precheck before the response filters ran)."""
-    from apps.safety.stage import state_of
-
-    state = state_of(ctx)
-    return state.whole_verdicts.get(index, []) if state is not None else []
-
-
 class StreamClassifier:
     """Model rules over a streamed answer: every SAFETY_STREAM_MODEL_EVERY_TOKENS tokens
     the conversation plus the answer so far is classified, concurrently with the stream;
@@ -249,10 +241,6 @@ class StreamClassifier:
         self.task: asyncio.Task | None = None
         self.stopped = False
         ctx.before_finish.insert(0, self.final_check)  # before the session stores the reply
-
-    @classmethod
-    def of(cls, ctx: RequestContext, state: Any, rules: Any) -> StreamClassifier:
-        return cls(ctx, state, rules)
 
     def add(self, index: int, text: str) -> None:
         if index != 0:
@@ -274,10 +262,6 @@ class StreamClassifier:
         )
 
     def raise_if_unsafe(self, stop_chunks: Any) -> None:
-        from apps.core.context import StreamStop
-        from apps.safety.models import Stage
-        from apps.safety.response import content_filter_error
-
         if self.task is None or not self.task.done() or self.stopped:
             return
         findings = self.task.result()
@@ -297,12 +281,12 @@ class StreamClassifier:
             return
         if self.task is not None:
             findings = await self.task
-            if self._record(findings, "response") is not None:
+            if self._record(findings, Stage.RESPONSE) is not None:
                 return self._refuse()
         if self.tokens > self.checked_at:
             turns = [*self.conversation, ("Agent", "".join(self.text))]
             findings = await classify_rules(self.rules.model, conversation=turns, tool_command=None)
-            if self._record(findings, "response") is not None:
+            if self._record(findings, Stage.RESPONSE) is not None:
                 return self._refuse()
         return None
 
@@ -312,10 +296,6 @@ class StreamClassifier:
 
 def try_classifier(*, rule: Rule, text: str) -> str:
     """For the admin's test box (a sync view): the verdict on `text` as a user message."""
-    import httpx
-
-    from apps.engines.registry import load_snapshot
-
     route = load_snapshot().find(rule.classifier_model)
     if route is None or not route.variants:
         return f"No model `{rule.classifier_model}`: the rule would fail {'open' if rule.fails_open else 'closed'}."

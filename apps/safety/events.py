@@ -16,7 +16,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from apps.safety.checks import Finding
-from apps.safety.models import SafetyEvent
+from apps.safety.models import SafetyEvent, SafetyRule
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ def _write(events: list[SafetyEvent]) -> None:
     # A rule deleted meanwhile: keep the event, by name only.
     rule_ids = {event.rule_id for event in events if event.rule_id}
     if rule_ids:
-        from apps.safety.models import SafetyRule
-
         alive = set(SafetyRule.objects.filter(pk__in=rule_ids).values_list("pk", flat=True))
         for event in events:
             if event.rule_id not in alive:

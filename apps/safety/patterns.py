@@ -7,6 +7,7 @@ matches newline), so a pattern and its flags compile the same everywhere.
 from __future__ import annotations
 
 import functools
+import re._parser as re_parser
 
 import re2
 
@@ -55,6 +56,19 @@ def pattern_error(pattern: str, flags: str = "") -> str | None:
     except BadPattern as exc:
         return str(exc)
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def max_match_length(pattern: str, flags: str = "") -> int | None:
+    """The longest text the pattern can match, when that is bounded; None when it is not,
+    or unknown. Python's regex parser reads RE2's common syntax; what it cannot read (RE2
+    extras such as \\p{Greek} or \\Q...\\E) counts as unknown, and where the two differ
+    it overestimates ([[:alpha:]]), which only holds back more."""
+    try:
+        width = re_parser.parse(with_flags(pattern, flags)).getwidth()[1]
+    except Exception:  # any parse failure (or recursion limit) means "unknown"
+        return None
+    return None if width >= re_parser.MAXREPEAT else int(width)
 
 
 def pattern_set(patterns: list[str]) -> re2.Set:

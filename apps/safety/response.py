@@ -1,11 +1,11 @@
 """Response-stage checks: whole answers, and a sliding window over streamed ones.
 
-Streams: each choice's text is held back by at most SAFETY_STREAM_HOLDBACK_CHARS
-characters (or, while a redact rule's match may still grow, from that match's start) and
-checked together with the last characters already sent, so a match split across chunks
-is caught before any of it leaves. A block ends the stream (StreamStop): a final chunk
-with finish_reason `content_filter`, an error event, `[DONE]`; the relay closes the
-engine request.
+Streams: each choice's text is held back by the longest possible match less one (at most
+SAFETY_STREAM_HOLDBACK_CHARS; or, while a redact rule's match may still grow, from that
+match's start) and checked together with as many characters already sent, so a match
+split across chunks is caught before any of it leaves. A block ends the stream
+(StreamStop): a final chunk with finish_reason `content_filter`, an error event,
+`[DONE]`; the relay closes the engine request.
 """
 
 from __future__ import annotations
@@ -17,24 +17,14 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 
 from apps.core.context import RequestContext, StreamStop
-from apps.core.errors import ApiError
-from apps.safety.checks import Finding, excerpt, matching, regex_check
+from apps.safety.checks import Finding, content_filter_error, excerpt, matching, regex_check
+from apps.safety.classifier import StreamClassifier
 from apps.safety.models import Action, Stage
 from apps.safety.rules import Rule, StageRules
+from apps.safety.tools import merged_tool_calls, tool_calls_blocked
 
 if TYPE_CHECKING:
     from apps.safety.stage import SafetyState
-
-# Characters already sent that a new match may still start in (for the late cut of a
-# match longer than the holdback, which is then only partly held back).
-SENT_CONTEXT_CHARS = 1024
-
-
-def content_filter_error(rule_name: str) -> ApiError:
-    # Status 200: the stream so far stays the answer (stored, billed); see engine_call.
-    return ApiError(
-        200, f"The answer was stopped by the safety rule `{rule_name}`.", code="content_filter"
-    )
 
 
 @dataclass
@@ -52,9 +42,6 @@ class SafetyResponseFilter:
         return body
 
     def _check_choice(self, ctx: RequestContext, choice: dict[str, Any]) -> None:
-        from apps.safety.classifier import precheck_verdicts
-        from apps.safety.tools import tool_calls_blocked
-
         message = choice.get("message")
         holder, key = (message, "content") if isinstance(message, dict) else (choice, "text")
         text = holder.get(key) if isinstance(holder, dict) else None
@@ -65,7 +52,7 @@ class SafetyResponseFilter:
             if verdict.blocked is not None:
                 return filtered_choice(choice, holder, key)
             holder[key] = verdict.text
-        for finding in precheck_verdicts(ctx, choice.get("index", 0)):
+        for finding in self.state.whole_verdicts.get(choice.get("index", 0), []):
             if finding.action == Action.BLOCK:
                 return filtered_choice(choice, holder, key)
         if (
@@ -79,14 +66,12 @@ class SafetyResponseFilter:
     def stream(self, ctx: RequestContext) -> StreamWindow | None:
         if not (self.rules or self.tool_rules):
             return None
-        from apps.safety.classifier import StreamClassifier
-
-        classifier = StreamClassifier.of(ctx, self.state, self.rules) if self.rules.model else None
+        classifier = StreamClassifier(ctx, self.state, self.rules) if self.rules.model else None
         return StreamWindow(
             ctx=ctx,
             state=self.state,
             rules=self.rules,
-            holdback=settings.SAFETY_STREAM_HOLDBACK_CHARS,
+            holdback=self.rules.holdback(settings.SAFETY_STREAM_HOLDBACK_CHARS),
             classifier=classifier,
             tool_rules=self.tool_rules,
         )
@@ -118,7 +103,7 @@ class StreamWindow:
     state: SafetyState
     rules: StageRules
     holdback: int
-    classifier: Any = None  # classifier.StreamClassifier when model rules apply
+    classifier: StreamClassifier | None = None  # when model rules apply
     tool_rules: StageRules | None = None
     choices: dict[int, _ChoiceWindow] = field(default_factory=dict)
     flagged: set[int] = field(default_factory=set)
@@ -157,13 +142,19 @@ class StreamWindow:
         if not isinstance(holder, dict):
             return True
         text = holder.get(key)
-        if isinstance(text, str) and text:
+        if text and isinstance(text, str):
             self.tokens_seen += 1
             window.pending += text
             if self.classifier is not None:
                 self.classifier.add(index, text)
-        self._hold_tool_calls(window, holder)
+        if self.tool_rules is not None:
+            self._hold_tool_calls(window, holder)
         final = choice.get("finish_reason") is not None
+        if not final and len(window.pending) <= self.holdback:
+            # The steady state of a stream: this piece is held, nothing else to do.
+            if text is not None:
+                holder[key] = ""
+            return len(holder) > 1 and _carries_more(holder, key)
         released = self._release(window, final=final)
         if isinstance(text, str) or released:
             holder[key] = released
@@ -173,12 +164,10 @@ class StreamWindow:
 
     def _hold_tool_calls(self, window: _ChoiceWindow, delta: dict[str, Any]) -> None:
         # Tool calls the operator wants checked are held whole until the choice finishes.
-        if self.tool_rules is not None and delta.get("tool_calls"):
+        if delta.get("tool_calls"):
             window.tool_calls.extend(delta.pop("tool_calls"))
 
     def _released_tool_calls(self, window: _ChoiceWindow) -> list[dict[str, Any]]:
-        from apps.safety.tools import merged_tool_calls, tool_calls_blocked
-
         calls = merged_tool_calls(window.tool_calls)
         window.tool_calls = []
         assert self.tool_rules is not None
@@ -188,8 +177,8 @@ class StreamWindow:
 
     def _release(self, window: _ChoiceWindow, *, final: bool) -> str:
         """Check the window; return what may be sent now (the rest stays pending)."""
-        if not window.pending:
-            return ""
+        if not window.pending or (not final and len(window.pending) <= self.holdback):
+            return ""  # nothing could be sent yet: the check waits until something can
         hold_from = self._check(window, final=final)
         if not final and self.classifier is not None and self.classifier.must_hold():
             return ""  # a classifier verdict is overdue: wait for it (bounds what slips)
@@ -198,7 +187,9 @@ class StreamWindow:
         if cut <= 0:
             return ""
         out, window.pending = window.pending[:cut], window.pending[cut:]
-        window.sent = (window.sent + out)[-SENT_CONTEXT_CHARS:]
+        # As much sent text as is held back: a match up to twice the holdback that
+        # straddles the two is still caught (late); longer ones may be missed.
+        window.sent = (window.sent + out)[-self.holdback :] if self.holdback else ""
         return out
 
     def _check(self, window: _ChoiceWindow, *, final: bool) -> int:

@@ -19,7 +19,13 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from apps.safety.models import Action, Kind, SafetyRule
-from apps.safety.patterns import BadPattern, compiled, pattern_set, with_flags
+from apps.safety.patterns import (
+    BadPattern,
+    compiled,
+    max_match_length,
+    pattern_set,
+    with_flags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ class Rule:
     classifier_model: str = ""
     categories: frozenset[str] = frozenset()
     fails_open: bool = False
+    max_length: int | None = None  # of a match, when bounded (patterns.max_match_length)
 
 
 @dataclass(slots=True)
@@ -51,6 +58,17 @@ class StageRules:
 
     def __bool__(self) -> bool:
         return bool(self.regex or self.model)
+
+    def holdback(self, limit: int) -> int:
+        """Characters a stream must hold back so no match of these rules has its first
+        character sent before its last arrives: the longest match less one, at most
+        `limit` (also when a pattern's length is unbounded or unknown)."""
+        lengths = [rule.max_length for rule in self.regex]
+        if not lengths:
+            return 0
+        if None in lengths:
+            return limit
+        return min(limit, max(0, max(lengths) - 1))  # type: ignore[type-var]
 
 
 NO_RULES = StageRules()
@@ -87,7 +105,8 @@ class Snapshot:
         return StageRules(regex=regex, model=model, matcher=matcher)
 
 
-def _rule(row: SafetyRule) -> Rule | None:
+def rule_view(row: SafetyRule) -> Rule | None:
+    """The row as the snapshot holds it (None if its pattern does not compile)."""
     regex = None
     if row.kind == Kind.REGEX:
         try:
@@ -109,12 +128,13 @@ def _rule(row: SafetyRule) -> Rule | None:
         classifier_model=row.classifier_model,
         categories=frozenset(row.category_codes),
         fails_open=row.fails_open,
+        max_length=max_match_length(row.pattern, row.flags) if regex is not None else None,
     )
 
 
 def load_snapshot() -> Snapshot:
     rows = SafetyRule.objects.filter(enabled=True).order_by("pk")
-    return Snapshot(rules=tuple(rule for rule in map(_rule, rows) if rule is not None))
+    return Snapshot(rules=tuple(rule for rule in map(rule_view, rows) if rule is not None))
 
 
 _load_async = database_sync_to_async(load_snapshot, thread_sensitive=False)

@@ -5,8 +5,11 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
+from apps.safety.checks import excerpt, redact_all
+from apps.safety.classifier import try_classifier
 from apps.safety.models import Kind, SafetyRule
 from apps.safety.presets import PRESETS
+from apps.safety.rules import rule_view
 from apps.tenants.models import ApiKey, Tenant
 
 
@@ -73,15 +76,10 @@ def _one_line(exc: ValidationError) -> str:
 
 def rule_try(*, rule: SafetyRule, text: str) -> str:
     """What the (validated, maybe unsaved) rule would do to `text`, in one line."""
-    from apps.safety.checks import excerpt, redact_all
-    from apps.safety.rules import _rule
-
-    built = _rule(rule)
+    built = rule_view(rule)
     if built is None:
         return "The pattern does not compile."
     if built.kind == Kind.MODEL:
-        from apps.safety.classifier import try_classifier
-
         return try_classifier(rule=built, text=text)
     assert built.regex is not None
     found = built.regex.search(text)

@@ -21,9 +21,12 @@ from django.conf import settings
 from apps.core.context import RequestContext
 from apps.core.errors import ApiError
 from apps.safety.checks import Finding, matching, regex_check
+from apps.safety.classifier import classify_rules, conversation_of
 from apps.safety.events import EventScope, event_of, event_writer
 from apps.safety.models import Action, Stage
+from apps.safety.response import SafetyResponseFilter
 from apps.safety.rules import Snapshot, StageRules, rule_cache
+from apps.safety.tools import ToolChecker
 
 EXTRAS_KEY = "safety"
 
@@ -101,9 +104,6 @@ async def safety_prompt(ctx: RequestContext) -> None:
 
 
 def attach_later_stages(ctx: RequestContext, state: SafetyState) -> None:
-    from apps.safety.response import SafetyResponseFilter
-    from apps.safety.tools import ToolChecker
-
     response_rules = state.rules(Stage.RESPONSE, ctx)
     tool_rules = state.rules(Stage.TOOL, ctx)
     check_tool_calls = bool(tool_rules) and settings.SAFETY_CHECK_TOOL_CALLS
@@ -175,8 +175,6 @@ async def prompt_check(ctx: RequestContext, state: SafetyState, rules: StageRule
     if rules.regex:
         prompt_regex(ctx, state, rules, slots)
     if rules.model:
-        from apps.safety.classifier import classify_rules, conversation_of
-
         findings = await classify_rules(
             rules.model, conversation=conversation_of(ctx.payload), tool_command=None
         )
@@ -193,8 +191,6 @@ async def whole_precheck(ctx: RequestContext, resp: Any) -> None:
     rules = state.rules(Stage.RESPONSE, ctx)
     if not rules.model:
         return
-    from apps.safety.classifier import classify_rules, conversation_of
-
     try:
         body = orjson.loads(await resp.read())
         choices = [c for c in body["choices"] if isinstance(c, dict)]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from apps.core.errors import ApiError
 from apps.safety.checks import regex_check
+from apps.safety.classifier import classify_rules
 from apps.safety.models import Action, Stage
 from apps.safety.rules import StageRules
 
@@ -42,8 +43,6 @@ class ToolChecker:
             if verdict.blocked is not None:
                 raise tool_refusal(verdict.blocked.rule.name)
         if self.rules.model:
-            from apps.safety.classifier import classify_rules
-
             findings = await classify_rules(
                 self.rules.model, conversation=None, tool_command=command_text(tool_name, command)
             )

@@ -8,14 +8,14 @@ import openai
 
 from apps.safety.events import EventScope
 from apps.safety.models import SafetyRule
-from apps.safety.rules import Rule, Snapshot, _rule
+from apps.safety.rules import Rule, Snapshot, rule_view
 from apps.safety.stage import SafetyState
 
 
 def rule(name: str, pattern: str, *, stage: str = "response", action: str = "block") -> Rule:
     """An unsaved rule as the snapshot holds it."""
     row = SafetyRule(name=name, pattern=pattern, stage=stage, action=action, pk=abs(hash(name)))
-    built = _rule(row)
+    built = rule_view(row)
     assert built is not None
     return built
 

@@ -7,7 +7,7 @@ from django.core.exceptions import ValidationError
 
 from apps.safety.checks import regex_check
 from apps.safety.models import SafetyRule
-from apps.safety.rules import Snapshot, _rule, load_snapshot
+from apps.safety.rules import Snapshot, load_snapshot, rule_view
 
 
 def rule(name: str, *, tenant_id=None, api_key_id=None, action="block", stage="prompt"):
@@ -15,7 +15,7 @@ def rule(name: str, *, tenant_id=None, api_key_id=None, action="block", stage="p
         pk=len(name), name=name, pattern=name, stage=stage, action=action,
         tenant_id=tenant_id, api_key_id=api_key_id,
     )  # fmt: skip
-    return _rule(row)
+    return rule_view(row)
 
 
 def test_it_selects_global_tenant_and_key_rules_only():

@@ -74,13 +74,23 @@ async def test_it_charges_what_the_engine_generated_when_it_stops_a_stream():
         ctx=ctx,
         state=state,
         rules=snapshot.for_key(tenant_id=1, key_id=1, stage="response"),
-        holdback=64,
+        holdback=8,
     )
     for piece in ["a ", "b ", "c ", "forbid"]:
         w.feed(chat_chunk(piece))
     with pytest.raises(StreamStop):
         w.feed(chat_chunk("den"))
     ctx.status = 200
-    ctx.record_usage(None, fallback_completion=0)  # nothing was sent: all was held back
+    ctx.record_usage(None, fallback_completion=1)  # one chunk was sent, the rest held back
     await ctx.finish()
     assert ctx.completion_tokens == 5
+
+
+async def test_it_holds_back_only_as_much_as_the_longest_match_needs():
+    state, snapshot = state_of(rule("code", r"launch code \d{4}"), rule("x", r"nuke"))
+    rules = snapshot.for_key(tenant_id=1, key_id=1, stage="response")
+    assert rules.holdback(64) == 15  # "launch code 1234" is 16 characters
+    unbounded = state_of(rule("dots", r"a.+b"))[1].for_key(tenant_id=1, key_id=1, stage="response")
+    assert unbounded.holdback(64) == 64
+    w = StreamWindow(ctx=None, state=state, rules=rules, holdback=rules.holdback(64))
+    assert delivered(w.feed(chat_chunk("x" * 20))) == "x" * 5

@@ -115,3 +115,37 @@ def test_it_checks_tool_calls_returned_to_the_client_when_enabled(engine, checki
     ).text
     assert "rm -rf" not in streamed
     assert '"code":"content_filter"' in streamed
+
+
+async def test_it_refuses_a_command_its_classifier_calls_unsafe(
+    fresh_rules, settings, engine, fake_engine, alice
+):
+    from channels.db import database_sync_to_async
+
+    from apps.engines.client import close_engine_session
+    from apps.engines.services import engine_register_external
+
+    settings.REGISTRY_CACHE_SECONDS = 0
+    await database_sync_to_async(engine_register_external)(
+        name="guard", base_url=fake_engine.url, models=["fake-guard"]
+    )
+    await database_sync_to_async(call_command)(
+        "add_safety_rule", "guard-tools", "--stage", "tool", "--model", "fake-guard",
+        "--categories", "S14",
+    )  # fmt: skip
+    ctx = context_of(alice)
+    await safety_prompt(ctx)
+    (check,) = ctx.tool_checks
+    try:
+        with pytest.raises(ApiError, match="guard-tools"):
+            await check("python", "import os; os.system('fake-unsafe:S14')")
+        await check("python", "print(sum(range(10)))")
+        asked = [
+            r["body"] for r in fake_engine.requests() if r["body"].get("model") == "fake-guard"
+        ]
+        assert (
+            "Agent: Run this tool command: python: import os" in asked[0]["messages"][0]["content"]
+        )
+    finally:
+        await close_engine_session()
+        await event_writer.flush()
