@@ -93,6 +93,7 @@ INSTALLED_APPS = [
     "apps.proxy",
     "apps.sessions",
     "apps.quotas",
+    "apps.tools",
 ]
 
 MIDDLEWARE = [
@@ -264,3 +265,25 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": None,
 }
+
+# Sandboxed tools (apps/tools, README "Sandboxed tools"): `subprocess` (bubblewrap; the
+# default) or `docker`. Without bwrap the subprocess backend refuses to run unless the
+# weaker rlimits-only mode (no namespaces) is allowed explicitly.
+TOOLS_SANDBOX_BACKEND = env_str("TOOLS_SANDBOX_BACKEND", "subprocess")
+TOOLS_SANDBOX_RLIMITS_ONLY = env_bool("TOOLS_SANDBOX_RLIMITS_ONLY", False)
+TOOLS_BWRAP = env_str("TOOLS_BWRAP", "bwrap")
+TOOLS_WORK_ROOT = env_str("TOOLS_WORK_ROOT", "")  # where run directories go (default: /tmp)
+TOOLS_PYTHON = env_str("TOOLS_PYTHON", "/usr/bin/python3")  # the interpreter in the sandbox
+TOOLS_BASH = env_str("TOOLS_BASH", "/usr/bin/bash")
+TOOLS_TIMEOUT_SECONDS = env_float("TOOLS_TIMEOUT_SECONDS", 10.0)
+TOOLS_CPU_SECONDS = env_int("TOOLS_CPU_SECONDS", 10)
+TOOLS_MEMORY_MB = env_int("TOOLS_MEMORY_MB", 512)
+TOOLS_MAX_PROCESSES = env_int("TOOLS_MAX_PROCESSES", 64)
+TOOLS_MAX_OPEN_FILES = env_int("TOOLS_MAX_OPEN_FILES", 64)
+TOOLS_MAX_FILE_MB = env_int("TOOLS_MAX_FILE_MB", 16)
+TOOLS_MAX_OUTPUT_BYTES = env_int("TOOLS_MAX_OUTPUT_BYTES", 64 * 1024)
+TOOLS_MAX_ROUNDS = env_int("TOOLS_MAX_ROUNDS", 5)  # model calls per request with tools
+TOOLS_DOCKER_IMAGE = env_str("TOOLS_DOCKER_IMAGE", "python:3.11-slim")
+TOOLS_DOCKER_URL = env_str("TOOLS_DOCKER_URL", "")  # default: the SDK's (DOCKER_HOST, socket)
+TOOLS_SEARXNG_URL = env_str("TOOLS_SEARXNG_URL", "")  # web_search is off unless set
+TOOLS_SEARCH_RESULTS = env_int("TOOLS_SEARCH_RESULTS", 5)
