@@ -10,4 +10,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("apps.quotas.urls")),
     path("api/", include("apps.sessions.urls")),
+    path("api/", include("apps.tools.urls")),
 ]
