@@ -78,6 +78,12 @@ class Knobs:
     cached: int = 0
     # Report usage but no llama.cpp `timings` (as vLLM and other OpenAI servers do).
     no_timings: bool = False
+    # Ask for a call of this tool (OpenAI tool_calls, arguments `tool_args`, a JSON text)
+    # until the conversation holds `tool_rounds` tool results; then reply
+    # "Tool said: <the last tool result>" (the server-side tool loop's tests).
+    tool_call: str | None = None
+    tool_args: str = "{}"
+    tool_rounds: int = 1
 
 
 KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
@@ -91,6 +97,9 @@ KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
     "reply": _parse_str,
     "cached": int,
     "no_timings": _parse_bool,
+    "tool_call": _parse_str,
+    "tool_args": _parse_str,
+    "tool_rounds": int,
 }
 # Header lookups are precomputed: header parsing runs on every request of a benchmark.
 KNOB_HEADERS: tuple[tuple[str, str], ...] = tuple(
@@ -392,6 +401,16 @@ class Completion:
         return tail + SSE_DONE
 
 
+def tool_turn(knobs: Knobs, body: dict[str, Any]) -> Knobs:
+    """The `tool_call` knob's turn: call the tool again, or answer with its last result."""
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    results = [m for m in messages if isinstance(m, dict) and m.get("role") == "tool"]
+    if len(results) < knobs.tool_rounds:
+        return knobs
+    said = message_text(results[-1].get("content"))
+    return dataclasses.replace(knobs, tool_call=None, reply=f"Tool said: {said}", chunks=4)
+
+
 # --- the app ---------------------------------------------------------------------------
 
 
@@ -475,6 +494,8 @@ class FakeEngine:
             stream_options.get("include_usage")
         )
         knobs: Knobs = request["fake_knobs"]
+        if chat and knobs.tool_call:
+            knobs = tool_turn(knobs, body)
         completion = Completion(
             chat=chat,
             id=f"{'chatcmpl' if chat else 'cmpl'}-fake-{next(self._ids)}",
@@ -487,9 +508,37 @@ class FakeEngine:
         overflow = self.context_overflow(completion.prompt_tokens, body)
         if overflow is not None:
             return overflow
+        if knobs.tool_call:
+            return await self.call_tool(request, completion, stream=bool(body.get("stream")))
         if not body.get("stream"):
             return json_response(completion.full_response())
         return await self.stream(request, completion)
+
+    async def call_tool(
+        self, request: web.Request, completion: Completion, *, stream: bool
+    ) -> web.StreamResponse:
+        knobs = completion.knobs
+        call = {
+            "id": f"call_fake_{completion.id}",
+            "type": "function",
+            "function": {"name": knobs.tool_call, "arguments": knobs.tool_args},
+        }
+        usage = usage_of(completion.prompt_tokens, knobs.chunks)
+        if not stream:
+            data = completion.head("chat.completion")
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            data["choices"] = [{"index": 0, "message": message, "finish_reason": "tool_calls"}]
+            data["usage"] = usage
+            return json_response(data)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(completion.role_chunk() or b"")
+        await response.write(completion.chunk({"tool_calls": [{"index": 0, **call}]}, None, None))
+        tail = completion.chunk({}, None, "tool_calls")
+        if completion.include_usage:
+            tail += sse({**completion.head("chat.completion.chunk"), "choices": [], "usage": usage})
+        await response.write_eof(tail + SSE_DONE)
+        return response
 
     def context_overflow(self, prompt_tokens: int, body: dict[str, Any]) -> web.Response | None:
         """llama-server refuses a prompt (plus the asked-for answer) its context cannot hold."""

@@ -7,7 +7,8 @@ through the response filters the stages added (tool-call parsing, ...), and, wha
 happened, the request is settled: the quota charged what was really used, the request
 logged.
 
-    chat completions:  authenticate → admit → validate → resolve model → tool-call parsing
+    chat completions:  authenticate → admit → validate → built-in tools → resolve model
+                       → tool-call parsing
                        → session → size/choose variant → adapt for the engine → quota
                        → streaming → [schedule → engine call → response filters → respond]
                        → settle (quota, request log)
@@ -45,10 +46,12 @@ from apps.proxy.engine_call import (
     whole_answer,
 )
 from apps.proxy.responder import Responder
+from apps.proxy.tool_loop import answer_with_tools
 from apps.quotas.stage import quota_reserve, quota_settle
 from apps.request_logs.writer import log_row, request_log_writer
 from apps.sessions.stage import session_open
 from apps.tenants.stage import admit, authenticate
+from apps.tools.stage import built_in_tools
 
 Stage = Callable[[RequestContext], Awaitable[None]]
 Validator = Callable[[dict[str, Any]], None]
@@ -91,6 +94,7 @@ CHAT_COMPLETIONS = Pipeline(
         authenticate,
         admit,
         validated(validation.validate_chat),
+        built_in_tools,
         resolve_model,
         tool_call_parsing,
         session_open,
@@ -137,7 +141,12 @@ async def run_pipeline(pipeline: Pipeline, ctx: RequestContext, responder: Respo
 
 
 async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> None:
-    """Schedule, call the engine, and send its answer (whole, or streamed as it comes)."""
+    """Schedule, call the engine, and send its answer (whole, or streamed as it comes).
+    With built-in tools offered, the tool loop calls the engine round by round."""
+    tools = ctx.extras.get("tools")
+    if tools is not None:
+        await answer_with_tools(ctx, responder, path=path, tools=tools, settle=settle)
+        return
     async with engine_slot(ctx) as target:
         pin_session_slot(ctx, target)
         body = orjson.dumps(ctx.payload) if ctx.payload_changed else ctx.body
