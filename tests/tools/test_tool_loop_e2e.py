@@ -247,3 +247,19 @@ def test_the_session_stores_the_whole_exchange(engine_requests, tools_gateway, a
     assert json.loads(stored[2].payload["content"])["stdout"] == "4\n"
     assert stored[3].payload["content"].startswith("Tool said: ")
     assert runs(tenant=allowed_alice.tenant)[0].session_id == "tools-1"
+
+
+def test_the_model_searches_the_web_through_searxng(
+    engine_requests, tools_gateway, allowed_alice
+):
+    reply = client_for(tools_gateway, allowed_alice).chat.completions.create(
+        model=FAKE_MODEL,
+        messages=[{"role": "user", "content": "what is bubblewrap?"}],
+        tools=[{"type": "web_search"}],
+        extra_body=fake_call("web_search", query="bubblewrap sandbox"),
+    )
+    results = tool_result(reply.choices[0].message.content)["results"]
+    assert results[0]["url"] == "https://example.org/0"
+    assert results[0]["title"] == "Result 0 for bubblewrap sandbox"
+    run = wait_until(lambda: runs(tenant=allowed_alice.tenant))[0]
+    assert (run.tool, run.command_excerpt) == ("web_search", "bubblewrap sandbox")
