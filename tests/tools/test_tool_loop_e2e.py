@@ -249,9 +249,7 @@ def test_the_session_stores_the_whole_exchange(engine_requests, tools_gateway, a
     assert runs(tenant=allowed_alice.tenant)[0].session_id == "tools-1"
 
 
-def test_the_model_searches_the_web_through_searxng(
-    engine_requests, tools_gateway, allowed_alice
-):
+def test_the_model_searches_the_web_through_searxng(engine_requests, tools_gateway, allowed_alice):
     reply = client_for(tools_gateway, allowed_alice).chat.completions.create(
         model=FAKE_MODEL,
         messages=[{"role": "user", "content": "what is bubblewrap?"}],
