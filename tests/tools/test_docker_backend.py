@@ -39,7 +39,8 @@ async def test_it_asks_for_a_locked_down_container(docker_api):
     host = body["HostConfig"]
     assert body["Image"] == "python:3.11-slim"
     assert body["Cmd"] == ["python3", "-I", "-c", "print(6 * 7)"]
-    assert body["User"] == "65534:65534" and body["WorkingDir"] == "/sandbox"
+    assert body["User"] == "65534:65534"
+    assert body["WorkingDir"] == "/sandbox"
     assert set(body["Env"]) == {
         "PATH=/usr/local/bin:/usr/bin:/bin",
         "HOME=/sandbox",
@@ -72,8 +73,10 @@ async def test_it_kills_and_removes_a_container_at_the_timeout(docker_api):
     result = await sandbox_for(docker_api).run(
         tool_argv("python", "while True: pass"), limits=limits(timeout_seconds=1)
     )
-    assert result.timed_out and TIMEOUT in result.limits_hit
-    assert docker_api.killed.is_set() and docker_api.removed.is_set()
+    assert result.timed_out
+    assert TIMEOUT in result.limits_hit
+    assert docker_api.killed.is_set()
+    assert docker_api.removed.is_set()
 
 
 async def test_its_output_is_truncated(docker_api):
@@ -81,7 +84,8 @@ async def test_its_output_is_truncated(docker_api):
     result = await sandbox_for(docker_api).run(
         tool_argv("bash", "yes"), limits=limits(max_output_bytes=1000)
     )
-    assert result.output_truncated and OUTPUT in result.limits_hit
+    assert result.output_truncated
+    assert OUTPUT in result.limits_hit
     assert len(result.stdout) == 1000
 
 
@@ -113,7 +117,8 @@ def test_the_settings_choose_it(settings, docker_api):
     settings.TOOLS_DOCKER_URL = docker_api.url
     settings.TOOLS_DOCKER_IMAGE = "my/tools:1"
     sandbox = sandbox_from_settings()
-    assert isinstance(sandbox, DockerSandbox) and sandbox.image == "my/tools:1"
+    assert isinstance(sandbox, DockerSandbox)
+    assert sandbox.image == "my/tools:1"
     sandbox.check_available()  # pings the fake
 
 

@@ -34,7 +34,8 @@ async def test_the_rlimits_only_mode_runs_when_the_operator_allows_it(settings):
     assert "weaker" in describe_sandbox()
     result = await sandbox.run(tool_argv("bash", "echo $HOME; env | wc -l"), limits=limits())
     home, variables = result.stdout.split()
-    assert home.startswith("/tmp/tool-run-") and int(variables) <= 8
+    assert home.startswith("/tmp/tool-run-")
+    assert int(variables) <= 8
 
 
 def test_an_unknown_backend_is_refused(settings):

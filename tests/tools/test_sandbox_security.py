@@ -26,6 +26,10 @@ def sandbox() -> BwrapSandbox:
     return BwrapSandbox()
 
 
+def escaped(*paths) -> bool:
+    return any(os.path.exists(path) for path in paths)
+
+
 def python(code: str) -> list[str]:
     return tool_argv("python", code)
 
@@ -88,7 +92,8 @@ async def test_allocating_4_gb_fails(sandbox):
     code = "b = bytearray(4 * 1024**3)\nprint('allocated', len(b))"
     result = await sandbox.run(python(code), limits=limits())
     assert "allocated" not in result.stdout
-    assert "MemoryError" in result.stderr and MEMORY in result.limits_hit
+    assert "MemoryError" in result.stderr
+    assert MEMORY in result.limits_hit
 
 
 async def test_it_cannot_write_outside_its_work_dir(sandbox, tmp_path):
@@ -103,8 +108,7 @@ async def test_it_cannot_write_outside_its_work_dir(sandbox, tmp_path):
     )
     result = await sandbox.run(python(code), limits=limits())
     assert "wrote" not in result.stdout, result.stdout
-    assert not (open_dir / "escaped").exists()
-    assert not os.path.exists("/usr/escaped")
+    assert not escaped(open_dir / "escaped", "/usr/escaped")
 
 
 async def test_it_cannot_read_the_secret_key_data_dir_or_init_environ(sandbox, monkeypatch):
@@ -137,7 +141,9 @@ async def test_its_environment_holds_none_of_the_gateways_variables(sandbox, mon
 async def test_an_infinite_loop_stops_at_the_timeout(sandbox):
     started = time.perf_counter()
     result = await sandbox.run(python("while True: pass"), limits=limits(timeout_seconds=1))
-    assert result.timed_out and TIMEOUT in result.limits_hit and result.exit_code is None
+    assert result.timed_out
+    assert TIMEOUT in result.limits_hit
+    assert result.exit_code is None
     assert time.perf_counter() - started < 4
 
 
@@ -145,13 +151,15 @@ async def test_cpu_seconds_are_limited(sandbox):
     result = await sandbox.run(
         python("while True: pass"), limits=limits(timeout_seconds=10, cpu_seconds=1)
     )
-    assert CPU in result.limits_hit and not result.timed_out
+    assert CPU in result.limits_hit
+    assert not result.timed_out
 
 
 async def test_an_output_flood_is_truncated_and_stopped(sandbox):
     started = time.perf_counter()
     result = await sandbox.run(bash("yes flood"), limits=limits(max_output_bytes=10_000))
-    assert result.output_truncated and OUTPUT in result.limits_hit
+    assert result.output_truncated
+    assert OUTPUT in result.limits_hit
     assert len(result.stdout.encode()) + len(result.stderr.encode()) <= 10_000
     assert time.perf_counter() - started < 4  # stopped, not left to the timeout
 

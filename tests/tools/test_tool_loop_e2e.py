@@ -152,7 +152,8 @@ def test_calls_of_the_clients_own_functions_go_back_to_the_client(
         "get_weather",
         {"city": "Oslo"},
     )
-    assert len(engine_requests()) == 1 and not ToolRun.objects.exists()
+    assert len(engine_requests()) == 1
+    assert not ToolRun.objects.exists()
 
 
 def test_the_loop_stops_after_the_maximum_rounds(engine_requests, tools_gateway, allowed_alice):

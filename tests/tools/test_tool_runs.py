@@ -62,8 +62,10 @@ async def test_a_check_refuses_before_anything_runs(alice, sandbox_never_runs):
     }
     assert sandbox_never_runs == []
     run = await db(ToolRun.objects.get)()
-    assert run.blocked_by_safety and run.blocked_reason == "rm -rf / is not allowed here."
-    assert run.exit_code is None and run.command_excerpt == "rm -rf / --no-preserve-root"
+    assert run.blocked_by_safety
+    assert run.blocked_reason == "rm -rf / is not allowed here."
+    assert run.exit_code is None
+    assert run.command_excerpt == "rm -rf / --no-preserve-root"
 
 
 @pytest.mark.parametrize(
@@ -181,7 +183,8 @@ async def test_the_loop_asks_the_tool_checks_and_the_model_gets_the_refusal(
     }
     assert sandbox_never_runs == []
     run = await db(ToolRun.objects.get)()
-    assert run.blocked_by_safety and run.tool == "bash"
+    assert run.blocked_by_safety
+    assert run.tool == "bash"
 
 
 async def test_web_search_is_refused_when_not_configured(engine, alice, settings):
