@@ -262,3 +262,31 @@ def test_the_model_searches_the_web_through_searxng(engine_requests, tools_gatew
     assert results[0]["title"] == "Result 0 for bubblewrap sandbox"
     run = wait_until(lambda: runs(tenant=allowed_alice.tenant))[0]
     assert (run.tool, run.command_excerpt) == ("web_search", "bubblewrap sandbox")
+
+
+def test_a_round_the_quota_cannot_cover_stops_the_loop(
+    engine_requests, tools_gateway, allowed_alice
+):
+    from apps.quotas.services import quota_set
+
+    # Round 1 (a short prompt, max_tokens 10) fits in 600 tokens; round 2 carries the
+    # tool's 4 KB output (~800 words, which the fake engine's tokenizer counts) and cannot.
+    quota_set(tenant=allowed_alice.tenant, tokens=600, period="day")
+    with pytest.raises(openai.RateLimitError) as err:
+        client_for(tools_gateway, allowed_alice).chat.completions.create(
+            model=FAKE_MODEL,
+            messages=[{"role": "user", "content": "print a lot"}],
+            tools=[{"type": "python"}],
+            max_tokens=10,
+            extra_body=fake_call("python", code="print('word ' * 2000)"),
+        )
+    assert err.value.code == "insufficient_quota"
+    assert len(engine_requests()) == 1
+    assert wait_until(lambda: runs(tenant=allowed_alice.tenant))[0].exit_code is None  # cut
+    logs = wait_until(
+        lambda: (
+            len(request_logs(tenant=allowed_alice.tenant)) == 2
+            and request_logs(tenant=allowed_alice.tenant)
+        )
+    )
+    assert [log.status_code for log in logs] == [200, 429]
