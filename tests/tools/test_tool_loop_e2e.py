@@ -290,3 +290,22 @@ def test_a_round_the_quota_cannot_cover_stops_the_loop(
         )
     )
     assert [log.status_code for log in logs] == [200, 429]
+
+
+def test_a_streamed_loop_sends_one_usage_chunk_when_asked(
+    engine_requests, tools_gateway, allowed_alice
+):
+    chunks = list(
+        client_for(tools_gateway, allowed_alice).chat.completions.create(
+            model=FAKE_MODEL,
+            messages=[{"role": "user", "content": "count"}],
+            tools=[{"type": "python"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=fake_call("python", code="print(3)"),
+        )
+    )
+    usages = [c.usage for c in chunks if c.usage is not None]
+    assert len(usages) == 1
+    assert usages[0].completion_tokens == 4  # the final round's answer
+    assert len(engine_requests()) == 2
