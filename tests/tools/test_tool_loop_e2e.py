@@ -309,3 +309,30 @@ def test_a_streamed_loop_sends_one_usage_chunk_when_asked(
     assert len(usages) == 1
     assert usages[0].completion_tokens == 4  # the final round's answer
     assert len(engine_requests()) == 2
+
+
+def test_a_streamed_round_the_quota_cannot_cover_ends_with_an_error_event(
+    engine_requests, tools_gateway, allowed_alice
+):
+    from apps.quotas.services import quota_set
+
+    quota_set(tenant=allowed_alice.tenant, tokens=600, period="day")
+    body = {
+        "model": FAKE_MODEL,
+        "messages": [{"role": "user", "content": "print a lot"}],
+        "tools": [{"type": "python"}],
+        "max_tokens": 10,
+        "stream": True,
+        **fake_call("python", code="print('word ' * 2000)"),
+    }
+    response = httpx.post(
+        f"{tools_gateway.base_url}/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {allowed_alice.raw_key}"},
+        timeout=30,
+    )
+    events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+    assert response.status_code == 200  # the stream had started with round 1
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "insufficient_quota"
+    assert events[-1] == "data: [DONE]"
+    assert len(engine_requests()) == 1
