@@ -82,6 +82,12 @@ class Knobs:
     # Reply with exactly these pieces, one chunk each (split at chosen places); a header
     # carries them as a JSON array. Overrides `reply` and `chunks`.
     pieces: tuple[str, ...] | None = None
+    # Ask for a call of this tool (OpenAI tool_calls, arguments `tool_args`, a JSON text)
+    # until the conversation holds `tool_rounds` tool results; then reply
+    # "Tool said: <the last tool result>" (the server-side tool loop's tests).
+    tool_call: str | None = None
+    tool_args: str = "{}"
+    tool_rounds: int = 1
 
 
 KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
@@ -98,6 +104,9 @@ KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
     "pieces": lambda value: tuple(
         str(piece) for piece in (orjson.loads(value) if isinstance(value, str) else value)
     ),
+    "tool_call": _parse_str,
+    "tool_args": _parse_str,
+    "tool_rounds": int,
 }
 # Header lookups are precomputed: header parsing runs on every request of a benchmark.
 KNOB_HEADERS: tuple[tuple[str, str], ...] = tuple(
@@ -428,6 +437,16 @@ def guard_verdict(body: dict[str, Any], knobs: Knobs) -> Knobs:
     return dataclasses.replace(knobs, reply=reply, chunks=1, pieces=None)
 
 
+def tool_turn(knobs: Knobs, body: dict[str, Any]) -> Knobs:
+    """The `tool_call` knob's turn: call the tool again, or answer with its last result."""
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    results = [m for m in messages if isinstance(m, dict) and m.get("role") == "tool"]
+    if len(results) < knobs.tool_rounds:
+        return knobs
+    said = message_text(results[-1].get("content"))
+    return dataclasses.replace(knobs, tool_call=None, reply=f"Tool said: {said}", chunks=4)
+
+
 # --- the app ---------------------------------------------------------------------------
 
 
@@ -515,6 +534,8 @@ class FakeEngine:
         if knobs.pieces is not None:
             knobs = dataclasses.replace(knobs, chunks=len(knobs.pieces))
         knobs = guard_verdict(body, knobs)
+        if chat and knobs.tool_call:
+            knobs = tool_turn(knobs, body)
         completion = Completion(
             chat=chat,
             id=f"{'chatcmpl' if chat else 'cmpl'}-fake-{next(self._ids)}",
@@ -527,9 +548,37 @@ class FakeEngine:
         overflow = self.context_overflow(completion.prompt_tokens, body)
         if overflow is not None:
             return overflow
+        if knobs.tool_call:
+            return await self.call_tool(request, completion, stream=bool(body.get("stream")))
         if not body.get("stream"):
             return json_response(completion.full_response())
         return await self.stream(request, completion)
+
+    async def call_tool(
+        self, request: web.Request, completion: Completion, *, stream: bool
+    ) -> web.StreamResponse:
+        knobs = completion.knobs
+        call = {
+            "id": f"call_fake_{completion.id}",
+            "type": "function",
+            "function": {"name": knobs.tool_call, "arguments": knobs.tool_args},
+        }
+        usage = usage_of(completion.prompt_tokens, knobs.chunks)
+        if not stream:
+            data = completion.head("chat.completion")
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            data["choices"] = [{"index": 0, "message": message, "finish_reason": "tool_calls"}]
+            data["usage"] = usage
+            return json_response(data)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(completion.role_chunk() or b"")
+        await response.write(completion.chunk({"tool_calls": [{"index": 0, **call}]}, None, None))
+        tail = completion.chunk({}, None, "tool_calls")
+        if completion.include_usage:
+            tail += sse({**completion.head("chat.completion.chunk"), "choices": [], "usage": usage})
+        await response.write_eof(tail + SSE_DONE)
+        return response
 
     def context_overflow(self, prompt_tokens: int, body: dict[str, Any]) -> web.Response | None:
         """llama-server refuses a prompt (plus the asked-for answer) its context cannot hold."""

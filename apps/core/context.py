@@ -110,6 +110,9 @@ class RequestContext:
     before_finish: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     response_headers: Headers = field(default_factory=list)
     tool_checks: list[ToolCheck] = field(default_factory=list)
+    # Messages the gateway's tool loop added to this turn (the model's built-in tool calls
+    # and their results), stored in the session between the client's messages and the reply.
+    tool_exchange: list[dict[str, Any]] = field(default_factory=list)
     # Whatever a stage keeps for its own later steps, keyed by the stage's app name.
     extras: dict[str, Any] = field(default_factory=dict)
 

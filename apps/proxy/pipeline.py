@@ -7,7 +7,8 @@ through the response filters the stages added (tool-call parsing, ...), and, wha
 happened, the request is settled: the quota charged what was really used, the request
 logged.
 
-    chat completions:  authenticate → admit → validate → resolve model → tool-call parsing
+    chat completions:  authenticate → admit → validate → built-in tools → resolve model
+                       → input limits → tool-call parsing
                        → RAG retrieval → session → safety (prompt rules; response/tool
                        hooks) → RAG sources injected → size/choose variant → adapt for
                        the engine → cache → quota → streaming
@@ -63,12 +64,14 @@ from apps.proxy.reliability import (
 )
 from apps.proxy.responder import Responder
 from apps.proxy.sse import error_event
+from apps.proxy.tool_loop import answer_with_tools
 from apps.quotas.stage import quota_reserve, quota_settle
 from apps.rag.stage import rag_inject, rag_retrieve
 from apps.request_logs.writer import log_row, request_log_writer
 from apps.safety.stage import safety_action, safety_prompt, whole_precheck
 from apps.sessions.stage import session_open
 from apps.tenants.stage import admit, authenticate
+from apps.tools.stage import built_in_tools
 
 Stage = Callable[[RequestContext], Awaitable[None]]
 Validator = Callable[[dict[str, Any]], None]
@@ -125,6 +128,7 @@ CHAT_COMPLETIONS = Pipeline(
         authenticate,
         admit,
         validated(validation.validate_chat),
+        built_in_tools,
         resolve_model,
         input_limits,
         tool_call_parsing,
@@ -200,6 +204,10 @@ async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> Non
     hit = cached_hit(ctx)
     if hit is not None:
         return await send_cached(ctx, responder, hit)
+    tools = ctx.extras.get("tools")
+    if tools is not None:  # built-in tools offered: the tool loop calls the engine by rounds
+        await answer_with_tools(ctx, responder, path=path, tools=tools, settle=settle)
+        return
 
     async def attempt(avoid: frozenset[int], may_retry: Callable[[], bool]) -> None:
         assert ctx.variant is not None

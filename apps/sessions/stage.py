@@ -188,7 +188,7 @@ async def session_record(*, ctx: RequestContext, turn: SessionTurn) -> None:
         return  # nothing was generated: the turn is not stored (no question without answer)
     item = store.turn_item(
         session_pk=turn.session_pk,
-        new_messages=turn.new_messages,
+        new_messages=[*turn.new_messages, *ctx.tool_exchange],
         reply=ctx.reply,
         model=ctx.model,
         metrics=turn_metrics(ctx),

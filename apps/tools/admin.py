@@ -8,6 +8,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.http import HttpRequest, HttpResponse
 
+from apps.core.admin import ReadOnlyAdminMixin
 from apps.tools.models import ToolAccess, ToolRun
 from apps.tools.sandbox.config import describe_sandbox
 
@@ -35,7 +36,7 @@ class ToolAccessAdmin(SandboxNotice, admin.ModelAdmin):
 
 
 @admin.register(ToolRun)
-class ToolRunAdmin(SandboxNotice, admin.ModelAdmin):
+class ToolRunAdmin(SandboxNotice, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = [
         "created_at",
         "tenant",
@@ -52,11 +53,7 @@ class ToolRunAdmin(SandboxNotice, admin.ModelAdmin):
     date_hierarchy = "created_at"
     list_select_related = ["tenant", "api_key"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
+    superusers_may_delete = True  # old records
 
     @admin.display(description="command")
     def short_command(self, obj: ToolRun) -> str:

@@ -24,6 +24,7 @@ from apps.tools.sandbox.base import (
     FILE_SIZE,
     MEMORY,
     OUTPUT,
+    PROCESSES,
     TIMEOUT,
     FileInfo,
     RunLimits,
@@ -173,6 +174,8 @@ def _fill_result(result: RunResult, capture: _Capture, returncode: int | None) -
         result.hit(_SIGNAL_LIMITS[signo])
     if any(marker in result.stderr for marker in _MEMORY_ERRORS):
         result.hit(MEMORY)
+    if "fork" in result.stderr and "Resource temporarily unavailable" in result.stderr:
+        result.hit(PROCESSES)  # RLIMIT_NPROC: fork() failed with EAGAIN
 
 
 def _signal_of(returncode: int | None) -> int | None:

@@ -3,14 +3,15 @@ from __future__ import annotations
 from argparse import ArgumentParser
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from apps.core.commands import SetupCommand
 from apps.tenants.models import Tenant
 from apps.tools.models import BUILT_IN_TOOLS
 from apps.tools.services import tools_allow
 
 
-class Command(BaseCommand):
+class Command(SetupCommand):
     help = (
         "Set the built-in tools a tenant may use (python, bash, web_search): "
         "`allow_tools acme python bash`, or `allow_tools acme --none`."
