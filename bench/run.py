@@ -435,7 +435,7 @@ class Gateway:
             raise BenchError(f"manage.py {args[0]} failed{hint}:\n{output}")
         return proc
 
-    def setup(self, *, limits: bool) -> str:
+    def setup(self, *, limits: bool, ctx_size: int | None = None) -> str:
         """Migrate, create tenant, key and engine; return the raw API key.
 
         With `limits`, the tenant gets a token quota and a rate limit too (both far above
@@ -455,9 +455,9 @@ class Gateway:
             raise BenchError(f"create_api_key printed no sk-... key:\n{key_out.stdout}")
         # As many slots as connections: the fair queue never holds anything back, so the
         # run measures the pipeline's overhead, not queueing (direct calls have none).
-        self.manage(
-            "add_engine", "fake", "--base-url", self.engine_url, "--model", MODEL, "--slots", "64"
-        )
+        engine = ["add_engine", "fake", "--base-url", self.engine_url, "--model", MODEL]
+        engine += ["--slots", "64"] + (["--ctx-size", str(ctx_size)] if ctx_size else [])
+        self.manage(*engine)
         tokens, rpm = ("1000000000000", "10000000") if limits else ("0", "0")
         self.manage("set_quota", "bench", "--tokens", tokens, "--period", "day")
         self.manage("set_rate_limit", "bench", "--rpm", rpm)

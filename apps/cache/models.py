@@ -32,14 +32,14 @@ class CachePolicy(models.Model):
             ),
         ]
 
+    def __str__(self) -> str:
+        tenant = self.tenant.slug if self.tenant_id else "every tenant"
+        model = self.model.name if self.model_id else "every model"
+        return f"{tenant} / {model}: {self.ttl_seconds} s"
+
     def clean(self) -> None:
         super().clean()
         if self.tenant_id is None and self.model_id is None:
             raise ValidationError(
                 "Pick a tenant, a model, or both (RESPONSE_CACHE_SECONDS is the default)."
             )
-
-    def __str__(self) -> str:
-        tenant = self.tenant.slug if self.tenant_id else "every tenant"
-        model = self.model.name if self.model_id else "every model"
-        return f"{tenant} / {model}: {self.ttl_seconds} s"

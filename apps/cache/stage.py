@@ -73,7 +73,8 @@ async def response_cache(ctx: RequestContext) -> None:
     """The stage (after the model, variant and request are final, before the quota)."""
     if ctx.endpoint not in CACHEABLE_ENDPOINTS or ctx.session_id or not _deterministic(ctx):
         return
-    assert ctx.principal is not None and ctx.route is not None
+    assert ctx.principal is not None
+    assert ctx.route is not None
     ttl = await policies.ttl(tenant_id=ctx.principal.tenant_id, model_id=ctx.route.id)
     if ttl <= 0:
         return

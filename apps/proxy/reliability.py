@@ -79,7 +79,8 @@ class Budget:
 
 async def fallback_routes(ctx: RequestContext) -> list[ModelRoute]:
     """The model's fallbacks the tenant may use, in order (unknown ones skipped)."""
-    assert ctx.route is not None and ctx.principal is not None
+    assert ctx.route is not None
+    assert ctx.principal is not None
     if not ctx.route.fallbacks:
         return []
     snapshot = await registry.get()

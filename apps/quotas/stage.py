@@ -238,7 +238,8 @@ async def quota_reserve(ctx: RequestContext) -> None:
     else the heuristic, so the engine is not asked on every request. Only when that
     does not fit is the engine's tokenizer asked, and the exact count tried, so a quota
     that is nearly used up still admits what really fits."""
-    assert ctx.principal is not None and ctx.variant is not None
+    assert ctx.principal is not None
+    assert ctx.variant is not None
     if not principal_quotas(ctx.principal):
         return
     prompt = ctx.prompt_estimate
@@ -257,7 +258,8 @@ async def quota_reserve(ctx: RequestContext) -> None:
 
 
 async def _reserve_for(ctx: RequestContext, prompt: int) -> None:
-    assert ctx.principal is not None and ctx.variant is not None
+    assert ctx.principal is not None
+    assert ctx.variant is not None
     tokens = tokens_to_reserve(
         ctx.payload,
         prompt_tokens=prompt,

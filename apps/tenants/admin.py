@@ -9,6 +9,7 @@ from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.utils import timezone
 
+from apps.core.admin import ReadOnlyAdminMixin
 from apps.tenants.models import ApiKey, Tenant
 from apps.tenants.services import api_key_fill_new, api_key_revoke
 
@@ -27,7 +28,7 @@ def key_status(api_key: ApiKey) -> str:
     return "active"
 
 
-class ApiKeyInline(admin.TabularInline):
+class ApiKeyInline(ReadOnlyAdminMixin, admin.TabularInline):
     """The tenant's keys, read-only; each row links to the key's own page."""
 
     model = ApiKey
@@ -39,12 +40,6 @@ class ApiKeyInline(admin.TabularInline):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
         return super().get_queryset(request).select_related("tenant")
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(Tenant)

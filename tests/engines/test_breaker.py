@@ -42,7 +42,8 @@ def test_it_lets_one_probe_through_after_the_cool_down(breaker):
     assert breaker.allows("e", 0)
     breaker.success("e", 0)
     assert breaker.state("e", 0)["state"] == "closed"
-    assert breaker.allows("e", 0) and breaker.allows("e", 0)
+    assert breaker.allows("e", 0)
+    assert breaker.allows("e", 0)
 
 
 @pytest.mark.django_db

@@ -39,10 +39,12 @@ def test_it_charts_the_last_24_hours_and_the_top_tenants(admin_client, alice, bo
     response = admin_client.get(URL)
     assert response.status_code == 200
     html = response.content.decode()
-    assert "<strong>7</strong> requests" in html and "<strong>1</strong> errors" in html
+    assert "<strong>7</strong> requests" in html
+    assert "<strong>1</strong> errors" in html
     requests = bar_titles(html, "requests")
     assert len(requests) == 24
-    assert requests[-1].endswith(": 5 requests") and requests[-2].endswith(": 1 requests")
+    assert requests[-1].endswith(": 5 requests")
+    assert requests[-2].endswith(": 1 requests")
     assert requests[-4].endswith(": 1 requests")
     assert bar_titles(html, "tokens")[-2].endswith(": 100 tokens")
     assert bar_titles(html, "errors")[-4].endswith(": 1 errors")
