@@ -84,7 +84,7 @@ async def response_cache(ctx: RequestContext) -> None:
         state.status = "bypass"
     else:
         stored = await store.get(state.key)
-        metrics.CACHE_LOOKUPS.labels("hit" if stored else "miss").inc()
+        metrics.child(metrics.CACHE_LOOKUPS, "hit" if stored else "miss").inc()
         if stored is not None:
             state.status, state.answer = "hit", orjson.loads(stored)
             usage = state.answer.get("usage") or {}

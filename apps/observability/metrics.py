@@ -13,8 +13,7 @@ updates in memory, no database work. README ("Metrics") lists every metric.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -121,21 +120,14 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-@contextmanager
-def waiting_for(engine: str) -> Iterator[None]:
-    gauge = QUEUED.labels(engine)
-    gauge.inc()
-    try:
-        yield
-    finally:
-        gauge.dec()
+_children: dict[tuple, Any] = {}
 
 
-@contextmanager
-def serving(engine: str) -> Iterator[None]:
-    gauge = IN_FLIGHT.labels(engine)
-    gauge.inc()
-    try:
-        yield
-    finally:
-        gauge.dec()
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once: prometheus-client validates the labels and
+    takes a lock on every labels() call, several times per request otherwise."""
+    key = (metric, labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found

@@ -6,6 +6,7 @@ import time
 
 from apps.core.context import RequestContext
 from apps.observability import metrics
+from apps.observability.metrics import child
 
 QUOTA_CODES = frozenset({"insufficient_quota"})
 RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded"})
@@ -15,19 +16,19 @@ def record_request(ctx: RequestContext) -> None:
     """Counters and histograms only: in memory (or the workers' shared files)."""
     tenant = ctx.principal.tenant_slug if ctx.principal is not None else ""
     model = ctx.model or "-"
-    metrics.REQUESTS.labels(ctx.endpoint, model, tenant, str(ctx.status or 0)).inc()
-    metrics.DURATION.labels(ctx.endpoint, model).observe(time.perf_counter() - ctx.started)
+    child(metrics.REQUESTS, ctx.endpoint, model, tenant, str(ctx.status or 0)).inc()
+    child(metrics.DURATION, ctx.endpoint, model).observe(time.perf_counter() - ctx.started)
     if ctx.first_token_at is not None:
-        metrics.TTFT.labels(ctx.endpoint, model).observe(ctx.first_token_at - ctx.started)
+        child(metrics.TTFT, ctx.endpoint, model).observe(ctx.first_token_at - ctx.started)
     if ctx.prompt_tokens:
-        metrics.TOKENS.labels(model, tenant, "prompt").inc(ctx.prompt_tokens)
+        child(metrics.TOKENS, model, tenant, "prompt").inc(ctx.prompt_tokens)
     if ctx.completion_tokens:
-        metrics.TOKENS.labels(model, tenant, "completion").inc(ctx.completion_tokens)
+        child(metrics.TOKENS, model, tenant, "completion").inc(ctx.completion_tokens)
         _record_speed(ctx, model)
     if ctx.error_code in QUOTA_CODES:
-        metrics.QUOTA_REFUSALS.labels(tenant).inc()
+        child(metrics.QUOTA_REFUSALS, tenant).inc()
     elif ctx.error_code in RATE_LIMIT_CODES:
-        metrics.RATE_LIMIT_REFUSALS.labels(tenant).inc()
+        child(metrics.RATE_LIMIT_REFUSALS, tenant).inc()
 
 
 def _record_speed(ctx: RequestContext, model: str) -> None:
@@ -42,4 +43,4 @@ def _record_speed(ctx: RequestContext, model: str) -> None:
         if elapsed > 0 and ctx.completion_tokens > 1:
             speed = (ctx.completion_tokens - 1) / elapsed
     if speed:
-        metrics.TOKENS_PER_SECOND.labels(model).observe(speed)
+        child(metrics.TOKENS_PER_SECOND, model).observe(speed)

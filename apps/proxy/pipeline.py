@@ -42,6 +42,7 @@ from apps.engines.stage import (
     tool_call_parsing,
 )
 from apps.observability import metrics, tracing
+from apps.observability.metrics import child
 from apps.observability.recording import record_request
 from apps.proxy import validation
 from apps.proxy.cached import cached_hit, send_cached, unless_cached
@@ -211,7 +212,7 @@ async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> Non
 
     async def attempt(avoid: frozenset[int], may_retry: Callable[[], bool]) -> None:
         assert ctx.variant is not None
-        queued = metrics.QUEUED.labels(ctx.variant.engine.name)
+        queued = child(metrics.QUEUED, ctx.variant.engine.name)
         queued.inc()
         waiting = True
         try:
@@ -219,8 +220,12 @@ async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> Non
             async with engine_slot(ctx, avoid=avoid, progress=progress) as target:
                 queued.dec()
                 waiting = False
-                with metrics.serving(target.engine.name):
+                in_flight = child(metrics.IN_FLIGHT, target.engine.name)
+                in_flight.inc()
+                try:
                     await _call_engine(ctx, responder, target, path=path, may_retry=may_retry)
+                finally:
+                    in_flight.dec()
         except ApiError as err:
             if err.code == "engine_unreachable" and not responder.started and not waiting:
                 raise RetryableFailure(target, err) from None

@@ -59,6 +59,9 @@ def test_it_answers_a_repeated_deterministic_request_from_the_cache(
     # A hit spends nothing; it saved what the first answer cost.
     assert (logs[1].prompt_tokens, logs[1].completion_tokens, logs[1].engine) == (0, 0, "")
     assert logs[1].cache_saved_tokens == logs[0].prompt_tokens + logs[0].completion_tokens
+    metrics = httpx.get(f"{cached.url}/metrics").text
+    assert 'gateway_cache_lookups_total{result="hit"} 1.0' in metrics
+    assert 'gateway_cache_lookups_total{result="miss"} 1.0' in metrics
 
 
 def test_it_replays_a_hit_as_a_stream_and_caches_streamed_answers(

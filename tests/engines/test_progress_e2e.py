@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import GatewayProcess, start_gateway
@@ -22,7 +23,7 @@ BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 def slow_gateway(db, tmp_path: Path) -> Iterator[GatewayProcess]:
     from django.db import connection
 
-    env = {**gateway_env(tmp_path), "ENGINE_PROGRESS_SECONDS": "1"}
+    env = {**gateway_env(tmp_path), "ENGINE_PROGRESS_SECONDS": "1", "METRICS_TOKEN": "t"}
     gateway = start_gateway(connection.settings_dict, tmp_path / "gateway.log", env=env)
     yield gateway
     gateway.stop()
@@ -52,6 +53,26 @@ def test_it_sends_loading_comments_while_the_engine_starts(slow_gateway, alice) 
     assert any('"content"' in line for line in data[:-1])
     # Running now: no comments for the next stream.
     assert not [line for line in stream_lines(slow_gateway, alice) if line.startswith(":")]
+    # The detailed health shows the replica that started, and the metrics its load time.
+    health = httpx.get(
+        f"{slow_gateway.url}/health/detailed", headers={"Authorization": "Bearer t"}
+    ).json()
+    (engine,) = health["engines"]
+    (replica,) = engine["replicas"]
+    assert (replica["state"], replica["variant"], replica["last_error"]) == (
+        "running", "fake-model ctx=1024", "",
+    )  # fmt: skip
+    assert psutil.pid_exists(replica["pid"])
+    assert (engine["slots_in_use"], engine["queued"], replica["circuit"]["state"]) == (
+        0, 0, "closed",
+    )  # fmt: skip
+    metrics = httpx.get(f"{slow_gateway.url}/metrics", headers={"Authorization": "Bearer t"})
+    assert 'gateway_engine_starts_total{engine="local"} 1.0' in metrics.text
+    load = [
+        line for line in metrics.text.splitlines()
+        if line.startswith('gateway_engine_load_duration_seconds_sum{engine="local"}')
+    ]  # fmt: skip
+    assert float(load[0].split()[-1]) >= 3.5
 
 
 def test_a_whole_request_just_waits(slow_gateway, alice) -> None:

@@ -71,6 +71,7 @@ def test_it_adds_up_requests_and_tokens_across_workers(two_workers, alice, bob, 
         assert total(samples, "gateway_tokens_total", tenant="alice", kind="prompt") == 13
         assert total(samples, "gateway_request_duration_seconds_count", model=FAKE_MODEL) >= 14
         assert total(samples, "gateway_time_to_first_token_seconds_count") >= 13
+        assert total(samples, "gateway_tokens_per_second_count", model=FAKE_MODEL) >= 13
         assert total(samples, "gateway_engine_in_flight", engine="fake") == 0
         assert total(samples, "gateway_engine_queued", engine="fake") == 0
 

@@ -3,6 +3,8 @@ gateway with fake engine processes (one of them killed mid-run)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -35,6 +37,7 @@ def reliable(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[G
         "CIRCUIT_BREAKER_FAILURES": "3",
         "CIRCUIT_BREAKER_COOLDOWN_SECONDS": "60",
         "METRICS_TOKEN": "ops-token",
+        "SCHEDULER_MAX_WAIT_SECONDS": "1",
     }
     log_path = tmp_path_factory.mktemp("reliable") / "gateway.log"
     gateway = start_gateway(connection.settings_dict, log_path, env=env)
@@ -164,3 +167,22 @@ def test_it_never_falls_back_to_a_model_the_tenant_may_not_use(
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "engine_unreachable"
     assert chat_requests(fake_engine) == []
+
+
+def test_it_sends_an_overloaded_models_request_to_its_fallback(
+    reliable, alice, engine, fake_engine
+):
+    engine_register_external(name="narrow", base_url=fake_engine.url, models=["narrow"], slots=1)
+    served_model_set_fallbacks(name="narrow", fallbacks=[FAKE_MODEL])
+    slow: list[httpx.Response] = []
+    holder = threading.Thread(
+        target=lambda: slow.append(chat(reliable, alice, "narrow", fake={"delay": 3}))
+    )
+    holder.start()
+    time.sleep(0.7)  # the one slot is taken; the next request waits 1 s, then falls back
+    response = chat(reliable, alice, "narrow")
+    holder.join()
+    assert response.status_code == 200
+    assert response.headers["x-gateway-model"] == FAKE_MODEL
+    assert response.json()["model"] == FAKE_MODEL
+    assert slow[0].headers["x-gateway-model"] == "narrow"
