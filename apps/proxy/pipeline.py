@@ -185,4 +185,5 @@ def request_log_row(ctx: RequestContext) -> tuple:
         client_disconnected=ctx.client_disconnected,
         ttft_ms=ttft,
         latency_ms=(time.perf_counter() - ctx.started) * 1000,
+        cost=ctx.extras.get("cost"),  # set by quota_settle (apps/quotas/stage.py)
     )

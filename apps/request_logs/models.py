@@ -31,6 +31,13 @@ class RequestLog(models.Model):
     client_disconnected = models.BooleanField(default=False)
     ttft_ms = models.FloatField(null=True, blank=True, help_text="Time to first token (ms).")
     latency_ms = models.FloatField(help_text="Total time in the gateway (ms).")
+    cost = models.DecimalField(
+        max_digits=24,
+        decimal_places=12,
+        null=True,
+        blank=True,
+        help_text="What the request cost at its model's prices; empty: the model has none.",
+    )
 
     class Meta:
         db_table = "proxy_requestlog"  # created by the proxy app, which owned it first

@@ -40,6 +40,7 @@ LOG_COLUMNS = (
     "client_disconnected",
     "ttft_ms",
     "latency_ms",
+    "cost",
 )
 _API_KEY_INDEX = LOG_COLUMNS.index("api_key_id")
 
