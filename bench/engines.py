@@ -534,14 +534,14 @@ async def healthy(http: aiohttp.ClientSession, url: str) -> bool:
         return False
 
 
-async def wait_healthy(proc: asyncio.subprocess.Process, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_healthy(proc: asyncio.subprocess.Process, url: str, within: float) -> None:
+    deadline = time.monotonic() + within
     async with aiohttp.ClientSession() as http:
         while not await healthy(http, url):
             if proc.returncode is not None:
                 raise BenchError(f"engine exited with {proc.returncode} (see {OWN_START_LOG})")
             if time.monotonic() > deadline:
-                raise BenchError(f"engine not healthy at {url} after {timeout:g} s")
+                raise BenchError(f"engine not healthy at {url} after {within:g} s")
             await asyncio.sleep(OWN_HEALTH_POLL)
 
 

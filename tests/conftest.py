@@ -8,10 +8,12 @@ database, so those tests use transactional DB access (their writes must be commi
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -219,3 +221,27 @@ def request_logs(**filters) -> list:
     from apps.request_logs.models import RequestLog
 
     return list(RequestLog.objects.filter(**filters).order_by("created_at"))
+
+
+@pytest.fixture
+def data_dir():
+    """A fresh DATA_DIR (its own embedded PostgreSQL, never migrated) outside pytest's tmp
+    root: that root is 0700 and re-restricted by every pytest session, while the embedded
+    server runs as another (system) user."""
+    path = Path(tempfile.mkdtemp(prefix="fresh-data-", dir=ROOT / "var"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def manage(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """`manage.py <args>` in a subprocess on `data_dir`'s own database."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ADMIN_PASSWORD")}
+    env["DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -769,7 +769,8 @@ class FakeEngineProcess:
 
     def _read_port(self, timeout: float) -> int:
         """Wait for the `LISTENING <port>` line without blocking past the timeout."""
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None
+        assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout
         buffer = b""

@@ -51,7 +51,8 @@ def test_non_streaming_chat(client: httpx.Client) -> None:
     data = response.json()
     assert data["object"] == "chat.completion"
     assert data["model"] == "m1"
-    assert data["id"] and isinstance(data["created"], int)
+    assert data["id"]
+    assert isinstance(data["created"], int)
     assert data["choices"][0]["message"] == {"role": "assistant", "content": "w0 w1 w2 w3 w4 "}
     assert data["choices"][0]["finish_reason"] == "stop"
     # "be brief" + "hello there friend" = 5 words.
@@ -62,7 +63,8 @@ def test_non_streaming_chat(client: httpx.Client) -> None:
         "prompt_tokens_details": {"cached_tokens": 0},
     }
     timings = data["timings"]
-    assert timings["prompt_n"] == 5 and timings["predicted_n"] == 5
+    assert timings["prompt_n"] == 5
+    assert timings["predicted_n"] == 5
     assert {"prompt_ms", "predicted_ms", "cache_n"} <= timings.keys()
 
 
@@ -82,7 +84,8 @@ def test_body_knobs_win_over_headers(client: httpx.Client) -> None:
     body = {**CHAT_BODY, "fake": {"chunks": 3, "no_usage": True}}
     data = client.post("/v1/chat/completions", json=body, headers={"X-Fake-Chunks": "7"}).json()
     assert data["choices"][0]["message"]["content"] == "w0 w1 w2 "
-    assert "usage" not in data and "timings" not in data
+    assert "usage" not in data
+    assert "timings" not in data
 
 
 def test_streaming_without_usage(client: httpx.Client) -> None:
@@ -117,7 +120,9 @@ def test_streaming_with_include_usage(client: httpx.Client) -> None:
     assert usage_chunk["timings"]["predicted_n"] == 5
 
 
-@pytest.mark.parametrize("status,kind", [(503, "server_error"), (429, "invalid_request_error")])
+@pytest.mark.parametrize(
+    ("status", "kind"), [(503, "server_error"), (429, "invalid_request_error")]
+)
 def test_error_status(client: httpx.Client, status: int, kind: str) -> None:
     body = {**CHAT_BODY, "fake": {"error_status": status}}
     response = client.post("/v1/chat/completions", json=body)
@@ -146,8 +151,7 @@ def test_drop_after_breaks_the_stream(client: httpx.Client, chunk_delay: float) 
         pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)),
         client.stream("POST", "/v1/chat/completions", json=body) as response,
     ):
-        for line in response.iter_lines():
-            received.append(line)
+        received.extend(response.iter_lines())  # keeps the lines read before the break
     events = sse_events(iter(received))
     assert "[DONE]" not in events
     assert [e["choices"][0]["delta"].get("content") for e in events[1:]] == ["w0 ", "w1 "]
@@ -180,11 +184,13 @@ def test_recording_shape(engine: FakeEngineProcess, client: httpx.Client) -> Non
     client.post("/tokenize", json={"content": "a b c"}, headers={"X-Custom-Header": "yes"})
     client.get("/_fake/requests")  # inspection calls are not recorded
     (record,) = engine.requests()
-    assert record["path"] == "/tokenize" and record["method"] == "POST"
+    assert record["path"] == "/tokenize"
+    assert record["method"] == "POST"
     assert record["headers"]["X-Custom-Header"] == "yes"
     assert record["body"] == {"content": "a b c"}
     assert record["finished_at"] >= record["started_at"]
-    assert record["cancelled"] is False and record["cancelled_at"] is None
+    assert record["cancelled"] is False
+    assert record["cancelled_at"] is None
 
 
 def test_auxiliary_endpoints(client: httpx.Client) -> None:
@@ -192,21 +198,25 @@ def test_auxiliary_endpoints(client: httpx.Client) -> None:
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["m1", "m2"]
     tokens = client.post("/tokenize", json={"content": "hello there"}).json()["tokens"]
-    assert len(tokens) == 2 and all(isinstance(t, int) for t in tokens)
+    assert len(tokens) == 2
+    assert all(isinstance(t, int) for t in tokens)
     prompt = client.post("/apply-template", json={"messages": CHAT_BODY["messages"]}).json()
     assert prompt["prompt"] == "<|system|>\nbe brief\n<|user|>\nhello there friend\n<|assistant|>\n"
     props = client.get("/props").json()
     assert props["default_generation_settings"]["n_ctx"] == 4096
     assert props["total_slots"] == 4
     missing = client.get("/nope")
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == 404
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == 404
 
 
 def test_embeddings_are_deterministic_unit_vectors(client: httpx.Client) -> None:
     data = client.post("/v1/embeddings", json={"input": ["a b", "a b", "c"]}).json()
     vectors = [d["embedding"] for d in data["data"]]
-    assert data["object"] == "list" and [d["index"] for d in data["data"]] == [0, 1, 2]
-    assert len(vectors[0]) == 8 and vectors[0] == vectors[1] != vectors[2]
+    assert data["object"] == "list"
+    assert [d["index"] for d in data["data"]] == [0, 1, 2]
+    assert len(vectors[0]) == 8
+    assert vectors[0] == vectors[1] != vectors[2]
     assert abs(sum(x * x for x in vectors[2]) - 1.0) < 1e-9
     wide = client.post("/v1/embeddings", json={"input": "x", "dimensions": 32}).json()
     assert len(wide["data"][0]["embedding"]) == 32

@@ -11,6 +11,7 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.views.decorators.http import require_POST
 
+from apps.core.admin import ReadOnlyAdminMixin
 from apps.engines.models import Engine, EngineInstance, EngineVariant, ServedModel
 from apps.engines.scheduler_service import scheduler_stats
 from apps.engines.selectors import (
@@ -226,7 +227,7 @@ class EngineAdmin(admin.ModelAdmin):
         return super().change_view(request, object_id, form_url, extra_context=context)
 
 
-class ServedVariantInline(admin.TabularInline):
+class ServedVariantInline(ReadOnlyAdminMixin, admin.TabularInline):
     """Which engines serve the model, at which context sizes (edit them on the engine)."""
 
     model = EngineVariant
@@ -238,12 +239,6 @@ class ServedVariantInline(admin.TabularInline):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[EngineVariant]:
         return super().get_queryset(request).select_related("engine", "model")
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(ServedModel)

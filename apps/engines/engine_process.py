@@ -162,11 +162,11 @@ class EngineProcess:
         await asyncio.wait({self._pump}, timeout=1.0)
         return code
 
-    async def wait_healthy(self, *, timeout: float, flavor: str, label: str) -> None:
+    async def wait_healthy(self, *, within: float, flavor: str, label: str) -> None:
         """Poll the health endpoint until 200; EngineStartError if the process exits first
-        or stays unhealthy past `timeout`."""
+        or stays unhealthy past `within` seconds."""
         url = self.base_url + health_path(flavor)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         interval = _HEALTH_POLL_START
         exited = asyncio.ensure_future(self.wait())
         try:
@@ -178,7 +178,7 @@ class EngineProcess:
                     if await _probe(http, url, min(2.0, max(remaining, 0.1))):
                         return
                     if time.monotonic() >= deadline:
-                        raise self._unhealthy_error(label, url, timeout)
+                        raise self._unhealthy_error(label, url, within)
                     await asyncio.wait({exited}, timeout=interval)
                     interval = min(interval * 1.5, _HEALTH_POLL_MAX)
         finally:
@@ -222,9 +222,9 @@ class EngineProcess:
         return code
 
 
-async def _probe(http: aiohttp.ClientSession, url: str, timeout: float) -> bool:
+async def _probe(http: aiohttp.ClientSession, url: str, seconds: float) -> bool:
     try:
-        async with http.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with http.get(url, timeout=aiohttp.ClientTimeout(total=seconds)) as resp:
             await resp.read()
             return resp.status == 200
     except (TimeoutError, aiohttp.ClientError, OSError):

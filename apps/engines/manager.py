@@ -237,15 +237,15 @@ class Signal:
         self._event.set()
         self._event = asyncio.Event()
 
-    async def wait(self, timeout: float | None = None) -> None:
-        if timeout is None:
+    async def wait(self, seconds: float | None = None) -> None:
+        if seconds is None:
             await self._event.wait()
             return
         # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow a cancellation
         # that arrives as the event fires.
         waiter = asyncio.ensure_future(self._event.wait())
         try:
-            await asyncio.wait({waiter}, timeout=timeout)
+            await asyncio.wait({waiter}, timeout=seconds)
         finally:
             waiter.cancel()
 
@@ -567,7 +567,7 @@ class Replica:
         await self.sync()
         try:
             await process.wait_healthy(
-                timeout=self.engine.startup_timeout_seconds, flavor=self.engine.flavor, label=label
+                within=self.engine.startup_timeout_seconds, flavor=self.engine.flavor, label=label
             )
         except EngineStartError:
             await self._stop_process()

@@ -104,6 +104,11 @@ class Engine(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def save(self, *args, **kwargs) -> None:
+        self.base_url = self.base_url.rstrip("/")
+        self.extra_base_urls = [url.rstrip("/") for url in self.extra_base_urls]
+        super().save(*args, **kwargs)
+
     def clean(self) -> None:
         super().clean()
         if self.kind == self.Kind.MANAGED:
@@ -122,11 +127,6 @@ class Engine(models.Model):
             raise ValidationError(
                 {"base_url": "A managed engine gets its URL from the gateway; leave it empty."}
             )
-
-    def save(self, *args, **kwargs) -> None:
-        self.base_url = self.base_url.rstrip("/")
-        self.extra_base_urls = [url.rstrip("/") for url in self.extra_base_urls]
-        super().save(*args, **kwargs)
 
     @property
     def is_managed(self) -> bool:
@@ -212,6 +212,11 @@ class EngineVariant(models.Model):
             ),
         ]
 
+    def __str__(self) -> str:
+        ctx = f" ctx={self.ctx_size}" if self.ctx_size else ""
+        path = f" {self.model_path}" if self.model_path else ""
+        return f"{self.model.name} on {self.engine.name}{ctx}{path}"
+
     def clean(self) -> None:
         super().clean()
         if self.model_path:
@@ -236,11 +241,6 @@ class EngineVariant(models.Model):
             raise ValidationError({"model_path": "The engine's command uses {model_path}."})
         if needs_ctx and not self.ctx_size:
             raise ValidationError({"ctx_size": f"The engine's command uses {{{needs_ctx}}}."})
-
-    def __str__(self) -> str:
-        ctx = f" ctx={self.ctx_size}" if self.ctx_size else ""
-        path = f" {self.model_path}" if self.model_path else ""
-        return f"{self.model.name} on {self.engine.name}{ctx}{path}"
 
     @property
     def label(self) -> str:

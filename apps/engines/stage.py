@@ -70,7 +70,8 @@ async def choose_variant_by_size(ctx: RequestContext) -> None:
 async def adapt_for_engine(ctx: RequestContext) -> None:
     """Engine-specific request changes once the variant is known, the model's own name (an
     alias or a tier means nothing to the engine), and the prompt's heuristic size."""
-    assert ctx.variant is not None and ctx.route is not None
+    assert ctx.variant is not None
+    assert ctx.route is not None
     engine = ctx.variant.engine
     ctx.engine = engine.name
     if ctx.endpoint in GENERATING_ENDPOINTS and adapt_response_format(ctx.payload, engine.flavor):
@@ -198,7 +199,8 @@ async def engine_slot(ctx: RequestContext) -> AsyncIterator[EngineTarget]:
 
 @asynccontextmanager
 async def _scheduled(ctx: RequestContext) -> AsyncIterator[Placement]:
-    assert ctx.principal is not None and ctx.variant is not None
+    assert ctx.principal is not None
+    assert ctx.variant is not None
     engine = ctx.variant.engine
     lease = worker_scheduler().slot(
         engine.name,

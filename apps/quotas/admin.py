@@ -14,6 +14,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from apps.core.admin import ReadOnlyAdminMixin
 from apps.quotas.charts import spend_chart, usage_chart
 from apps.quotas.costs import money
 from apps.quotas.models import Quota, QuotaWindow, Reservation, Unit, Usage
@@ -128,19 +129,8 @@ class QuotaAdmin(admin.ModelAdmin):
         return format_html('<a href="{}">usage of {}</a>', usage_url(obj.tenant_id), obj.tenant)
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-
 @admin.register(QuotaWindow)
-class QuotaWindowAdmin(ReadOnlyAdmin):
+class QuotaWindowAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """Windows are written only by reservations and settlements."""
 
     list_display = ["quota", "window_start", "used_tokens", "reserved_tokens"]
@@ -152,7 +142,7 @@ class QuotaWindowAdmin(ReadOnlyAdmin):
 
 
 @admin.register(Reservation)
-class ReservationAdmin(ReadOnlyAdmin):
+class ReservationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """Requests in flight. Deleting one here would leak its tokens, hence read-only; stale
     ones are released by the sweep (`release_stale_reservations`), which sets released_at."""
 
@@ -162,7 +152,7 @@ class ReservationAdmin(ReadOnlyAdmin):
 
 
 @admin.register(Usage)
-class UsageAdmin(ReadOnlyAdmin):
+class UsageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """The admin index entry "Usage by tenant": tenants, each linking to its usage page."""
 
     list_display = ["slug", "name", "active", "tokens_last_30_days", "usage"]

@@ -257,7 +257,8 @@ async def quota_reserve(ctx: RequestContext) -> None:
     else the heuristic, so the engine is not asked on every request. Only when that
     does not fit is the engine's tokenizer asked, and the exact count tried, so a quota
     or budget that is nearly used up still admits what really fits."""
-    assert ctx.principal is not None and ctx.variant is not None
+    assert ctx.principal is not None
+    assert ctx.variant is not None
     ctx.extras[PRICES] = await prices_of(ctx.model)
     if not principal_quotas(ctx.principal) and not _budgets_apply(ctx):
         return
@@ -283,7 +284,8 @@ def _budgets_apply(ctx: RequestContext) -> bool:
 
 
 async def _reserve_for(ctx: RequestContext, prompt: int) -> None:
-    assert ctx.principal is not None and ctx.variant is not None
+    assert ctx.principal is not None
+    assert ctx.variant is not None
     tokens = tokens_to_reserve(
         ctx.payload,
         prompt_tokens=prompt,

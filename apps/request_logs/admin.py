@@ -1,35 +1,28 @@
 from __future__ import annotations
 
-from typing import Any
-
 from django.contrib import admin
-from django.http import HttpRequest
 
+from apps.core.admin import ReadOnlyAdminMixin
 from apps.request_logs.models import RequestLog
+from apps.request_logs.writer import LOG_COLUMNS
+
+# The columns the writer stores, in its order; these show as something more readable.
+SHOWN_AS = {"tenant_id": "tenant", "api_key_id": "key", "ttft_ms": "ttft", "latency_ms": "latency"}
+ON_ITS_PAGE = {**SHOWN_AS, "api_key_id": "api_key"}  # the key links to its page there
+
+
+def milliseconds(value: float | None) -> str:
+    return "-" if value is None else f"{round(value)} ms"
 
 
 @admin.register(RequestLog)
-class RequestLogAdmin(admin.ModelAdmin):
+class RequestLogAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """Read-only: logs are written by the gateway; superusers may delete old ones."""
 
-    list_display = [
-        "created_at",
-        "tenant",
-        "key",
-        "endpoint",
-        "model",
-        "engine",
-        "stream",
-        "status_code",
-        "error_code",
-        "prompt_tokens",
-        "cached_tokens",
-        "completion_tokens",
-        "ttft_ms",
-        "latency_ms",
-        "client_disconnected",
-        "usage_estimated",
-    ]
+    superusers_may_delete = True
+    list_display = [SHOWN_AS.get(column, column) for column in LOG_COLUMNS]
+    fields = [ON_ITS_PAGE.get(column, column) for column in LOG_COLUMNS]
+    readonly_fields = ["ttft", "latency"]
     list_filter = ["tenant", "status_code", "endpoint", "stream", "client_disconnected"]
     list_select_related = ["tenant", "api_key"]
     search_fields = ["model", "engine", "tenant__slug"]
@@ -40,11 +33,10 @@ class RequestLogAdmin(admin.ModelAdmin):
     def key(self, obj: RequestLog) -> str:
         return obj.api_key.name if obj.api_key else "-"
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
+    @admin.display(description="time to first token", ordering="ttft_ms")
+    def ttft(self, obj: RequestLog) -> str:
+        return milliseconds(obj.ttft_ms)
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.user.is_superuser
+    @admin.display(description="latency", ordering="latency_ms")
+    def latency(self, obj: RequestLog) -> str:
+        return milliseconds(obj.latency_ms)

@@ -10,6 +10,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
+from apps.core.admin import ReadOnlyAdminMixin
 from apps.sessions.models import ChatSession, Message
 
 PREVIEW_CHARS = 120
@@ -84,19 +85,13 @@ METRIC_COLUMNS = [
 ]
 
 
-class MessageInline(MessageMetrics, admin.TabularInline):
+class MessageInline(ReadOnlyAdminMixin, MessageMetrics, admin.TabularInline):
     model = Message
     fields = ["position", "role", "content_preview", *METRIC_COLUMNS, "model", "created_at"]
     readonly_fields = fields
     extra = 0
     can_delete = False
     show_change_link = True
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(ChatSession)
@@ -146,8 +141,10 @@ class ChatSessionAdmin(admin.ModelAdmin):
 
 
 @admin.register(Message)
-class MessageAdmin(MessageMetrics, admin.ModelAdmin):
-    """Read-only: messages are written by the gateway."""
+class MessageAdmin(ReadOnlyAdminMixin, MessageMetrics, admin.ModelAdmin):
+    """Read-only: messages are written by the gateway; superusers may delete old ones."""
+
+    superusers_may_delete = True
 
     list_display = [
         "created_at",
@@ -171,12 +168,3 @@ class MessageAdmin(MessageMetrics, admin.ModelAdmin):
     @admin.display(description="tenant", ordering="session__tenant__slug")
     def tenant(self, obj: Message) -> str:
         return obj.session.tenant.slug
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.user.is_superuser

@@ -39,16 +39,17 @@ _record_alone = database_sync_to_async(store.record_now, thread_sensitive=False)
 
 
 async def _load(
-    *, tenant_id: int, external_id: str, variant_system_prompt: str
+    *, tenant_id: int, external_id: str, variant: VariantRoute
 ) -> sessions.SessionContext:
-    """The session, opened in the next batch (alone on a thread if that batch fails)."""
-    item = store.open_item(tenant_id=tenant_id, external_id=external_id)
+    """The session, opened in the next batch (alone on a thread if that batch fails), with
+    only the history that could fit the variant's context."""
+    item = store.open_item(tenant_id=tenant_id, external_id=external_id, cap=variant.ctx_size)
     try:
         row = await asyncio.shield(store.open_batcher.submit(orjson.dumps(item)))
     except psycopg.Error:
         logger.warning("session open batch failed; opening alone", exc_info=True)
         row = await _open_alone(item)
-    return sessions.session_context(row, variant_system_prompt=variant_system_prompt)
+    return sessions.session_context(row, variant_system_prompt=variant.system_prompt)
 
 
 async def session_store_close() -> None:
@@ -70,7 +71,7 @@ class SessionTurn:
     session_pk: int
     new_messages: list[dict[str, Any]]
     token_counts: dict[int, int]
-    history_dropped: int
+    history_dropped: int  # of the history loaded (the open leaves out what cannot fit)
     history_tokens: int  # of the stored history sent along: what the engine may have cached
     variant: VariantRoute
     # Counted by the heuristic where the count matters (a managed engine that was not
@@ -120,9 +121,7 @@ async def session_prepare(
     """Replace payload["messages"] with the session's history plus the new messages."""
     assert ctx.principal is not None
     context = await _load(
-        tenant_id=ctx.principal.tenant_id,
-        external_id=external_id,
-        variant_system_prompt=variant.system_prompt,
+        tenant_id=ctx.principal.tenant_id, external_id=external_id, variant=variant
     )
     new_messages = payload["messages"]
     budget = None

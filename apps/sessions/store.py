@@ -21,8 +21,13 @@ RECORD_SQL = "SELECT gateway_session_record_batch(%s::jsonb)"
 OpenRow = tuple[int, int, bool, str, str, list]
 
 
-def open_item(*, tenant_id: int, external_id: str) -> dict[str, Any]:
-    return {"tenant": tenant_id, "external_id": external_id}
+def open_item(*, tenant_id: int, external_id: str, cap: int | None = None) -> dict[str, Any]:
+    """With `cap` (the model's largest context, tokens), only the history that could still
+    fit comes back (migration 0006); without it, all of it."""
+    item: dict[str, Any] = {"tenant": tenant_id, "external_id": external_id}
+    if cap:
+        item["cap"] = cap
+    return item
 
 
 def context_parts(row: OpenRow, *, variant_system_prompt: str) -> tuple[int, str, list]:

@@ -13,6 +13,7 @@ from django.utils import timezone
 from django.utils.html import format_html_join
 from django.utils.safestring import mark_safe
 
+from apps.core.admin import ReadOnlyAdminMixin
 from apps.tenants.durations import parse_grace
 from apps.tenants.models import ApiKey, RotatedKey, Tenant
 from apps.tenants.services import (
@@ -37,7 +38,7 @@ def key_status(api_key: ApiKey) -> str:
     return "active"
 
 
-class ApiKeyInline(admin.TabularInline):
+class ApiKeyInline(ReadOnlyAdminMixin, admin.TabularInline):
     """The tenant's keys, read-only; each row links to the key's own page."""
 
     model = ApiKey
@@ -49,12 +50,6 @@ class ApiKeyInline(admin.TabularInline):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
         return super().get_queryset(request).select_related("tenant")
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(Tenant)

@@ -54,7 +54,8 @@ def tool_call_text(name: str, arguments: dict) -> str:
 def test_it_invokes(engine, gateway, alice):
     answer = chat(gateway, alice).invoke([SystemMessage("Be brief."), HumanMessage("Hi there")])
 
-    assert isinstance(answer, AIMessage) and answer.content == "w0 w1 w2 w3 w4 "
+    assert isinstance(answer, AIMessage)
+    assert answer.content == "w0 w1 w2 w3 w4 "
     assert answer.usage_metadata["output_tokens"] == 5
     assert answer.response_metadata["model_name"] == FAKE_MODEL
     log = wait_until(lambda: request_logs(tenant=alice.tenant))[0]
@@ -65,9 +66,11 @@ def test_it_streams(engine, gateway, alice):
     chunks = list(chat(gateway, alice, stream_usage=True).stream("Hi there"))
 
     text = "".join(c.content for c in chunks)
-    assert text == "w0 w1 w2 w3 w4 " and len([c for c in chunks if c.content]) == 5
+    assert text == "w0 w1 w2 w3 w4 "
+    assert len([c for c in chunks if c.content]) == 5
     usage = reduce(operator.add, chunks).usage_metadata
-    assert usage["output_tokens"] == 5 and usage["input_tokens"] > 0
+    assert usage["output_tokens"] == 5
+    assert usage["input_tokens"] > 0
 
 
 async def test_it_streams_asynchronously(engine, gateway, alice):
@@ -134,8 +137,10 @@ def test_it_embeds_documents_and_queries(engine, gateway, alice):
     documents = embeddings.embed_documents(["first document", "second one", "first document"])
     query = embeddings.embed_query("first document")
 
-    assert len(documents) == 3 and len(documents[0]) > 1
-    assert documents[0] == documents[2] == query and documents[1] != documents[0]
+    assert len(documents) == 3
+    assert len(documents[0]) > 1
+    assert documents[0] == documents[2] == query
+    assert documents[1] != documents[0]
 
 
 def test_it_refuses_a_bad_key_as_langchain_expects(engine, gateway, alice):

@@ -102,9 +102,9 @@ async def chat(base_url: str, *, delay: float = 0.0) -> int:
         return resp.status
 
 
-async def eventually(check: Callable[[], object], *, timeout: float = 10.0):
-    """Await until `check()` (sync or async) is truthy."""
-    deadline = time.monotonic() + timeout
+async def eventually(check: Callable[[], object], *, within: float = 10.0):
+    """Await until `check()` (sync or async) is truthy, for at most `within` seconds."""
+    deadline = time.monotonic() + within
     while True:
         result = check()
         if asyncio.iscoroutine(result):
@@ -112,7 +112,7 @@ async def eventually(check: Callable[[], object], *, timeout: float = 10.0):
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(0.05)
 
 

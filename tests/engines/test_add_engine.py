@@ -5,11 +5,16 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
+from apps.engines.discovery import BATCHING_SERVER_SLOTS
 from apps.engines.models import Engine, EngineVariant, ServedModel
+from tests.conftest import free_port
+from tests.fake_engine import FakeEngineProcess
 
 pytestmark = pytest.mark.django_db
 
-URL = "http://127.0.0.1:8080"
+# Nothing listens there: asking a llama.cpp engine's /props is refused at once.
+URL = f"http://127.0.0.1:{free_port()}"
+OTHER_URL = f"http://127.0.0.1:{free_port()}"
 
 
 def run(*args: str) -> str:
@@ -63,7 +68,7 @@ def test_it_is_idempotent_for_an_existing_model() -> None:
 
 def test_it_shares_a_model_between_engines() -> None:
     run("one", "--base-url", URL, "--model", "a")
-    run("two", "--base-url", "http://10.0.0.2:8000", "--model", "a")
+    run("two", "--base-url", OTHER_URL, "--model", "a")
 
     assert ServedModel.objects.get().variants.count() == 2
 
@@ -161,7 +166,8 @@ def test_it_registers_a_managed_engine(models_dir) -> None:
     assert (engine.kind, engine.command_template, engine.base_url) == ("managed", TEMPLATE, "")
     assert (engine.slots, engine.replicas, engine.idle_ttl_seconds) == (2, 2, 300)
     assert managed_variants("gemma") == {("gemma-3", 4096, "gemma/small.gguf", "--temp 0")}
-    assert "managed" in out and TEMPLATE in out
+    assert "managed" in out
+    assert TEMPLATE in out
     assert "gemma-3 (ctx_size=4096, model_path=gemma/small.gguf, extra_args=--temp 0)" in out
 
 
@@ -296,3 +302,46 @@ def test_it_sets_the_system_prompt_of_the_managed_variant_it_updates(models_dir)
         ("gemma-3", 4096): "Small context: be brief.",
         ("gemma-3", 8192): "You may elaborate.",
     }
+
+
+# --- slots of an external engine -------------------------------------------------------
+
+
+def test_it_reads_a_llamacpp_engines_slots_from_its_props(fake_engine) -> None:
+    out = run("local", "--base-url", fake_engine.url, "--model", "a")
+
+    assert Engine.objects.get().slots == 4  # the fake engine's total_slots
+    assert "--slots 4: total_slots from the engine's /props" in out
+    assert "slots=4" in out
+
+
+def test_it_takes_the_fewest_slots_of_the_replicas(fake_engine) -> None:
+    with FakeEngineProcess().start("--slots", "2") as smaller:
+        out = run("local", "--base-url", fake_engine.url, "--base-url", smaller.url, "--model", "a")
+
+    assert Engine.objects.get().slots == 2
+    assert "--slots 2: total_slots from the engine's /props" in out
+
+
+def test_it_says_when_a_llamacpp_engine_cannot_be_asked() -> None:
+    out = run("local", "--base-url", URL, "--model", "a")
+
+    assert Engine.objects.get().slots == 1
+    assert f"--slots 1: could not read total_slots from {URL}/props" in out
+    assert out.splitlines()[0].endswith("; pass --slots N")
+
+
+@pytest.mark.parametrize("flavor", ["vllm", "openai"])
+def test_it_lets_batching_servers_take_many_requests(flavor: str) -> None:
+    out = run("vl", "--base-url", URL, "--flavor", flavor, "--model", "a")
+
+    assert Engine.objects.get().slots == BATCHING_SERVER_SLOTS
+    assert f"--slots {BATCHING_SERVER_SLOTS}: default for {flavor}, which batches" in out
+
+
+def test_it_keeps_an_existing_engines_slots(fake_engine) -> None:
+    run("local", "--base-url", fake_engine.url, "--model", "a", "--slots", "3")
+    out = run("local", "--base-url", fake_engine.url, "--model", "b")
+
+    assert Engine.objects.get().slots == 3
+    assert "--slots" not in out

@@ -142,7 +142,8 @@ def test_it_sends_a_session_to_the_same_llamacpp_slot(engine, openai_client, fak
         for r in fake_engine.requests()
         if r["path"] == "/v1/chat/completions"
     ]
-    assert len(slots) == 3 and slots[0] is not None
+    assert len(slots) == 3
+    assert slots[0] is not None
     assert len(set(slots)) == 1
 
 

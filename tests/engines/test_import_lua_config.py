@@ -54,7 +54,8 @@ def test_it_imports_models_and_context_variants():
 
     main, aux = Engine.objects.order_by("name")
     assert (main.name, aux.name) == ("lua-127-0-0-1-7778", "lua-127-0-0-1-7779")
-    assert main.kind == "managed" and main.command_template == TEMPLATE
+    assert main.kind == "managed"
+    assert main.command_template == TEMPLATE
     assert (main.slots, main.idle_ttl_seconds, main.startup_timeout_seconds) == (1, 120, 90.0)
     assert aux.idle_ttl_seconds == 10  # the model's own engine_idle_timeout
     variants = {
@@ -75,7 +76,8 @@ def test_it_imports_models_and_context_variants():
     assert big.extra_args == "--no-webui --no-warmup --jinja -ctk q8_0 -ctv q8_0"  # no -c/--port/-m
     windows = variants[("qwen3-30b-instruct-precise", 40960)]  # C:\Qwen\... → its file name
     assert windows.model_path == "Qwen3-30B-A3B-Instruct-Q3_K_XL.gguf"
-    assert windows.extra_args.endswith("--temp 0.2") and windows.engine == main
+    assert windows.extra_args.endswith("--temp 0.2")
+    assert windows.engine == main
     assert variants[("arctic-embed", 8192)].engine == aux
     assert variants[("arctic-embed", 8192)].extra_args == "--embedding -ub 4096"
     assert "add variant gemma-3-270m ctx=32768 (gemma-3-270m-q4_k_m.gguf)" in "\n".join(lines)

@@ -97,7 +97,8 @@ def test_it_sizes_requests_with_the_running_engines_tokenizer(client) -> None:
     row = running_row(engine)
     assert (row.variant_id, row.pid) == (small.pk, first.pid)  # no swap to 2048
     paths = [r["path"] for r in engine_requests(row)]
-    assert "/apply-template" in paths and "/tokenize" in paths
+    assert "/apply-template" in paths
+    assert "/tokenize" in paths
 
 
 def test_it_swaps_to_the_variant_a_long_prompt_needs(client) -> None:
@@ -109,7 +110,8 @@ def test_it_swaps_to_the_variant_a_long_prompt_needs(client) -> None:
 
     assert answer.choices[0].message.content
     row = running_row(engine)
-    assert row.variant_id == large.pk and row.pid != first.pid
+    assert row.variant_id == large.pk
+    assert row.pid != first.pid
     assert not psutil.pid_exists(first.pid) or psutil.Process(first.pid).status() == "zombie"
 
 

@@ -46,7 +46,8 @@ async def test_it_starts_the_engine_on_first_use_and_waits_for_health(manager) -
         assert (row.variant_id, row.base_url) == (small.pk, lease.base_url)
         assert psutil.Process(row.pid).is_running()
         assert row.port == int(lease.base_url.rsplit(":", 1)[1])
-        assert row.owner_pid and row.heartbeat_at
+        assert row.owner_pid
+        assert row.heartbeat_at
         # In-flight counts are published with the owner's next heartbeat.
         assert await eventually(lambda: in_flight(engine, 1))
 
@@ -79,7 +80,8 @@ async def test_it_writes_the_engine_output_to_a_log_file(manager, engine_setting
 
     log = (engine_settings.ENGINE_LOG_DIR / "local-0.log").read_text()
     assert "LISTENING" in log  # the fake engine's own first line
-    assert "[gateway" in log and "starting local#0 (fake-model ctx=1024)" in log
+    assert "[gateway" in log
+    assert "starting local#0 (fake-model ctx=1024)" in log
 
 
 async def test_it_reports_an_engine_that_exits_at_once_with_its_log(manager) -> None:
@@ -95,7 +97,8 @@ async def test_it_reports_an_engine_that_exits_at_once_with_its_log(manager) -> 
     assert caught.value.exit_code == 3
     row = await instance(engine)
     assert row.state == EngineInstance.State.FAILED
-    assert "file is corrupt" in row.last_error and "file is corrupt" in row.log_tail
+    assert "file is corrupt" in row.last_error
+    assert "file is corrupt" in row.log_tail
 
 
 async def test_it_gives_up_on_an_engine_that_never_gets_healthy(manager) -> None:

@@ -38,7 +38,8 @@ async def test_it_starts_stops_and_restarts_on_request(manager) -> None:
     restarted = await eventually(
         lambda: row_in(engine, "running") if manager.launches == 2 else None
     )
-    assert restarted.pid != started.pid and restarted.variant_id == small.pk
+    assert restarted.pid != started.pid
+    assert restarted.variant_id == small.pk
     assert not psutil.pid_exists(started.pid) or (
         psutil.Process(started.pid).status() == psutil.STATUS_ZOMBIE
     )

@@ -83,7 +83,8 @@ async def test_it_asks_the_owner_for_another_variant(manager, tmp_path) -> None:
         async with manager.acquire(engine_id=engine.pk, variant_id=large.pk) as lease:
             assert await n_ctx(lease.base_url) == 2048
             row = await instance(engine)
-            assert row.owner_pid == owner.pid and row.remote_in_flight == 1
+            assert row.owner_pid == owner.pid
+            assert row.remote_in_flight == 1
         assert manager.launches == 0  # the owner swapped; this process launched nothing
         await eventually(lambda: remote_in_flight(engine, 0))
     finally:
@@ -117,7 +118,8 @@ async def test_it_takes_over_from_a_dead_owner_and_kills_its_engine(
     assert not alive(orphan)
     assert manager.launches == 1
     row = await instance(engine)
-    assert row.pid != orphan and row.owner_pid == os.getpid()
+    assert row.pid != orphan
+    assert row.owner_pid == os.getpid()
 
 
 async def test_it_cleans_up_after_a_dead_owner_without_any_request(
@@ -135,7 +137,7 @@ async def test_it_cleans_up_after_a_dead_owner_without_any_request(
     os.kill(owner.pid, signal.SIGKILL)
     await asyncio.to_thread(owner.process.wait)
 
-    await eventually(lambda: not alive(orphan), timeout=10)
+    await eventually(lambda: not alive(orphan), within=10)
     row = await eventually(lambda: stopped_unowned(engine))
     assert row.pid is None
     assert manager.launches == 0

@@ -107,7 +107,7 @@ async def test_it_stops_an_idle_engine_and_starts_it_again_when_needed(manager) 
     await use(manager, engine, variant)
     pid = (await instance(engine)).pid
 
-    row = await eventually(lambda: stopped_row(engine), timeout=5)
+    row = await eventually(lambda: stopped_row(engine), within=5)
 
     assert gone(pid)
     assert row.owner_pid is None  # nothing runs: ownership is given up too

@@ -49,7 +49,8 @@ async def test_it_drains_in_flight_requests_before_swapping(manager) -> None:
     waiters = await asyncio.gather(*(request(manager, large) for _ in range(3)))
     slow_result = await slow
 
-    assert slow_result["status"] == 200 and slow_result["ctx"] == 1024
+    assert slow_result["status"] == 200
+    assert slow_result["ctx"] == 1024
     (_, first), (large_launched_at, second) = launches(manager, engine.pk)
     assert (first, second) == (small.pk, large.pk)
     assert slow_result["done"] <= large_launched_at  # drained before the new start
@@ -99,10 +100,12 @@ async def test_it_lets_neither_variant_starve(manager, engine_settings) -> None:
     assert all(r["status"] == 200 and r["ctx"] == 1024 for r in small_results)
     # Small requests that came within the grace were admitted to the old process...
     in_grace = [r for r in small_results if asked < r["arrived"] < asked + grace - 0.1]
-    assert in_grace and all(r["admitted"] - r["arrived"] < 0.1 for r in in_grace)
+    assert in_grace
+    assert all(r["admitted"] - r["arrived"] < 0.1 for r in in_grace)
     # ...later ones queued behind the swap and were served after swapping back.
     queued = [r for r in small_results if r["arrived"] > asked + grace + 0.1]
-    assert queued and all(r["admitted"] > large_result["admitted"] for r in queued)
+    assert queued
+    assert all(r["admitted"] > large_result["admitted"] for r in queued)
     assert [v for _, v in launches(manager, engine.pk)] == [small.pk, large.pk, small.pk]
 
 

@@ -109,7 +109,8 @@ async def test_it_starts_a_real_llama_server_and_chats(real_llama, manager) -> N
     assert answer["usage"]["completion_tokens"] <= 8
     assert answer["timings"]["predicted_n"] >= 1  # llama.cpp's own metrics come through
     row = await instance(engine)
-    assert row.state == "running" and "llama" in row.log_tail.lower()
+    assert row.state == "running"
+    assert "llama" in row.log_tail.lower()
 
 
 async def test_it_swaps_a_real_llama_server_between_context_sizes(real_llama, manager) -> None:
@@ -149,7 +150,7 @@ async def test_it_stops_an_idle_real_llama_server(real_llama, manager) -> None:
     await timed_acquire(manager, engine, variant)
     pid = (await instance(engine)).pid
 
-    await eventually(lambda: stopped(engine), timeout=10)
+    await eventually(lambda: stopped(engine), within=10)
 
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

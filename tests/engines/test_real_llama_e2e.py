@@ -83,7 +83,8 @@ def test_it_chats_and_streams_through_a_managed_llama_server(gemma, client, alic
     assert answer.choices[0].message.content
     assert 1 <= answer.usage.completion_tokens <= 8
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert streamed and chunks[-1].usage.completion_tokens <= 8
+    assert streamed
+    assert chunks[-1].usage.completion_tokens <= 8
     logs = wait_until(lambda: len(request_logs(tenant=alice.tenant)) == 2 and request_logs())
     assert [(log.status_code, log.usage_estimated) for log in logs] == [(200, False)] * 2
 
@@ -106,7 +107,8 @@ def test_it_constrains_the_answer_to_a_json_schema(gemma, client) -> None:
     choice = answer.choices[0]
     assert choice.finish_reason == "stop", choice.message.content  # not cut off mid-object
     parsed = json.loads(choice.message.content)
-    assert list(parsed) == ["capital"] and isinstance(parsed["capital"], str)
+    assert list(parsed) == ["capital"]
+    assert isinstance(parsed["capital"], str)
 
 
 def test_it_sizes_with_the_real_tokenizer(gemma, client) -> None:
@@ -139,7 +141,8 @@ def test_it_reuses_the_prompt_cache_of_a_sessions_slot(gemma, client) -> None:
     )
     assert len(replies) == 2
     first, second = replies
-    assert first.prompt_tokens > 100 and second.prompt_tokens > first.prompt_tokens
+    assert first.prompt_tokens > 100
+    assert second.prompt_tokens > first.prompt_tokens
     # The second turn's prompt starts with the first one: llama.cpp serves (nearly) all of
     # it from the slot's cache, re-reading only the last few tokens of the template.
     assert second.cached_tokens >= first.prompt_tokens * 0.9

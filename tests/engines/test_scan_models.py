@@ -61,7 +61,8 @@ def test_it_reads_a_written_file_and_sizes_its_context(tmp_path: Path):
 
     assert (info.architecture, info.block_count, info.head_count_kv) == ("llama", 4, 2)
     assert info.key_length == 256 // 8  # no key_length key: embedding / heads
-    assert info.parameters == 32 * 256 + 256 and info.quantization == "Q8_0"
+    assert info.parameters == 32 * 256 + 256
+    assert info.quantization == "Q8_0"
     per_token = 4 * 2 * (32 + 32) * 2
     assert info.kv_bytes_per_token() == per_token
     budget = info.size_bytes + OVERHEAD_BYTES + 1000 * per_token
@@ -99,17 +100,20 @@ def test_it_scans_a_directory_and_stores_each_file(models_dir: Path):
     out, err = scan("--memory-gb", "1")
 
     assert "Memory budget: 1.00 GiB" in out
-    assert "small.gguf: llama" in out and "sub/big.gguf: llama" in out
+    assert "small.gguf: llama" in out
+    assert "sub/big.gguf: llama" in out
     assert "broken.gguf: broken.gguf is not a readable GGUF file (truncated" in err
     small = ModelFile.objects.get(path="small.gguf")
     assert (small.context_length, small.block_count, small.quantization) == (2048, 4, "Q8_0")
-    assert small.memory_budget_bytes == GIB and small.max_context_f16 == 2048
+    assert small.memory_budget_bytes == GIB
+    assert small.max_context_f16 == 2048
     big = ModelFile.objects.get(path="sub/big.gguf")
     assert big.kv_bytes_per_token == 32 * 8 * (128 + 128) * 2  # 131072 bytes a token
     assert big.max_context_f16 == (GIB - big.size_bytes - OVERHEAD_BYTES) // 131072 // 256 * 256
     assert big.max_context_q8_0 > big.max_context_f16
     broken = ModelFile.objects.get(path="broken.gguf")
-    assert "truncated" in broken.error and broken.context_length is None
+    assert "truncated" in broken.error
+    assert broken.context_length is None
 
 
 def test_it_updates_rather_than_duplicates_on_a_rescan(models_dir: Path):
@@ -158,8 +162,10 @@ def test_it_resumes_a_context_test_with_the_real_llama_server(real_models_dir: P
 
     out, _ = scan("--memory-gb", "4", "--test-context")
 
-    assert "-c 512" not in out and "-c 8192" not in out  # confirmed before: not relaunched
-    assert "-c 16384: ok" in out and "-c 32768: ok" in out
+    assert "-c 512" not in out
+    assert "-c 8192" not in out
+    assert "-c 16384: ok" in out
+    assert "-c 32768: ok" in out
     record = ModelFile.objects.get(path=MODEL_FILE)
     assert (record.tested_context, record.failed_context) == (32768, None)
     assert [t["ctx"] for t in record.context_tests] == [8192, 16384, 32768]
@@ -240,8 +246,10 @@ def test_it_shows_scanned_files_in_the_admin(admin_client: Client, models_dir: P
     )
 
     listing = admin_client.get(reverse("admin:engines_modelfile_changelist")).content.decode()
-    assert "m.gguf" in listing and "started at 2048, failed at 4096" in listing
+    assert "m.gguf" in listing
+    assert "started at 2048, failed at 4096" in listing
     assert "unreadable: cut.gguf is not a readable GGUF file" in listing
     record = ModelFile.objects.get(path="m.gguf")
     page = admin_client.get(reverse("admin:engines_modelfile_change", args=[record.pk]))
-    assert page.status_code == 200 and "1024" in page.content.decode()  # budget in MiB
+    assert page.status_code == 200
+    assert "1024" in page.content.decode()

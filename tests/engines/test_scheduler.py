@@ -93,7 +93,8 @@ async def test_it_never_exceeds_the_slots_of_a_replica() -> None:
             sched, f"t{i % 4}", replicas=replicas, slots=slots, session=session
         ) as placement:
             key = (placement.replica, placement.slot)
-            assert key not in occupied and 0 <= placement.slot < slots
+            assert key not in occupied
+            assert 0 <= placement.slot < slots
             occupied.add(key)
             in_flight[placement.replica] += 1
             peak[placement.replica] = max(peak[placement.replica], in_flight[placement.replica])
@@ -167,7 +168,8 @@ async def test_it_rejects_at_once_when_the_queue_is_full() -> None:
         await lease(sched, max_queue=2).__aenter__()
     assert time.monotonic() - started < 0.05
     assert busy.value.reason == "queue_full"
-    assert isinstance(busy.value.retry_after, int) and busy.value.retry_after >= 1
+    assert isinstance(busy.value.retry_after, int)
+    assert busy.value.retry_after >= 1
     assert sched.stats(ENGINE)["rejected_queue_full"] == 1
     for task in waiters:
         task.cancel()
@@ -199,7 +201,8 @@ async def test_it_gives_up_after_max_wait_and_leaves_the_queue() -> None:
         async with lease(sched, max_wait=0.05):
             pass
     assert 0.04 <= time.monotonic() - started < 1.0
-    assert busy.value.reason == "wait_timeout" and busy.value.retry_after >= 1
+    assert busy.value.reason == "wait_timeout"
+    assert busy.value.retry_after >= 1
     stats = sched.stats(ENGINE)
     assert (stats["queued"], stats["queued_by_tenant"], stats["rejected_wait_timeout"]) == (
         0,
@@ -359,9 +362,12 @@ async def test_it_reports_stats() -> None:
         assert stats["per_replica"][0]["in_flight"] == 1
         assert stats["per_replica"][0]["busy_slots"] == [0]
     stats = sched.stats(ENGINE)
-    assert stats["capacity"] == 4 and stats["in_flight"] == 0
-    assert stats["granted_by_tenant"] == {"a": 1} and stats["avg_wait_seconds"] == 0.0
-    assert stats["per_replica"][0]["granted"] == 1 and stats["per_replica"][1]["granted"] == 0
+    assert stats["capacity"] == 4
+    assert stats["in_flight"] == 0
+    assert stats["granted_by_tenant"] == {"a": 1}
+    assert stats["avg_wait_seconds"] == 0.0
+    assert stats["per_replica"][0]["granted"] == 1
+    assert stats["per_replica"][1]["granted"] == 0
     assert sched.stats("unknown")["granted"] == 0
 
 

@@ -184,7 +184,8 @@ def test_it_prefers_a_sized_fit_over_an_unknown_size():
 def test_it_takes_an_unknown_size_when_no_sized_variant_fits():
     variants = [variant(2048), variant(None, "big")]
     chosen = choose_variant(variants, 100_000)
-    assert chosen.ctx_size is None and chosen.engine.name == "big"
+    assert chosen.ctx_size is None
+    assert chosen.engine.name == "big"
 
 
 def test_it_keeps_the_given_order_between_equal_sizes():
@@ -210,7 +211,7 @@ def test_it_words_the_refusal_without_the_optional_details():
 
 
 def test_it_rejects_a_model_without_variants():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="without variants"):
         choose_variant([], 10)
 
 
@@ -267,7 +268,8 @@ async def test_it_counts_a_prompt_whose_bound_does_not_fit_the_smallest(fake_eng
         endpoint="chat.completions",
     )  # fmt: skip
 
-    assert variant.ctx_size == 512 and tokens < 512
+    assert variant.ctx_size == 512
+    assert tokens < 512
     assert "/tokenize" in [r["path"] for r in fake_engine.requests()]
 
 

@@ -102,7 +102,8 @@ def test_it_turns_a_block_into_a_tool_call_and_empties_the_content():
     message = tool_calls_from_text({"role": "assistant", "content": f"\n{WEATHER}\n"})
     assert message["content"] is None
     [call] = message["tool_calls"]
-    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["type"] == "function"
+    assert call["id"].startswith("call_")
     assert call["function"] == WEATHER_FN
 
 
@@ -252,7 +253,8 @@ def test_it_holds_a_lone_angle_bracket_only_until_the_next_chunk():
 def test_it_keeps_a_malformed_block_as_text():
     out = run(splits("<tool_call>{broken</tool_call> after", 4))
     assert text_of(out) == "<tool_call>{broken</tool_call> after"
-    assert calls_of(out) == [] and finish_of(out) == "stop"
+    assert calls_of(out) == []
+    assert finish_of(out) == "stop"
 
 
 def test_it_sends_an_unterminated_block_as_text_when_the_reply_ends():
@@ -266,7 +268,8 @@ def test_it_flushes_held_text_when_the_stream_stops_without_a_finish():
     parser.feed(chunk("cut <tool_"))
     [last] = parser.flush()
     assert last["choices"][0]["delta"] == {"content": " <tool_"}
-    assert last["id"] == "chatcmpl-1" and "usage" not in last
+    assert last["id"] == "chatcmpl-1"
+    assert "usage" not in last
 
 
 def test_it_keeps_finish_reason_length_and_the_role_chunk():
@@ -298,7 +301,8 @@ def test_it_keeps_usage_on_the_last_chunk_only_and_passes_usage_chunks():
 def test_it_sends_a_held_chunk_usage_on_its_own():
     usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
     [out] = ToolCallStreamParser().feed({**chunk("<tool_c"), "usage": usage})
-    assert out["choices"] == [] and out["usage"] == usage
+    assert out["choices"] == []
+    assert out["usage"] == usage
 
 
 def test_it_keeps_indices_after_tool_calls_the_engine_parsed():

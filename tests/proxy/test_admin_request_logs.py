@@ -67,6 +67,26 @@ def test_it_lists_request_logs(admin_client: Client, log: RequestLog) -> None:
     assert ADD not in content  # no "Add" button
 
 
+def test_it_shows_times_in_rounded_milliseconds(admin_client: Client) -> None:
+    log = make_log(tenant_create(slug="acme"), ttft_ms=6.288019998464733, latency_ms=912.5001)
+
+    listed = admin_client.get(CHANGELIST).content.decode()
+    page = admin_client.get(change_url(log)).content.decode()
+
+    for content in (listed, page):
+        assert "6 ms" in content
+        assert "913 ms" in content
+        assert "6.288" not in content
+        assert "912.5" not in content
+
+
+def test_it_links_view_site_to_a_real_page(admin_client: Client) -> None:
+    index = admin_client.get(reverse("admin:index"))
+
+    assert index.context["site_url"] == "/health"
+    assert 'href="/health">View site' in index.content.decode()
+
+
 def test_it_shows_a_log_read_only(admin_client: Client, log: RequestLog) -> None:
     response = admin_client.get(change_url(log))
 

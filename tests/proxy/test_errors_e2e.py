@@ -237,7 +237,8 @@ def test_it_reports_an_engine_that_drops_the_stream(engine, gateway, alice):
     assert lines[-1] == "data: [DONE]"
     log = wait_until(lambda: request_logs(tenant=alice.tenant))[0]
     assert (log.status_code, log.error_code) == (502, "engine_stream_interrupted")
-    assert log.usage_estimated and log.completion_tokens == 3
+    assert log.usage_estimated
+    assert log.completion_tokens == 3
 
 
 # --- every endpoint refuses bad keys; bodies, paths -------------------------------------

@@ -5,27 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import httpx
 import psutil
-import pytest
 
 from tests.conftest import ROOT, free_port, wait_until
-
-
-@pytest.fixture
-def data_dir():
-    """A fresh DATA_DIR outside pytest's tmp root: that root is 0700 and re-restricted by
-    every pytest session, while the embedded server runs as another (system) user."""
-    path = Path(tempfile.mkdtemp(prefix="serve-test-", dir=ROOT / "var"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def start_serve(data_dir, port: int, *args: str, password: str | None = None) -> subprocess.Popen:

@@ -78,7 +78,8 @@ def test_it_renders_the_quota_add_and_change_pages(admin_client: Client, busy: T
     assert admin_client.get(url(Quota, "add")).status_code == 200
     content = admin_client.get(url(Quota, "change", quota.pk)).content.decode()
 
-    assert "1,234" in content and "500" in content  # used, reserved
+    assert "1,234" in content
+    assert "500" in content
     assert "3,266" in content  # remaining
 
 
@@ -227,7 +228,8 @@ def test_it_renders_the_usage_page(admin_client: Client, busy: TenantKey) -> Non
     assert "43,234" in keys
     quotas = re.search(r'<table id="usage-quotas">.*?</table>', content, re.S).group(0)
     assert 'class="quota-bar"' in quotas
-    assert "key default" in quotas and "resets at" in quotas
+    assert "key default" in quotas
+    assert "resets at" in quotas
     assert 'style="width: 24.7%"' in quotas  # 1,234 of 5,000 used ...
     assert 'style="width: 10.0%"' in quotas  # ... and 500 reserved
 
@@ -250,12 +252,15 @@ def test_it_shows_the_usage_of_one_api_key(admin_client: Client, busy: TenantKey
     assert svg.count('<rect class="prompt"') == 30
     assert "10 prompt + 20 completion tokens" in svg  # today: batch alone
     assert "7 prompt + 3 completion tokens" in svg  # three days ago
-    assert "1,000 prompt" not in svg and "40,000 prompt" not in svg  # the default key's
+    assert "1,000 prompt" not in svg
+    assert "40,000 prompt" not in svg
     assert f'<option value="{batch.pk}" selected>API key batch</option>' in content
     keys = re.search(r'<table id="usage-keys">.*?</table>', content, re.S).group(0)
-    assert "batch" in keys and "default" not in keys
+    assert "batch" in keys
+    assert "default" not in keys
     quotas = re.search(r'<table id="usage-quotas">.*?</table>', content, re.S).group(0)
-    assert "<td>key batch</td>" in quotas and "<td>tenant</td>" in quotas  # its own + tenant's
+    assert "<td>key batch</td>" in quotas
+    assert "<td>tenant</td>" in quotas
     assert "key default" not in quotas
 
 

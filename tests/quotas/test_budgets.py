@@ -177,7 +177,8 @@ def test_it_reserves_and_settles_budgets_with_the_quota_machinery(alice):
 def test_it_shows_and_edits_budgets_and_prices_in_the_admin(admin_client: Client, alice, model):
     budget_set(tenant=alice.tenant, amount=Decimal("2.5"), period="day")
     changelist = admin_client.get(reverse("admin:quotas_budget_changelist")).content.decode()
-    assert "2.5" in changelist and "alice" in changelist
+    assert "2.5" in changelist
+    assert "alice" in changelist
     quotas = admin_client.get(reverse("admin:quotas_quota_changelist"))
     assert quotas.context["cl"].result_count == 0  # budgets are not listed as token quotas
 
@@ -196,13 +197,15 @@ def test_it_shows_and_edits_budgets_and_prices_in_the_admin(admin_client: Client
         reverse("admin:quotas_budget_add"),
         {"tenant": alice.tenant.pk, "period": "total", "amount": "-1"},
     )
-    assert negative.status_code == 200 and not Budget.objects.filter(period="total").exists()
+    assert negative.status_code == 200
+    assert not Budget.objects.filter(period="total").exists()
 
     price = admin_client.post(
         reverse("admin:quotas_modelprice_add"),
         {"model": model.pk, "input_per_million": "-1", "output_per_million": "1"},
     )
-    assert price.status_code == 200 and not ModelPrice.objects.exists()
+    assert price.status_code == 200
+    assert not ModelPrice.objects.exists()
 
 
 def test_it_shows_spend_per_day_key_and_model_on_the_usage_page(admin_client: Client, alice, bob):
@@ -215,13 +218,12 @@ def test_it_shows_spend_per_day_key_and_model_on_the_usage_page(admin_client: Cl
 
     page = admin_client.get(reverse("admin:quotas_usage_tenant", args=[alice.tenant.pk]))
     html = page.content.decode()
-    assert 'id="spend-chart"' in html and ": 0.75</title>" in html
+    assert 'id="spend-chart"' in html
+    assert ": 0.75</title>" in html
     assert re.search(
         r"<td>default</td><td>gpt-like</td>\s*<td class=\"num\">2</td><td class=\"num\">0.75</td>",
         html,
     )
-    assert (
-        'id="spend-total">0.75<' in html
-        and "9" not in html.split('id="usage-spend"')[1].split("</table>")[0]
-    )
+    assert 'id="spend-total">0.75<' in html
+    assert "9" not in html.split('id="usage-spend"')[1].split("</table>")[0]
     assert "2.5" in html.split('id="usage-budgets"')[1]

@@ -161,7 +161,8 @@ def test_it_never_exceeds_a_nearly_spent_budget_under_concurrency_on_two_process
             gateway.stop()
     wait_until(lambda: window(alice.tenant).reserved_tokens == 0)
     statuses = [response.status_code for response in responses]
-    assert statuses.count(200) == 16 and statuses.count(429) == 34
+    assert statuses.count(200) == 16
+    assert statuses.count(429) == 34
     assert {r.json()["error"]["code"] for r in responses if r.status_code == 429} == {
         "insufficient_quota"
     }

@@ -52,7 +52,8 @@ def test_it_rejects_with_insufficient_quota_naming_the_quota_and_its_reset(engin
         client.chat.completions.create(**CHAT)
     error = caught.value.body
     assert (error["code"], error["type"]) == ("insufficient_quota", "insufficient_quota")
-    assert "alice" in error["message"] and "hour" in error["message"]
+    assert "alice" in error["message"]
+    assert "hour" in error["message"]
     assert "resets at" in error["message"]
     assert int(caught.value.response.headers["retry-after"]) >= 1
     assert window(alice.tenant).used_tokens == USED  # the refused request cost nothing

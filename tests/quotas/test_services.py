@@ -324,7 +324,7 @@ def test_it_refuses_a_negative_actual_usage(alice: TenantKey) -> None:
     quota_set(tenant=alice.tenant, tokens=1000, period="day")
     ticket = reserve(alice, 300)
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="actual_tokens must be 0 or more"):
         quota_settle(ticket=ticket, actual_tokens=-1)
 
     assert all_reserved() == 300

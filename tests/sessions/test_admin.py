@@ -66,7 +66,8 @@ def test_it_renders_the_session_pages(admin_client: Client, alice):
     assert listed(changelist)[0].num_messages == 4
     assert change.status_code == 200
     page = change.content.decode()
-    assert "hello 0" in page and "reply 1" in page
+    assert "hello 0" in page
+    assert "reply 1" in page
     assert "128.0" in page  # pp tok/s: 32 tokens in 0.25 s
     assert "10.0" in page  # tg tok/s: 20 tokens after the first, in 2 s
     assert f"session__id__exact={session.pk}" in page

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from apps.sessions import store
 from apps.sessions.models import ChatSession, Message
+from apps.sessions.prompts import prompt_build
 from apps.sessions.services import (
     StoredMessage,
     TurnMetrics,
@@ -246,7 +247,8 @@ def test_it_records_new_messages_then_the_reply_with_metrics(alice):
         (2, "assistant", 11),
     ]
     assert rows[0].payload == user("look at this")
-    assert rows[0].prompt_tokens is None and rows[0].tg_started_at is None
+    assert rows[0].prompt_tokens is None
+    assert rows[0].tg_started_at is None
     answer = rows[2]
     assert (answer.prompt_tokens, answer.cached_tokens, answer.pp_tokens) == (120, 100, 20)
     assert (answer.model, answer.tg_tokens) == ("fake-model", 11)
@@ -399,3 +401,66 @@ def test_it_records_batches_that_list_the_same_sessions_in_any_order(alice):
         assert [m.position for m in rows] == list(range(80))
         assert all(a.payload["content"] == "a" + q.payload["content"][1:]
                    for q, a in zip(rows[::2], rows[1::2], strict=True))  # fmt: skip
+
+
+# --- the history the open leaves out (migration 0006) -----------------------------------
+
+
+def capped_history(tenant: Any, cap: int | None) -> list[StoredMessage]:
+    row = store.open_now(store.open_item(tenant_id=tenant.pk, external_id="chat-1", cap=cap))
+    return store.context_parts(row, variant_system_prompt="")[2]
+
+
+def five_turns_of_twenty_tokens(tenant: Any) -> int:
+    pk = load(tenant).session_pk
+    for i in range(1, 6):
+        record(pk, f"q{i}", f"a{i}", token_counts={0: 10}, reply_tokens=10)
+    return pk
+
+
+@pytest.mark.django_db
+def test_it_leaves_out_the_turns_that_cannot_fit_the_cap(alice):
+    five_turns_of_twenty_tokens(alice.tenant)
+
+    history = capped_history(alice.tenant, cap=45)
+
+    # From the newest: a5 10, q5 20, a4 30, q4 40, a3 50: the last turn start within 45 is q4.
+    assert [m.payload for m in history] == [user("q4"), reply("a4"), user("q5"), reply("a5")]
+
+
+@pytest.mark.django_db
+def test_it_returns_the_whole_history_without_a_cap_or_when_it_fits(alice):
+    five_turns_of_twenty_tokens(alice.tenant)
+
+    assert len(capped_history(alice.tenant, cap=None)) == 10
+    assert len(capped_history(alice.tenant, cap=100)) == 10
+    assert capped_history(alice.tenant, cap=5) == []  # not even the newest turn fits
+
+
+@pytest.mark.django_db
+def test_it_counts_messages_stored_without_a_count_as_nothing(alice):
+    pk = five_turns_of_twenty_tokens(alice.tenant)
+    record(pk, "q6", "a6")  # no counts: the cut must not drop what trimming might keep
+
+    history = capped_history(alice.tenant, cap=45)
+
+    assert [m.payload["content"] for m in history] == ["q4", "a4", "q5", "a5", "q6", "a6"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("budget", [5, 19, 20, 39, 40, 41, 60, 100])
+def test_it_sends_what_trimming_the_whole_history_would_send(alice, budget):
+    five_turns_of_twenty_tokens(alice.tenant)
+    new = [user("now")]
+
+    def build(history: list[StoredMessage]) -> list[dict[str, Any]]:
+        messages, _ = prompt_build(
+            system_prompt="",
+            history=history,
+            new_messages=new,
+            budget_tokens=budget,
+            count_tokens=lambda m: 0,
+        )
+        return messages
+
+    assert build(capped_history(alice.tenant, cap=budget)) == build(load(alice.tenant).history)

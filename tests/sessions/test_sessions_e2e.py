@@ -234,9 +234,11 @@ def test_it_estimates_the_reply_tokens_when_the_engine_reports_no_usage(
         list(reply)
     message = reply_of("n-1")
     assert (message.tg_tokens, message.tokens) == (expected, expected + 4)
-    assert message.prompt_tokens > 0 and message.pp_tokens == message.prompt_tokens
+    assert message.prompt_tokens > 0
+    assert message.pp_tokens == message.prompt_tokens
     assert message.cached_tokens == 0
-    assert message.pp_started_at is not None and message.tg_finished_at is not None
+    assert message.pp_started_at is not None
+    assert message.tg_finished_at is not None
     [log] = wait_until(lambda: request_logs(tenant__slug="alice"))
     assert (log.completion_tokens, log.usage_estimated) == (expected, True)
 

@@ -48,9 +48,11 @@ def test_it_rotates_a_key_and_prints_the_new_one_last(alice):
     lines = rotate("alice", "--name", "default", "--grace", "2h")
 
     new_key = lines[-1]
-    assert RAW_KEY.fullmatch(new_key) and new_key != alice.raw_key
+    assert RAW_KEY.fullmatch(new_key)
+    assert new_key != alice.raw_key
     key = ApiKey.objects.get()  # the same key row: its quotas, budgets and usage stay
-    assert key.pk == alice.api_key.pk and key.key_hash == hash_key(new_key)
+    assert key.pk == alice.api_key.pk
+    assert key.key_hash == hash_key(new_key)
     old = RotatedKey.objects.get()
     assert old.key_hash == hash_key(alice.raw_key)
     assert timedelta(minutes=119) < old.grace_ends_at - old.rotated_at <= timedelta(hours=2)
@@ -97,7 +99,8 @@ async def test_it_keeps_the_old_key_working_past_the_cache_bound_during_grace(al
     old = await auth.authenticate(bearer(alice.raw_key))
     new = await auth.authenticate(bearer(rotated.raw_key))
     assert old.key_id == new.key_id == alice.api_key.pk
-    assert old.grace_ends_at is not None and new.grace_ends_at is None
+    assert old.grace_ends_at is not None
+    assert new.grace_ends_at is None
 
 
 @pytest.mark.django_db(transaction=True)
@@ -112,7 +115,8 @@ async def test_it_refuses_the_old_key_at_the_grace_end_even_when_cached(alice):
     with pytest.raises(ApiError) as caught:
         await auth.authenticate(bearer(alice.raw_key))
     assert (caught.value.status, caught.value.code) == (401, "invalid_api_key")
-    assert "was rotated on" in caught.value.message and "use the new key" in caught.value.message
+    assert "was rotated on" in caught.value.message
+    assert "use the new key" in caught.value.message
     assert (await auth.authenticate(bearer(rotated.raw_key))).key_id == alice.api_key.pk
 
 
@@ -150,9 +154,11 @@ def test_it_answers_401_naming_the_rotation_on_v1_and_api(engine, gateway, alice
     assert new.chat.completions.create(model="fake-model", messages=messages).choices
     with pytest.raises(openai.AuthenticationError) as caught:
         old.chat.completions.create(model="fake-model", messages=messages)
-    assert caught.value.code == "invalid_api_key" and "rotated" in caught.value.message
+    assert caught.value.code == "invalid_api_key"
+    assert "rotated" in caught.value.message
     usage = httpx.get(f"{gateway.url}/api/usage", headers=alice.auth, timeout=10)
-    assert usage.status_code == 401 and "rotated" in usage.json()["error"]["message"]
+    assert usage.status_code == 401
+    assert "rotated" in usage.json()["error"]["message"]
     new_auth = {"Authorization": f"Bearer {rotated.raw_key}"}
     assert httpx.get(f"{gateway.url}/api/usage", headers=new_auth, timeout=10).status_code == 200
 
@@ -179,17 +185,20 @@ def test_it_rotates_from_the_admin_and_shows_both_keys_with_their_state(
     selection = {"action": "rotate", "_selected_action": [alice.api_key.pk]}
 
     form = admin_client.post(changelist, selection)
-    assert form.status_code == 200 and b"Rotate keys" in form.content
+    assert form.status_code == 200
+    assert b"Rotate keys" in form.content
     assert not RotatedKey.objects.exists()  # nothing happens before the grace is confirmed
     bad = admin_client.post(changelist, {**selection, "grace": "whenever"})
-    assert b"Invalid grace period" in bad.content and not RotatedKey.objects.exists()
+    assert b"Invalid grace period" in bad.content
+    assert not RotatedKey.objects.exists()
 
     done = admin_client.post(changelist, {**selection, "grace": "1h"}, follow=True)
     new_key = RAW_KEY.search(done.content.decode())[0]
     assert ApiKey.objects.get().key_hash == hash_key(new_key)
     page = admin_client.get(reverse("admin:tenants_apikey_change", args=[alice.api_key.pk]))
     old_prefix = alice.raw_key[3:15]
-    assert f"sk-{old_prefix}_" in page.content.decode() and b"in grace until" in page.content
+    assert f"sk-{old_prefix}_" in page.content.decode()
+    assert b"in grace until" in page.content
     assert f"sk-{ApiKey.objects.get().prefix}_" in page.content.decode()
 
     RotatedKey.objects.update(grace_ends_at=RotatedKey.objects.get().rotated_at)

@@ -6,8 +6,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from apps.core.commands import SetupCommand, error_text
+from apps.engines.discovery import slots_discover
 from apps.engines.gguf_info import GgufError
 from apps.engines.model_files import context_for_variant
 from apps.engines.models import Engine
@@ -66,13 +68,7 @@ def checked_positive(option: str, value: int | None) -> int | None:
     return value
 
 
-def error_text(error: ValidationError) -> str:
-    if not hasattr(error, "error_dict"):
-        return " ".join(error.messages)
-    return " ".join(f"{field}: {msg}" for field, msgs in error.message_dict.items() for msg in msgs)
-
-
-class Command(BaseCommand):
+class Command(SetupCommand):
     help = (
         "Register an engine and the models it serves (adds to an existing engine): an "
         "external one (--base-url) or one the gateway runs itself (--command). For a "
@@ -119,7 +115,12 @@ class Command(BaseCommand):
             help="Server software (default: llamacpp, or the engine's current flavor).",
         )
         parser.add_argument(
-            "--slots", type=int, help="Requests one replica serves at once (default 1)."
+            "--slots",
+            type=int,
+            help="Requests one replica serves at once. Default for a new external engine: "
+            "llama.cpp's total_slots from its /props (1 if it cannot be asked), 256 for "
+            "vllm/openai, which batch; for a managed engine 1 (its -np {slots}); an "
+            "existing engine keeps its value.",
         )
         parser.add_argument(
             "--system-prompt",
@@ -163,20 +164,31 @@ class Command(BaseCommand):
             raise CommandError(f"{', '.join(given)} only apply to managed engines (--command).")
         if options["ctx_size"] == SCAN:
             raise CommandError("--ctx-size scan applies to managed engines (--model-path).")
-        base_url, *extra_urls = [checked_base_url(url) for url in options["base_urls"]]
+        urls = [checked_base_url(url) for url in options["base_urls"]]
+        models = checked_models(options["models"])
+        slots = checked_positive("slots", options["slots"])
+        existing = Engine.objects.filter(name=name).first()
+        if slots is None and existing is None:
+            slots = self.discovered_slots(options["flavor"] or Engine.Flavor.LLAMACPP, urls)
         try:
             return engine_register_external(
                 name=name,
-                base_url=base_url,
-                extra_base_urls=extra_urls,
-                models=checked_models(options["models"]),
+                base_url=urls[0],
+                extra_base_urls=urls[1:],
+                models=models,
                 ctx_size=checked_ctx_size(options["ctx_size"]),
                 flavor=options["flavor"],
-                slots=checked_positive("slots", options["slots"]),
+                slots=slots,
                 system_prompt=options["system_prompt"],
             )
         except ValidationError as e:
             raise CommandError(f"Cannot register engine {name!r}: {error_text(e)}") from e
+
+    def discovered_slots(self, flavor: str, urls: list[str]) -> int:
+        """A new engine without --slots: what it can serve at once, asked of it (shown)."""
+        found = slots_discover(flavor=flavor, base_urls=urls)
+        self.stdout.write(f"--slots {found.slots}: {found.source}")
+        return found.slots
 
     def register_managed(self, name: str, options: dict[str, Any]) -> Engine:
         if options["ctx_size"] == SCAN:
@@ -209,7 +221,9 @@ class Command(BaseCommand):
             )
         else:
             urls = ", ".join(engine.base_urls)
-            self.stdout.write(f"Engine {engine.name} ({engine.flavor}) at {urls} serves:")
+            self.stdout.write(
+                f"Engine {engine.name} ({engine.flavor}) at {urls}, slots={engine.slots}, serves:"
+            )
         for variant in engine.variants.select_related("model"):
             details = [f"ctx_size={variant.ctx_size}" if variant.ctx_size else "ctx_size unknown"]
             if variant.model_path:

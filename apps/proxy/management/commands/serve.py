@@ -1,18 +1,19 @@
-"""`manage.py serve`: migrate, make sure an admin exists, then serve with uvicorn."""
+"""`manage.py serve`: migrate (SetupCommand), make sure an admin exists, then serve with
+uvicorn."""
 
 from __future__ import annotations
 
 import os
 
 import uvicorn
-from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
+from apps.core.commands import SetupCommand
 from apps.engines.scheduler_service import start_service_thread
 from apps.proxy.services import admin_user_ensure
 
 
-class Command(BaseCommand):
+class Command(SetupCommand):
     help = "Migrate and serve the gateway (ASGI, uvicorn with uvloop + httptools)."
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -29,7 +30,6 @@ class Command(BaseCommand):
     def handle(
         self, *args, host: str, port: int, workers: int, access_log: bool, **options
     ) -> None:
-        call_command("migrate", interactive=False, verbosity=0)
         password = admin_user_ensure()
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         if password is not None and os.environ.get("ADMIN_PASSWORD"):

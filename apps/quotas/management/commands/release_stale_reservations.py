@@ -3,12 +3,13 @@ from __future__ import annotations
 from argparse import ArgumentParser
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from apps.core.commands import SetupCommand
 from apps.quotas.services import reservation_ttl_seconds, reservations_release_stale
 
 
-class Command(BaseCommand):
+class Command(SetupCommand):
     help = (
         "Release quota reservations older than QUOTA_RESERVATION_TTL_SECONDS (left by a "
         "crashed or hung process), giving their tokens back. Safe to run at any time."

@@ -3,8 +3,7 @@ from __future__ import annotations
 from argparse import ArgumentParser
 from typing import Any
 
-from django.core.management.base import BaseCommand
-
+from apps.core.commands import SetupCommand
 from apps.quotas.management.commands._scope import non_negative, tenant_and_key
 from apps.quotas.periods import Period
 from apps.quotas.selectors import quota_states
@@ -12,7 +11,7 @@ from apps.quotas.services import quota_set
 from apps.quotas.state import describe_limit, describe_reset
 
 
-class Command(BaseCommand):
+class Command(SetupCommand):
     help = (
         "Set a token quota (prompt + completion tokens per period) for a tenant or one of "
         "its API keys, replacing the one in force; --tokens 0 removes it."

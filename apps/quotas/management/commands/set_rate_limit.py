@@ -3,8 +3,7 @@ from __future__ import annotations
 from argparse import ArgumentParser
 from typing import Any
 
-from django.core.management.base import BaseCommand
-
+from apps.core.commands import SetupCommand
 from apps.quotas.management.commands._scope import non_negative, tenant_and_key
 from apps.quotas.services import rate_limit_set
 from apps.tenants.models import Tenant
@@ -14,7 +13,7 @@ def describe_rpm(rpm: int | None) -> str:
     return f"{rpm:,} requests per minute" if rpm else "no limit"
 
 
-class Command(BaseCommand):
+class Command(SetupCommand):
     help = "Set the requests-per-minute limit of a tenant or one of its API keys; 0 removes it."
 
     def add_arguments(self, parser: ArgumentParser) -> None:

@@ -5,10 +5,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 
-from apps.tenants.management.commands.create_tenant import error_text
+from apps.core.commands import SetupCommand, error_text
 from apps.tenants.models import Tenant
 from apps.tenants.services import api_key_create
 
@@ -30,7 +30,7 @@ def expiry(days: int | None) -> datetime | None:
     return timezone.now() + timedelta(days=days)
 
 
-class Command(BaseCommand):
+class Command(SetupCommand):
     help = "Create an API key for a tenant; the key is printed alone on the last line."
 
     def add_arguments(self, parser: ArgumentParser) -> None:

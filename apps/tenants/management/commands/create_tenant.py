@@ -4,23 +4,13 @@ from argparse import ArgumentParser
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from apps.core.commands import SetupCommand, error_text
 from apps.tenants.services import tenant_create
 
 
-def error_text(error: ValidationError) -> str:
-    """'field: message' lines, without Django's dict/list repr."""
-    if not hasattr(error, "error_dict"):
-        return " ".join(error.messages)
-    return " ".join(
-        msg if field == "__all__" else f"{field}: {msg}"
-        for field, msgs in error.message_dict.items()
-        for msg in msgs
-    )
-
-
-class Command(BaseCommand):
+class Command(SetupCommand):
     help = "Create a tenant."
 
     def add_arguments(self, parser: ArgumentParser) -> None:
