@@ -189,3 +189,20 @@ def test_it_reports_spend_and_budgets_in_the_api(priced, gateway, alice):
         "0.006",
     )
     assert usage["quotas"] == []  # budgets are not token quotas
+
+
+def test_it_charges_exactly_through_leases_when_the_budget_is_large(priced, gateway, alice):
+    from apps.quotas.leases import LEASE_MIN_REQUESTS
+
+    budget = Decimal(1000)  # room for far more than LEASE_MIN_REQUESTS requests: leased
+    assert budget > LEASE_MIN_REQUESTS * MAX_COST * 100
+    budget_set(tenant=alice.tenant, amount=budget, period="month")
+
+    for _ in range(8):
+        assert post(gateway, alice).status_code == 200
+    # the lease charges at its renewals and ends when idle, giving back what it held
+    wait_until(lambda: window(alice.tenant).reserved_tokens == 0, timeout=15)
+    assert spent(alice.tenant) == 8 * COST
+    logs = wait_until(lambda: len(request_logs(tenant=alice.tenant)) == 8 and request_logs(
+        tenant=alice.tenant))  # fmt: skip
+    assert sum(log.cost for log in logs) == 8 * COST
