@@ -170,11 +170,13 @@ def test_it_never_exceeds_a_nearly_spent_budget_under_concurrency_on_two_process
     assert window(alice.tenant).used_tokens == int((already + 16 * MAX_COST) * COST_SCALE)
 
 
-def test_it_reports_spend_and_budgets_in_the_api(priced, gateway, alice):
+def test_it_reports_spend_and_budgets_in_the_api(priced, gateway, alice, bob):
     budget_set(tenant=alice.tenant, amount=Decimal("2.5"), period="day")
+    budget_set(tenant=bob.tenant, amount=Decimal("7"), period="month")
     assert post(gateway, alice).status_code == 200
+    assert post(gateway, bob).status_code == 200
     wait_until(lambda: window(alice.tenant).reserved_tokens == 0)
-    wait_until(lambda: request_logs(tenant=alice.tenant))
+    wait_until(lambda: request_logs(tenant=alice.tenant) and request_logs(tenant=bob.tenant))
 
     usage = httpx.get(f"{gateway.url}/api/usage", headers=alice.auth, timeout=10).json()
 
@@ -189,6 +191,11 @@ def test_it_reports_spend_and_budgets_in_the_api(priced, gateway, alice):
         "0.006",
     )
     assert usage["quotas"] == []  # budgets are not token quotas
+    # bob's budget and spend never show in alice's usage, nor alice's in bob's
+    theirs = httpx.get(f"{gateway.url}/api/usage", headers=bob.auth, timeout=10).json()
+    assert [b["amount"] for b in theirs["budgets"]] == ["7"]
+    assert [d["api_key"] for d in theirs["spend_by_day"]] == ["default"]
+    assert theirs["tenant"] == "bob"
 
 
 def test_it_charges_exactly_through_leases_when_the_budget_is_large(priced, gateway, alice):
