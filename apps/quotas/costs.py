@@ -8,6 +8,7 @@ far inside PostgreSQL's bigint.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -74,6 +75,7 @@ def actual_cost(
 
 _snapshot: dict[str, TokenPrices] = {}
 _loaded_at = float("-inf")
+_loading: asyncio.Future | None = None  # one reload at a time, shared by every request
 
 
 def _load() -> dict[str, TokenPrices]:
@@ -85,7 +87,13 @@ _load_async = database_sync_to_async(_load, thread_sensitive=False)
 
 async def prices_of(model: str) -> TokenPrices | None:
     """The model's prices (None: the model is free), at most REGISTRY_CACHE_SECONDS old."""
-    global _snapshot, _loaded_at
+    global _snapshot, _loaded_at, _loading
     if time.monotonic() - _loaded_at >= settings.REGISTRY_CACHE_SECONDS:
-        _snapshot, _loaded_at = await _load_async(), time.monotonic()
+        if _loading is None or _loading.done():
+            _loading = asyncio.ensure_future(_load_async())
+        loading = _loading
+        snapshot = await asyncio.shield(loading)
+        if loading is _loading:
+            _snapshot, _loaded_at = snapshot, time.monotonic()
+        return snapshot.get(model)
     return _snapshot.get(model)

@@ -227,3 +227,29 @@ def test_it_shows_spend_per_day_key_and_model_on_the_usage_page(admin_client: Cl
     assert 'id="spend-total">0.75<' in html
     assert "9" not in html.split('id="usage-spend"')[1].split("</table>")[0]
     assert "2.5" in html.split('id="usage-budgets"')[1]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_loads_prices_once_for_concurrent_requests(settings, monkeypatch, model):
+    import asyncio
+
+    from channels.db import database_sync_to_async as sync_to_async
+
+    from apps.quotas import costs
+
+    await sync_to_async(price_set)(model=model, input_price=Decimal(1), output_price=Decimal(2))
+    settings.REGISTRY_CACHE_SECONDS = 60
+    monkeypatch.setattr(costs, "_loaded_at", float("-inf"))
+    loads = []
+    real = costs._load_async
+
+    async def counted() -> dict:
+        loads.append(1)
+        return await real()
+
+    monkeypatch.setattr(costs, "_load_async", counted)
+    found = await asyncio.gather(*[costs.prices_of("gpt-like") for _ in range(20)])
+
+    assert len(loads) == 1
+    assert {p.output for p in found} == {2 * 10**6}
+    assert await costs.prices_of("unpriced") is None
