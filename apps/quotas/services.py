@@ -108,8 +108,15 @@ def quota_reserve(
         )
     except IntegrityError:
         # A quota was deleted between our lookup and our insert (its window's FK failed):
-        # look again, once; a second failure is a real error.
-        return _reserve(tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, now=now)
+        # look again, once; a second failure is a real error. Given quotas (token quotas
+        # or cost budgets) lose only the deleted ones: a lookup would not know the unit.
+        if quotas is not None:
+            ids = [quota[0] for quota in quotas]
+            alive = set(Quota.objects.filter(pk__in=ids).values_list("pk", flat=True))
+            quotas = [quota for quota in quotas if quota[0] in alive]
+        return _reserve(
+            tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, now=now, quotas=quotas
+        )
 
 
 ApplicableQuota = tuple[int, str, int, str | None, str]

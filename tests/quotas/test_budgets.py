@@ -253,3 +253,24 @@ async def test_it_loads_prices_once_for_concurrent_requests(settings, monkeypatc
     assert len(loads) == 1
     assert {p.output for p in found} == {2 * 10**6}
     assert await costs.prices_of("unpriced") is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_reserves_in_the_remaining_budgets_when_one_was_deleted_meanwhile(alice):
+    from apps.quotas.models import QuotaWindow
+
+    quota_set(tenant=alice.tenant, tokens=10, period="day")  # a token quota: never touched
+    kept = budget_set(tenant=alice.tenant, amount=Decimal(1), period="month")
+    gone = budget_set(tenant=alice.tenant, amount=Decimal(1), period="day")
+    budgets = quotas_applicable(tenant_id=alice.tenant.pk, api_key_id=alice.api_key.pk, unit="cost")
+    gone.delete()  # after the lookup (cached with the key), before the reservation
+
+    ticket = quota_reserve(
+        tenant_id=alice.tenant.pk, api_key_id=alice.api_key.pk,
+        tokens=scaled(Decimal("0.5")), quotas=budgets,
+    )  # fmt: skip
+
+    assert [state.quota_id for state in ticket.states] == [kept.pk]
+    assert list(QuotaWindow.objects.values_list("quota_id", "reserved_tokens")) == [
+        (kept.pk, scaled(Decimal("0.5")))
+    ]
