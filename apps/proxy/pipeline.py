@@ -344,4 +344,5 @@ def request_log_row(ctx: RequestContext) -> tuple:
         safety_action=safety_action(ctx),
         cache_status=cache.status if cache is not None else "",
         cache_saved_tokens=cache.saved_tokens if cache is not None else 0,
+        cost=ctx.extras.get("cost"),  # set by quota_settle (apps/quotas/stage.py)
     )

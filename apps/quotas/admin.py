@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from django.contrib import admin
@@ -14,13 +15,16 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from apps.core.admin import ReadOnlyAdminMixin
-from apps.quotas.charts import usage_chart
-from apps.quotas.models import Quota, QuotaWindow, Reservation, Usage
+from apps.quotas.charts import spend_chart, usage_chart
+from apps.quotas.costs import money
+from apps.quotas.models import Quota, QuotaWindow, Reservation, Unit, Usage
 from apps.quotas.selectors import (
     USAGE_DAYS,
     quota_state,
     quota_states,
     quotas_with_current_window,
+    spend_by_day,
+    spend_per_day,
     usage_by_day,
     usage_since,
     usage_totals,
@@ -83,7 +87,8 @@ class QuotaAdmin(admin.ModelAdmin):
     live_fields = ["used", "reserved", "remaining", "resets_at"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Quota]:
-        return quotas_with_current_window(super().get_queryset(request), now=timezone.now())
+        quotas = super().get_queryset(request).filter(unit=Unit.TOKENS)  # budgets: BudgetAdmin
+        return quotas_with_current_window(quotas, now=timezone.now())
 
     def get_fields(self, request: HttpRequest, obj: Quota | None = None) -> list[str]:
         fields = ["tenant", "api_key", "period", "limit_tokens"]
@@ -214,8 +219,31 @@ class UsageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             "total_completion": sum(day.completion_tokens for day in days),
             "total_requests": sum(key.requests for key in keys),
             "quotas": [quota_row(state) for state in quotas],
+            **spend_context(tenant_id=tenant.pk, api_key_id=key_id),
         }
         return TemplateResponse(request, "admin/quotas/usage.html", context)
+
+
+def spend_context(*, tenant_id: int, api_key_id: int | None) -> dict[str, Any]:
+    """Money on the usage page: spend per day (chart), per day/key/model, the budgets."""
+    spend = spend_by_day(tenant_id=tenant_id, api_key_id=api_key_id)
+    budgets = quota_states(tenant_id=tenant_id, api_key_id=api_key_id, unit=Unit.COST)
+    return {
+        "spend": spend,
+        "spend_chart": spend_chart(spend_per_day(spend)),
+        "spend_total": sum((row.cost for row in spend), Decimal(0)),
+        "budgets": [
+            {
+                "state": state,
+                "amount": money(state.limit),
+                "spent": money(state.used),
+                "reserved": money(state.reserved),
+                "left": money(state.remaining),
+                "reset": describe_reset(state),
+            }
+            for state in budgets
+        ],
+    }
 
 
 def selected_key(request: HttpRequest, tenant: Tenant) -> ApiKey | None:
@@ -227,3 +255,6 @@ def selected_key(request: HttpRequest, tenant: Tenant) -> ApiKey | None:
     if not raw.isdigit():
         raise Http404("No such API key.")
     return get_object_or_404(ApiKey, pk=int(raw), tenant=tenant)
+
+
+from apps.quotas import budgets_admin  # noqa: E402, F401  (registers prices and budgets)

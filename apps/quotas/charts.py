@@ -6,7 +6,9 @@ Python computes every coordinate; the template only writes them out, auto-escape
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import date
+from decimal import Decimal
 
 from apps.core.charts import compact, nice_ceiling
 from apps.quotas.selectors import DayUsage
@@ -112,3 +114,20 @@ def usage_chart(days: list[DayUsage]) -> UsageChart:
         x_labels=x_labels,
         empty=peak == 0,
     )
+
+
+def spend_chart(days: list[tuple[date, Decimal]]) -> UsageChart:
+    """Bars of money spent per day (the usage chart's geometry, one segment per bar)."""
+    micro = [DayUsage(day, 0, int(cost * 10**6)) for day, cost in days]
+    chart = usage_chart(micro)
+    peak = max((d.completion_tokens for d in micro), default=0)
+    scale_max = nice_ceiling(peak / Y_TICKS) * Y_TICKS if peak else float(Y_TICKS)
+    ticks = [
+        replace(tick, label=f"{scale_max * i / Y_TICKS / 10**6:g}")
+        for i, tick in enumerate(chart.y_ticks)
+    ]
+    bars = [
+        replace(bar, label=f"{day.isoformat()}: {cost:f}")
+        for bar, (day, cost) in zip(chart.bars, days, strict=True)
+    ]
+    return replace(chart, bars=bars, y_ticks=ticks)

@@ -9,9 +9,11 @@ reservation checks under a row lock.
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 
 from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -19,9 +21,17 @@ from apps.quotas.periods import Period
 from apps.tenants.models import Tenant
 
 
+class Unit(models.TextChoices):
+    TOKENS = "tokens", "tokens"
+    # A cost budget: money, counted in COST_SCALE (10^-12) currency units so prices with
+    # 6 decimals per million tokens cost a whole number per token (apps/quotas/costs.py).
+    COST = "cost", "cost"
+
+
 class Quota(models.Model):
     """At most `limit_tokens` prompt + completion tokens per period, for a whole tenant
-    (api_key empty) or for one of its keys."""
+    (api_key empty) or for one of its keys; with unit=cost, a money budget whose limit,
+    windows and reservations count pico-units instead of tokens (same machinery)."""
 
     tenant = models.ForeignKey(
         "tenants.Tenant", on_delete=models.CASCADE, related_name="token_quotas"
@@ -35,7 +45,10 @@ class Quota(models.Model):
         help_text="Empty: the quota covers every key of the tenant together.",
     )
     period = models.CharField(max_length=8, choices=Period.choices)
-    limit_tokens = models.PositiveBigIntegerField(help_text="Prompt + completion tokens.")
+    limit_tokens = models.PositiveBigIntegerField(
+        help_text="Prompt + completion tokens (cost budgets: 10^-12 currency units)."
+    )
+    unit = models.CharField(max_length=8, choices=Unit.choices, default=Unit.TOKENS)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -43,8 +56,8 @@ class Quota(models.Model):
         constraints = [
             # nulls_distinct=False: at most one tenant-wide quota per period too.
             models.UniqueConstraint(
-                fields=["tenant", "api_key", "period"],
-                name="unique_quota_per_scope_and_period",
+                fields=["tenant", "api_key", "period", "unit"],
+                name="unique_quota_per_scope_period_unit",
                 nulls_distinct=False,
                 violation_error_message="This tenant or key already has a quota for this period.",
             ),
@@ -52,6 +65,13 @@ class Quota(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant.slug} {self.scope} {self.period}: {self.limit_tokens:,} tokens"
+
+    def validate_constraints(self, exclude: object = None) -> None:
+        # Forms never show `unit` (each admin sets its own), so Django would skip the
+        # (tenant, key, period, unit) constraint and the insert would fail instead.
+        if exclude:
+            exclude = set(exclude) - {"unit"}
+        super().validate_constraints(exclude=exclude)
 
     @property
     def scope(self) -> str:
@@ -137,3 +157,50 @@ class Usage(Tenant):
         proxy = True
         verbose_name = "usage by tenant"
         verbose_name_plural = "usage by tenant"
+
+
+class BudgetManager(models.Manager):
+    def get_queryset(self) -> models.QuerySet:
+        return super().get_queryset().filter(unit=Unit.COST)
+
+
+class Budget(Quota):
+    """Cost budgets (Quota rows with unit=cost), for their own admin page."""
+
+    objects = BudgetManager()
+
+    class Meta:
+        proxy = True
+        verbose_name = "cost budget"
+
+    def __str__(self) -> str:
+        return f"{self.tenant.slug} {self.scope} {self.period}: budget"
+
+
+class ModelPrice(models.Model):
+    """What a served model costs, in currency units per million tokens."""
+
+    model = models.OneToOneField(
+        "engines.ServedModel", on_delete=models.CASCADE, related_name="price"
+    )
+    input_per_million = models.DecimalField(
+        max_digits=14, decimal_places=6, validators=[MinValueValidator(Decimal(0))]
+    )
+    output_per_million = models.DecimalField(
+        max_digits=14, decimal_places=6, validators=[MinValueValidator(Decimal(0))]
+    )
+    cached_input_per_million = models.DecimalField(
+        max_digits=14,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal(0))],
+        help_text="Prompt tokens served from the engine's cache; empty: the input price.",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model__name"]
+
+    def __str__(self) -> str:
+        return f"{self.model.name}: {self.input_per_million}/{self.output_per_million} per 1M"

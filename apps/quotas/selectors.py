@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 from typing import NamedTuple
 
 from django.db.models import Case, Count, OuterRef, Q, QuerySet, Subquery, Sum, Value, When
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
-from apps.quotas.models import Quota, QuotaWindow
+from apps.quotas.models import Quota, QuotaWindow, Unit
 from apps.quotas.periods import Period, window_end, window_start
 from apps.quotas.state import QuotaState
 from apps.request_logs.models import RequestLog
@@ -52,20 +53,27 @@ def tightest_first(states: list[QuotaState]) -> list[QuotaState]:
     return sorted(states, key=lambda s: (s.remaining, -s.fraction_used, s.quota_id))
 
 
-def applicable_quotas(*, tenant_id: int, api_key_id: int | None) -> QuerySet[Quota]:
-    """Quotas that a request with this key must fit in: the tenant-wide ones and the key's.
-    Without a key: every quota of the tenant (for operators' overviews)."""
-    quotas = Quota.objects.filter(tenant_id=tenant_id)
+def applicable_quotas(
+    *, tenant_id: int, api_key_id: int | None, unit: str = Unit.TOKENS
+) -> QuerySet[Quota]:
+    """Quotas (or, unit=cost, budgets) that a request with this key must fit in: the
+    tenant-wide ones and the key's. Without a key: every one of the tenant (overviews)."""
+    quotas = Quota.objects.filter(tenant_id=tenant_id, unit=unit)
     if api_key_id is not None:
         quotas = quotas.filter(Q(api_key__isnull=True) | Q(api_key_id=api_key_id))
     return quotas
 
 
 def quota_states(
-    *, tenant_id: int, api_key_id: int | None = None, now: datetime | None = None
+    *,
+    tenant_id: int,
+    api_key_id: int | None = None,
+    now: datetime | None = None,
+    unit: str = Unit.TOKENS,
 ) -> list[QuotaState]:
     """Current states, the tightest (least remaining) first. One query."""
-    quotas = applicable_quotas(tenant_id=tenant_id, api_key_id=api_key_id).select_related("api_key")
+    quotas = applicable_quotas(tenant_id=tenant_id, api_key_id=api_key_id, unit=unit)
+    quotas = quotas.select_related("api_key")
     quotas = quotas_with_current_window(quotas, now=now or timezone.now())
     return tightest_first([quota_state(quota) for quota in quotas])
 
@@ -168,3 +176,47 @@ def _key_usage(key_id: int | None, name: str, row: dict | None) -> KeyUsage:
         prompt_tokens=row.get("prompt", 0),
         completion_tokens=row.get("completion", 0),
     )
+
+
+class DaySpend(NamedTuple):
+    day: date
+    api_key: str
+    model: str
+    requests: int
+    cost: Decimal
+
+
+def spend_by_day(
+    *,
+    tenant_id: int,
+    api_key_id: int | None = None,
+    days: int = USAGE_DAYS,
+    now: datetime | None = None,
+) -> list[DaySpend]:
+    """Money spent per UTC day, key and model over the last `days` days (days with
+    priced requests only), oldest first. One query."""
+    rows = (
+        _logs(tenant_id=tenant_id, api_key_id=api_key_id, since=usage_since(days=days, now=now))
+        .filter(cost__isnull=False)
+        .annotate(day=TruncDate("created_at", tzinfo=UTC))
+        .values("day", "api_key__name", "model")
+        .annotate(requests=Count("id"), spent=Sum("cost"))
+        .order_by("day", "api_key__name", "model")
+    )
+    return [
+        DaySpend(r["day"], r["api_key__name"] or "(deleted key)", r["model"], r["requests"],
+                 r["spent"].normalize())
+        for r in rows
+    ]  # fmt: skip
+
+
+def spend_per_day(spend: list[DaySpend], *, days: int = USAGE_DAYS, now=None) -> list[tuple]:
+    """(day, cost) for each of the last `days` days, 0 where nothing was spent."""
+    totals: dict[date, Decimal] = {}
+    for row in spend:
+        totals[row.day] = totals.get(row.day, Decimal(0)) + row.cost
+    first = usage_since(days=days, now=now).date()
+    return [
+        (day, totals.get(day, Decimal(0)))
+        for day in (first + timedelta(days=i) for i in range(days))
+    ]

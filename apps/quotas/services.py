@@ -23,13 +23,16 @@ import time
 import uuid
 from collections import Counter
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from apps.quotas.models import Quota, QuotaWindow, Reservation, scope_label
+from apps.engines.models import ServedModel
+from apps.quotas.costs import COST_SCALE, MAX_BUDGET, PRICE_PLACES, scaled
+from apps.quotas.models import ModelPrice, Quota, QuotaWindow, Reservation, Unit, scope_label
 from apps.quotas.periods import Period, window_end, window_start
 from apps.quotas.state import QuotaExceeded, QuotaState, ReservationTicket
 from apps.tenants.models import ApiKey, Tenant
@@ -105,17 +108,27 @@ def quota_reserve(
         )
     except IntegrityError:
         # A quota was deleted between our lookup and our insert (its window's FK failed):
-        # look again, once; a second failure is a real error.
-        return _reserve(tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, now=now)
+        # look again, once; a second failure is a real error. Given quotas (token quotas
+        # or cost budgets) lose only the deleted ones: a lookup would not know the unit.
+        if quotas is not None:
+            ids = [quota[0] for quota in quotas]
+            alive = set(Quota.objects.filter(pk__in=ids).values_list("pk", flat=True))
+            quotas = [quota for quota in quotas if quota[0] in alive]
+        return _reserve(
+            tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, now=now, quotas=quotas
+        )
 
 
 ApplicableQuota = tuple[int, str, int, str | None, str]
 
 
-def quotas_applicable(*, tenant_id: int, api_key_id: int) -> list[ApplicableQuota]:
-    """(id, period, limit, key name or None, tenant slug) of each applicable quota, by id."""
+def quotas_applicable(
+    *, tenant_id: int, api_key_id: int, unit: str = Unit.TOKENS
+) -> list[ApplicableQuota]:
+    """(id, period, limit, key name or None, tenant slug) of each applicable quota (or,
+    with unit=cost, budget), by id."""
     return list(
-        Quota.objects.filter(tenant_id=tenant_id)
+        Quota.objects.filter(tenant_id=tenant_id, unit=unit)
         .filter(Q(api_key__isnull=True) | Q(api_key_id=api_key_id))
         .order_by("pk")
         .values_list("pk", "period", "limit_tokens", "api_key__name", "tenant__slug")
@@ -339,7 +352,12 @@ def sweep_now() -> None:
 
 
 def quota_set(
-    *, tenant: Tenant, tokens: int, period: str, api_key: ApiKey | None = None
+    *,
+    tenant: Tenant,
+    tokens: int,
+    period: str,
+    api_key: ApiKey | None = None,
+    unit: str = Unit.TOKENS,
 ) -> Quota | None:
     """Set the limit of the tenant's (or key's) quota for `period`; 0 removes it. Changing
     a limit keeps the usage already counted in the current window."""
@@ -352,14 +370,66 @@ def quota_set(
             # Lock the quota first: a request creating its first window (whose foreign key
             # check holds a share lock on the quota) finishes before, or fails its FK
             # check after and looks again, instead of leaving a window on a deleted quota.
-            scope = Quota.objects.filter(tenant=tenant, api_key=api_key, period=period)
+            scope = Quota.objects.filter(tenant=tenant, api_key=api_key, period=period, unit=unit)
             if list(scope.order_by("pk").select_for_update()):
                 scope.delete()
         return None
     quota, _ = Quota.objects.update_or_create(
-        tenant=tenant, api_key=api_key, period=period, defaults={"limit_tokens": tokens}
+        tenant=tenant, api_key=api_key, period=period, unit=unit, defaults={"limit_tokens": tokens}
     )
     return quota
+
+
+BUDGET_PERIODS = (Period.DAY, Period.MONTH, Period.TOTAL)
+
+
+def budget_set(
+    *, tenant: Tenant, amount: Decimal, period: str, api_key: ApiKey | None = None
+) -> Quota | None:
+    """A cost budget of `amount` currency units per period for the tenant (or one key);
+    0 removes it. It is a Quota counting scaled cost units: reserved, leased, settled and
+    swept exactly like a token quota."""
+    if not isinstance(amount, Decimal) or not amount.is_finite():
+        raise ValueError(f"The amount must be a decimal number, got {amount!r}.")
+    if amount < 0 or amount > MAX_BUDGET:
+        raise ValueError(f"The amount must be between 0 and {MAX_BUDGET:,}, got {amount}.")
+    if period not in BUDGET_PERIODS:
+        raise ValueError(f"Unknown budget period {period!r}; choose day, month or total.")
+    if amount != amount.quantize(Decimal(1) / COST_SCALE):
+        raise ValueError(f"The amount has more than 12 decimals: {amount}.")
+    return quota_set(
+        tenant=tenant, tokens=scaled(amount), period=period, api_key=api_key, unit=Unit.COST
+    )
+
+
+def price_set(
+    *,
+    model: ServedModel,
+    input_price: Decimal,
+    output_price: Decimal,
+    cached_input_price: Decimal | None = None,
+) -> ModelPrice:
+    """Set a model's prices per million tokens (no cached price: the input price)."""
+    for name, value in (
+        ("input", input_price),
+        ("output", output_price),
+        ("cached input", cached_input_price),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, Decimal) or not value.is_finite() or value < 0:
+            raise ValueError(f"The {name} price must be 0 or more, got {value}.")
+        if value != value.quantize(PRICE_PLACES):
+            raise ValueError(f"The {name} price has more than 6 decimals: {value}.")
+    price, _ = ModelPrice.objects.update_or_create(
+        model=model,
+        defaults={
+            "input_per_million": input_price,
+            "output_per_million": output_price,
+            "cached_input_per_million": cached_input_price,
+        },
+    )
+    return price
 
 
 def rate_limit_set(*, tenant: Tenant, rpm: int, api_key: ApiKey | None = None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -34,7 +35,8 @@ from apps.core.errors import ApiError
 from apps.engines.sizing import TOKENIZE, prompt_token_bound, prompt_tokens
 from apps.engines.stage import GENERATING_ENDPOINTS
 from apps.quotas.batching import reserve_batcher, settle_batcher
-from apps.quotas.errors import quota_exceeded_error
+from apps.quotas.costs import actual_cost, max_cost, money, prices_of
+from apps.quotas.errors import budget_exceeded_error, quota_exceeded_error
 from apps.quotas.leases import lease_book
 from apps.quotas.periods import window_start
 from apps.quotas.services import (
@@ -61,6 +63,17 @@ _settling: set[asyncio.Task] = set()
 def principal_quotas(principal: Principal) -> tuple[ApplicableQuota, ...]:
     """The token quotas that apply to the caller, loaded with its key (QuotasConfig.ready)."""
     return principal.attachments.get("quotas", ())
+
+
+def principal_budgets(principal: Principal) -> tuple[ApplicableQuota, ...]:
+    """The cost budgets (unit=cost quotas) that apply to the caller, loaded with its key."""
+    return principal.attachments.get("budgets", ())
+
+
+# ctx.extras keys: this stage's own, and "cost" (Decimal or None) for the request log.
+PRICES = "quotas.prices"
+BUDGET_TICKET = "quotas.budget_ticket"
+COST = "cost"
 
 
 def tokens_to_reserve(
@@ -91,7 +104,12 @@ def _int(value: Any) -> int | None:
 
 
 async def quota_stage_reserve(
-    *, tenant_id: int, api_key_id: int, tokens: int, quotas: list | None = None
+    *,
+    tenant_id: int,
+    api_key_id: int,
+    tokens: int,
+    quotas: list | None = None,
+    exceeded: Callable[[QuotaExceeded], ApiError] = quota_exceeded_error,
 ) -> ReservationTicket:
     """Reserve, or raise the OpenAI-shaped 429 `insufficient_quota` (with Retry-After).
 
@@ -105,7 +123,7 @@ async def quota_stage_reserve(
             tenant_id=tenant_id, api_key_id=api_key_id, tokens=tokens, quotas=quotas
         )
     except QuotaExceeded as exc:
-        raise quota_exceeded_error(exc) from exc
+        raise exceeded(exc) from exc
 
 
 async def _reserve_leased_or_batched(
@@ -232,15 +250,17 @@ def quota_headers(states: list[QuotaState]) -> list[tuple[bytes, bytes]]:
 
 
 async def quota_reserve(ctx: RequestContext) -> None:
-    """Reserve the most this request can cost (429 if a quota cannot cover it).
+    """Reserve the most this request can cost, in tokens and in money (429 if a quota or
+    a cost budget cannot cover it).
 
     The prompt counts as sizing counted it, else as an upper bound of it (its bytes),
     else the heuristic, so the engine is not asked on every request. Only when that
     does not fit is the engine's tokenizer asked, and the exact count tried, so a quota
-    that is nearly used up still admits what really fits."""
+    or budget that is nearly used up still admits what really fits."""
     assert ctx.principal is not None
     assert ctx.variant is not None
-    if not principal_quotas(ctx.principal):
+    ctx.extras[PRICES] = await prices_of(ctx.model)
+    if not principal_quotas(ctx.principal) and not _budgets_apply(ctx):
         return
     prompt = ctx.prompt_estimate
     if not ctx.prompt_counted:
@@ -257,6 +277,12 @@ async def quota_reserve(ctx: RequestContext) -> None:
         await _reserve_for(ctx, exact)
 
 
+def _budgets_apply(ctx: RequestContext) -> bool:
+    """Budgets limit priced models only: a model without a price costs nothing."""
+    assert ctx.principal is not None
+    return bool(principal_budgets(ctx.principal)) and ctx.extras.get(PRICES) is not None
+
+
 async def _reserve_for(ctx: RequestContext, prompt: int) -> None:
     assert ctx.principal is not None
     assert ctx.variant is not None
@@ -266,17 +292,42 @@ async def _reserve_for(ctx: RequestContext, prompt: int) -> None:
         ctx_size=ctx.variant.ctx_size,
         completes=ctx.endpoint in GENERATING_ENDPOINTS,
     )
-    ctx.quota_ticket = await quota_stage_reserve(
-        tenant_id=ctx.principal.tenant_id,
-        api_key_id=ctx.principal.key_id,
-        tokens=tokens,
-        quotas=list(principal_quotas(ctx.principal)),
-    )
-    ctx.response_headers += quota_headers(ctx.quota_ticket.states)
+    who = {"tenant_id": ctx.principal.tenant_id, "api_key_id": ctx.principal.key_id}
+    quotas = list(principal_quotas(ctx.principal))
+    ticket = None
+    if quotas:
+        ticket = await quota_stage_reserve(**who, tokens=tokens, quotas=quotas)
+    if _budgets_apply(ctx):
+        cost = max_cost(ctx.extras[PRICES], prompt_tokens=prompt, completion_tokens=tokens - prompt)
+        try:
+            ctx.extras[BUDGET_TICKET] = await quota_stage_reserve(
+                **who,
+                tokens=cost,
+                quotas=list(principal_budgets(ctx.principal)),
+                exceeded=budget_exceeded_error,
+            )
+        except BaseException:
+            quota_stage_settle(ticket, actual_tokens=0)  # the tokens go back at once
+            raise
+    ctx.quota_ticket = ticket
+    if ticket is not None:
+        ctx.response_headers += quota_headers(ticket.states)
 
 
 def quota_settle(ctx: RequestContext) -> None:
-    """Charge what the engine really worked on (nothing if it never did); the rest of the
-    reservation goes back. Idempotent: a ticket is settled once."""
+    """Charge what the engine really worked on (nothing if it never did), in tokens and
+    in money; the rest of each reservation goes back. Idempotent: a ticket is settled
+    once. Leaves the request's cost in ctx.extras["cost"] (None: the model is free)."""
     ticket, ctx.quota_ticket = ctx.quota_ticket, None
     quota_stage_settle(ticket, actual_tokens=ctx.spent_tokens)
+    prices = ctx.extras.get(PRICES)
+    cost = 0
+    if prices is not None and ctx.usage_recorded:
+        cost = actual_cost(
+            prices,
+            prompt_tokens=ctx.prompt_tokens,
+            cached_tokens=ctx.cached_tokens,
+            completion_tokens=ctx.completion_tokens,
+        )
+    ctx.extras[COST] = money(cost) if prices is not None else None
+    quota_stage_settle(ctx.extras.pop(BUDGET_TICKET, None), actual_tokens=cost)

@@ -46,6 +46,13 @@ class RequestLog(models.Model):
     cache_saved_tokens = models.PositiveIntegerField(
         default=0, help_text="Tokens a cache hit did not spend (what the cached answer cost)."
     )
+    cost = models.DecimalField(
+        max_digits=24,
+        decimal_places=12,
+        null=True,
+        blank=True,
+        help_text="What the request cost at its model's prices; empty: the model has none.",
+    )
 
     class Meta:
         db_table = "proxy_requestlog"  # created by the proxy app, which owned it first

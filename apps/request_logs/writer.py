@@ -44,6 +44,7 @@ LOG_COLUMNS = (
     "safety_action",
     "cache_status",
     "cache_saved_tokens",
+    "cost",
 )
 _API_KEY_INDEX = LOG_COLUMNS.index("api_key_id")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal, InvalidOperation
+
 from django.core.management.base import CommandError
 
 from apps.tenants.models import ApiKey, Tenant
@@ -23,3 +25,14 @@ def non_negative(value: int, option: str) -> int:
     if value < 0:
         raise CommandError(f"{option} must be 0 (remove) or more, got {value}.")
     return value
+
+
+def decimal_option(value: str, option: str) -> Decimal:
+    """A non-negative decimal amount of money (never a float)."""
+    try:
+        amount = Decimal(value.strip())
+    except InvalidOperation:
+        raise CommandError(f"{option} must be a decimal number, got {value!r}.") from None
+    if not amount.is_finite() or amount < 0:
+        raise CommandError(f"{option} must be 0 or more, got {value!r}.")
+    return amount
