@@ -58,6 +58,7 @@ from apps.engines.engine_process import EngineProcess, EngineStartError, Process
 from apps.engines.instance_store import NOW, Admission, ControlConnection, lock_key
 from apps.engines.launch import LaunchSpec, render_command
 from apps.engines.models import Engine, EngineInstance, EngineVariant
+from apps.engines.registry import EngineRoute
 
 __all__ = ["EngineManager", "EngineStartError", "ReplicaLease", "engine_manager"]
 
@@ -90,38 +91,6 @@ def owner_stale_after() -> float:
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    id: int
-    name: str
-    flavor: str
-    command_template: str
-    slots: int
-    replicas: int
-    startup_timeout_seconds: float
-    stop_grace_seconds: float
-
-    @classmethod
-    def of(cls, engine: Engine) -> EngineConfig:
-        return cls(
-            id=engine.pk,
-            name=engine.name,
-            flavor=engine.flavor,
-            command_template=engine.command_template,
-            slots=engine.slots,
-            replicas=engine.replicas,
-            startup_timeout_seconds=engine.startup_timeout_seconds,
-            stop_grace_seconds=engine.stop_grace_seconds,
-        )
-
-    def acquire_timeout(self) -> float:
-        """How long a request may wait for this engine: a drain plus a start, and some."""
-        configured = settings.ENGINE_ACQUIRE_TIMEOUT_SECONDS
-        if configured is not None:
-            return float(configured)
-        return drain_timeout() + self.startup_timeout_seconds + 30.0
-
-
-@dataclass(frozen=True)
 class VariantConfig:
     id: int
     label: str
@@ -142,15 +111,15 @@ def _managed_engine(engine_id: int, replica: int) -> Engine:
 
 
 @database_sync_to_async
-def _engine_row(engine_id: int, replica: int) -> tuple[EngineConfig, int, int | None]:
+def _engine_row(engine_id: int, replica: int) -> tuple[EngineRoute, int, int | None]:
     """The engine's launch settings and its instance row (created on first use)."""
     engine = _managed_engine(engine_id, replica)
     row, _ = EngineInstance.objects.get_or_create(engine=engine, replica=replica)
-    return EngineConfig.of(engine), row.pk, row.variant_id
+    return EngineRoute.of(engine), row.pk, row.variant_id
 
 
 @database_sync_to_async
-def _variant(engine_id: int, variant_id: int) -> tuple[EngineConfig, VariantConfig]:
+def _variant(engine_id: int, variant_id: int) -> tuple[EngineRoute, VariantConfig]:
     variant = (
         EngineVariant.objects.select_related("engine", "model")
         .filter(pk=variant_id, engine_id=engine_id)
@@ -165,7 +134,7 @@ def _variant(engine_id: int, variant_id: int) -> tuple[EngineConfig, VariantConf
         model_path=variant.model_path,
         extra_args=variant.extra_args,
     )
-    return EngineConfig.of(variant.engine), config
+    return EngineRoute.of(variant.engine), config
 
 
 @database_sync_to_async
@@ -268,7 +237,7 @@ class Replica:
         self,
         *,
         manager: EngineManager,
-        engine: EngineConfig,
+        engine: EngineRoute,
         replica: int,
         row_id: int,
         last_variant_id: int | None,
@@ -900,7 +869,7 @@ class EngineManager:
             logger.info("engine %s: owned by process %s", replica.label, os.getpid())
             return replica
 
-    async def _kill_previous_process(self, row_id: int, engine: EngineConfig) -> None:
+    async def _kill_previous_process(self, row_id: int, engine: EngineRoute) -> None:
         pid, argv, started_at, _ = await self.control.orphan(row_id)
         if pid and argv:
             killed = await asyncio.to_thread(

@@ -16,7 +16,7 @@ from apps.core.errors import ApiError, model_not_found
 from apps.engines.engine_process import EngineStartError
 from apps.engines.manager import engine_manager
 from apps.engines.registry import EngineRoute, ModelRoute, VariantRoute, registry
-from apps.engines.scheduler import Placement, SchedulerBusy
+from apps.engines.scheduler import Placement, SchedulerBusy, SlotRequest
 from apps.engines.scheduler_service import worker_scheduler
 from apps.engines.sizing import (
     TOKENIZE,
@@ -202,7 +202,7 @@ async def _scheduled(ctx: RequestContext) -> AsyncIterator[Placement]:
     assert ctx.principal is not None
     assert ctx.variant is not None
     engine = ctx.variant.engine
-    lease = worker_scheduler().slot(
+    request = SlotRequest(
         engine.name,
         replicas=engine.replicas,
         slots=engine.slots,
@@ -217,7 +217,7 @@ async def _scheduled(ctx: RequestContext) -> AsyncIterator[Placement]:
         replica_order=await replica_order(ctx.variant),
     )
     try:
-        async with lease as placement:
+        async with worker_scheduler().slot(request) as placement:
             yield placement
     except SchedulerBusy as busy:  # raised on entering: no slot within the bounds
         raise ApiError(

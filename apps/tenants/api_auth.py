@@ -6,11 +6,9 @@ stops working at once. Reusable by any tenant-facing REST API (e.g. quotas).
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from django.utils import timezone
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.parsers import JSONParser
@@ -20,7 +18,7 @@ from rest_framework.views import APIView
 
 from apps.core.api_errors import openai_exception_handler
 from apps.tenants.models import ApiKey, Tenant
-from apps.tenants.services import hash_key, split_key
+from apps.tenants.selectors import INCORRECT_KEY, api_key_for, key_refusal
 
 
 @dataclass(frozen=True)
@@ -53,11 +51,12 @@ class TenantApiKeyAuthentication(BaseAuthentication):
         raw_key = token.strip()
         if scheme.lower() != "bearer" or not raw_key:
             raise _bad_key("Send the API key as `Authorization: Bearer sk-...`.")
-        api_key = self._key(raw_key)
-        if api_key.revoked_at is not None:
-            raise _bad_key("This API key has been revoked.")
-        if api_key.is_expired(now=timezone.now()):
-            raise _bad_key("This API key has expired.")
+        api_key = api_key_for(raw_key=raw_key)
+        if api_key is None:
+            raise _bad_key(INCORRECT_KEY)
+        refusal = key_refusal(revoked=api_key.revoked_at is not None, expires_at=api_key.expires_at)
+        if refusal is not None:
+            raise _bad_key(refusal)
         if not api_key.tenant.active:
             raise exceptions.PermissionDenied(
                 f"Tenant `{api_key.tenant.slug}` is inactive.", code="tenant_inactive"
@@ -67,16 +66,6 @@ class TenantApiKeyAuthentication(BaseAuthentication):
     def authenticate_header(self, request: Request) -> str:
         # Non-empty, so DRF answers 401 (not 403) to missing or bad credentials.
         return 'Bearer realm="api"'
-
-    @staticmethod
-    def _key(raw_key: str) -> ApiKey:
-        prefix = split_key(raw_key)
-        api_key = None
-        if prefix is not None:
-            api_key = ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
-        if api_key is None or not hmac.compare_digest(api_key.key_hash, hash_key(raw_key)):
-            raise _bad_key("Incorrect API key provided.")
-        return api_key
 
 
 class TenantApiView(APIView):

@@ -8,7 +8,6 @@ AUTH_CACHE_SECONDS (expiry itself is checked on every request).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,11 +16,10 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.utils import timezone
 
 from apps.core.errors import ApiError
 from apps.tenants.models import ApiKey
-from apps.tenants.services import hash_key, split_key
+from apps.tenants.selectors import INCORRECT_KEY, api_key_for, key_refusal
 
 _CACHE_MAX_ENTRIES = 10_000
 
@@ -66,11 +64,8 @@ _pending: dict[str, asyncio.Future] = {}
 
 
 def _load_principal(raw_key: str) -> Principal | None:
-    prefix = split_key(raw_key)
-    if prefix is None:
-        return None
-    key = ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
-    if key is None or not hmac.compare_digest(key.key_hash, hash_key(raw_key)):
+    key = api_key_for(raw_key=raw_key)
+    if key is None:
         return None
     allowed = None  # not restricted: every model, and no query for the list
     if key.tenant.restrict_models:
@@ -135,11 +130,10 @@ async def identify(authorization: bytes | None) -> Principal:
         )
     principal = await _cached_principal(raw_key)
     if principal is None:
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-    if principal.revoked:
-        raise ApiError(401, "This API key has been revoked.", code="invalid_api_key")
-    if principal.expires_at is not None and principal.expires_at <= timezone.now():
-        raise ApiError(401, "This API key has expired.", code="invalid_api_key")
+        raise ApiError(401, INCORRECT_KEY, code="invalid_api_key")
+    refusal = key_refusal(revoked=principal.revoked, expires_at=principal.expires_at)
+    if refusal is not None:
+        raise ApiError(401, refusal, code="invalid_api_key")
     return principal
 
 
