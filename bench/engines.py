@@ -129,15 +129,21 @@ def new_scheduler() -> Any:
     return Scheduler()
 
 
+def slot_request(tenant: str, *, max_queue: int) -> Any:
+    from apps.engines.scheduler import SlotRequest
+
+    return SlotRequest(
+        SCHED_KEY, replicas=1, slots=SCHED_SLOTS, tenant=tenant, max_queue=max_queue, max_wait=60.0
+    )
+
+
 async def scheduler_pairs(n: int) -> float:
     """µs per uncontended acquire + release on a fresh Scheduler."""
     scheduler = new_scheduler()
     acquire, release = scheduler.acquire, scheduler.release
     start = time.perf_counter()
     for _ in range(n):
-        placement = await acquire(
-            SCHED_KEY, replicas=1, slots=SCHED_SLOTS, tenant="t0", max_queue=n, max_wait=60.0
-        )
+        placement = await acquire(slot_request("t0", max_queue=n))  # one per request, as /v1
         release(placement)
     return (time.perf_counter() - start) / n * 1e6
 
@@ -171,14 +177,7 @@ async def scheduler_contended() -> float:
     scheduler = new_scheduler()
 
     async def hold(tenant: str) -> None:
-        placement = await scheduler.acquire(
-            SCHED_KEY,
-            replicas=1,
-            slots=SCHED_SLOTS,
-            tenant=tenant,
-            max_queue=CONTENDED_TASKS,
-            max_wait=60.0,
-        )
+        placement = await scheduler.acquire(slot_request(tenant, max_queue=CONTENDED_TASKS))
         try:
             await asyncio.sleep(0)
         finally:

@@ -28,6 +28,11 @@ Crashes are restarted with backoff (ENGINE_RESTART_BACKOFF_SECONDS, doubling); m
 ENGINE_CRASH_LOOP_LIMIT crashes within ENGINE_CRASH_LOOP_WINDOW_SECONDS mark the replica
 failed until the next request. A replica with an idle TTL stops once nothing used it for
 that long; a replica with nothing running gives up its ownership.
+
+Here: the manager (ownership, the owner's tick, leases, followers in other processes).
+One replica's driver is replica.py; its row publishing replica_publish.py; settings and
+launch configuration replica_config.py; its wake-ups replica_events.py; killing a dead
+owner's engine process orphans.py.
 """
 
 from __future__ import annotations
@@ -35,715 +40,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
-from channels.db import database_sync_to_async
-from django.conf import settings
-from django.core.exceptions import ValidationError
 
-from apps.engines.engine_process import EngineProcess, EngineStartError, ProcessLog, free_port
+from apps.engines.engine_process import EngineStartError
 from apps.engines.instance_store import NOW, Admission, ControlConnection, lock_key
-from apps.engines.launch import LaunchSpec, render_command
-from apps.engines.models import Engine, EngineInstance, EngineVariant
-from apps.observability import metrics
+from apps.engines.models import EngineInstance
+from apps.engines.orphans import kill_orphan
+from apps.engines.registry import EngineRoute
+from apps.engines.replica import Key, OwnershipLost, Replica
+from apps.engines.replica_config import (
+    FOLLOWER_POLL_MAX,
+    engine_row,
+    owner_stale_after,
+    poll_interval,
+    swap_grace,
+)
+from apps.engines.replica_events import finish
 
 __all__ = ["EngineManager", "EngineStartError", "ReplicaLease", "engine_manager"]
 
 logger = logging.getLogger(__name__)
 
 State = EngineInstance.State
-Key = tuple[int, int]  # (engine id, replica)
-LOG_PUBLISH_SECONDS = 2.0
-FOLLOWER_POLL_MAX = 0.25  # a waiting non-owner re-reads the row at least this often
 SERVING_URL_CACHE_SECONDS = 1.0
-
-
-def swap_grace() -> float:
-    return settings.ENGINE_SWAP_GRACE_SECONDS
-
-
-def drain_timeout() -> float:
-    return settings.ENGINE_DRAIN_TIMEOUT_SECONDS
-
-
-def poll_interval() -> float:
-    return settings.ENGINE_OWNER_POLL_SECONDS
-
-
-def owner_stale_after() -> float:
-    return settings.ENGINE_OWNER_STALE_SECONDS
-
-
-# --- configuration read from the database (never on the hot path) --------------------
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    id: int
-    name: str
-    flavor: str
-    command_template: str
-    slots: int
-    replicas: int
-    startup_timeout_seconds: float
-    stop_grace_seconds: float
-
-    @classmethod
-    def of(cls, engine: Engine) -> EngineConfig:
-        return cls(
-            id=engine.pk,
-            name=engine.name,
-            flavor=engine.flavor,
-            command_template=engine.command_template,
-            slots=engine.slots,
-            replicas=engine.replicas,
-            startup_timeout_seconds=engine.startup_timeout_seconds,
-            stop_grace_seconds=engine.stop_grace_seconds,
-        )
-
-    def acquire_timeout(self) -> float:
-        """How long a request may wait for this engine: a drain plus a start, and some."""
-        configured = settings.ENGINE_ACQUIRE_TIMEOUT_SECONDS
-        if configured is not None:
-            return float(configured)
-        return drain_timeout() + self.startup_timeout_seconds + 30.0
-
-
-@dataclass(frozen=True)
-class VariantConfig:
-    id: int
-    label: str
-    ctx_size: int | None
-    model_path: str
-    extra_args: str
-
-
-def _managed_engine(engine_id: int, replica: int) -> Engine:
-    engine = Engine.objects.filter(pk=engine_id).first()
-    if engine is None:
-        raise EngineStartError(f"Engine {engine_id} does not exist.")
-    if not engine.is_managed:
-        raise EngineStartError(f"Engine {engine.name} is not managed by the gateway.")
-    if not 0 <= replica < engine.replicas:
-        raise EngineStartError(f"Engine {engine.name} has no replica {replica}.")
-    return engine
-
-
-@database_sync_to_async
-def _engine_row(engine_id: int, replica: int) -> tuple[EngineConfig, int, int | None]:
-    """The engine's launch settings and its instance row (created on first use)."""
-    engine = _managed_engine(engine_id, replica)
-    row, _ = EngineInstance.objects.get_or_create(engine=engine, replica=replica)
-    return EngineConfig.of(engine), row.pk, row.variant_id
-
-
-@database_sync_to_async
-def _variant(engine_id: int, variant_id: int) -> tuple[EngineConfig, VariantConfig]:
-    variant = (
-        EngineVariant.objects.select_related("engine", "model")
-        .filter(pk=variant_id, engine_id=engine_id)
-        .first()
-    )
-    if variant is None:
-        raise EngineStartError(f"Engine {engine_id} has no variant {variant_id}.")
-    config = VariantConfig(
-        id=variant.pk,
-        label=variant.label,
-        ctx_size=variant.ctx_size,
-        model_path=variant.model_path,
-        extra_args=variant.extra_args,
-    )
-    return EngineConfig.of(variant.engine), config
-
-
-@database_sync_to_async
-def _first_variant_id(engine_id: int) -> int | None:
-    return (
-        EngineVariant.objects.filter(engine_id=engine_id)
-        .order_by("pk")
-        .values_list("pk", flat=True)
-        .first()
-    )
-
-
-# --- previous owners' processes ------------------------------------------------------
-
-
-def _kill_orphan(pid: int, argv: list[str], started_at: datetime | None, grace: float) -> bool:
-    """Stop a process a dead owner launched, if that pid is still that process (same
-    command line, same start time): a recycled pid must never be killed."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE or proc.cmdline() != argv:
-            return False
-        if started_at is not None and abs(proc.create_time() - started_at.timestamp()) > 5:
-            return False
-        group = os.getpgid(pid) == pid  # launched as a session leader: stop its group
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            os.killpg(pid, sig) if group else proc.send_signal(sig)
-            if _gone(proc, timeout=wait):
-                break
-    except (psutil.Error, ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-def _gone(proc: psutil.Process, *, timeout: float) -> bool:
-    """Exited (a zombie counts: its reaper is init, not us)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-# --- owner side: one replica ---------------------------------------------------------
-
-
-class OwnershipLost(Exception):
-    """This process stopped owning the replica while a request waited on it."""
-
-
-async def finish(task: asyncio.Task) -> None:
-    """Cancel `task` and wait until it is done. Unlike `suppress(CancelledError)` around
-    `await task`, this never swallows a cancellation of the caller itself."""
-    task.cancel()
-    await asyncio.wait({task})
-
-
-class Signal:
-    """Wake every current waiter; later waiters wait for the next fire()."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self, seconds: float | None = None) -> None:
-        if seconds is None:
-            await self._event.wait()
-            return
-        # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow a cancellation
-        # that arrives as the event fires.
-        waiter = asyncio.ensure_future(self._event.wait())
-        try:
-            await asyncio.wait({waiter}, timeout=seconds)
-        finally:
-            waiter.cancel()
-
-
-@dataclass(eq=False)
-class Swap:
-    """A pending change of what the replica runs (`target` None: stop)."""
-
-    target: int | None
-    reason: str
-    since: float = field(default_factory=time.monotonic)
-    done: bool = False
-
-
-class Replica:
-    """What the owner knows and does for one replica. Only its driver task launches,
-    swaps and stops; requests, the crash watcher and the tick just change flags and wake it."""
-
-    def __init__(
-        self,
-        *,
-        manager: EngineManager,
-        engine: EngineConfig,
-        replica: int,
-        row_id: int,
-        last_variant_id: int | None,
-    ) -> None:
-        self.manager = manager
-        self.engine = engine
-        self.replica = replica
-        self.key: Key = (engine.id, replica)
-        self.row_id = row_id
-        self.label = f"{engine.name}#{replica}"
-        self.state: str = State.STOPPED
-        self.variant: VariantConfig | None = None
-        self.last_variant_id = last_variant_id
-        self.process: EngineProcess | None = None
-        self.in_flight = 0
-        self.waiting: dict[int, list[float]] = {}  # variant id -> arrival times
-        self.remote_request: tuple[int, float] | None = None  # (variant id, seen at)
-        self.remote_in_flight = 0
-        # After serving another process's request, keep its variant this long: that
-        # process polls for it and must get its turn before the next swap.
-        self.remote_hold_until = 0.0
-        self.action = ""  # start / stop / restart from the admin, or "idle"
-        self.swap: Swap | None = None
-        # Variant id -> when its last start failed, and why: requests that were already
-        # waiting for it get that error instead of triggering another attempt.
-        self.failures: dict[int, tuple[float, EngineStartError]] = {}
-        self.closing = False  # set while the row is closed to new requests before a launch
-        self.crashed = False
-        self.crash_times: deque[float] = deque(maxlen=64)
-        self.launched_at: float | None = None  # monotonic, while a launch is loading
-        self.last_used = time.monotonic()
-        self.last_error = ""
-        self.dropped = False
-        self.log = ProcessLog(
-            Path(settings.ENGINE_LOG_DIR) / f"{engine.name}-{replica}.log",
-            lines=settings.ENGINE_LOG_LINES,
-        )
-        self.events: deque[tuple[float, str, int | None]] = deque(maxlen=200)
-        self.changed = Signal()  # state changed: waiting requests re-check
-        self.wake = Signal()  # work for the driver
-        self._publish_lock = asyncio.Lock()
-        self._published_state = ""
-        self._published_swap = False
-        self._published_log = (-1, 0.0)
-        self._driver: asyncio.Task | None = None
-
-    # --- requests -------------------------------------------------------------------
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    @property
-    def queued(self) -> int:
-        return sum(len(times) for times in self.waiting.values())
-
-    def admits(self, variant_id: int, *, arrival: float = math.inf) -> bool:
-        """Running `variant_id`, and no swap pending, or one pending for less than the
-        grace, or one that started after this request began waiting (that request was
-        woken by the swap that served it, and must not lose its turn to the next one)."""
-        if self.closing or self.state not in (State.RUNNING, State.DRAINING) or not self.alive:
-            return False
-        if self.variant is None or self.variant.id != variant_id:
-            return False
-        swap = self.swap
-        return swap is None or arrival < swap.since or time.monotonic() - swap.since < swap_grace()
-
-    def _owed(self, swap: Swap) -> bool:
-        """Requests for the running variant that waited since before `swap`: it drains
-        them too, as if they were in flight (they are about to be)."""
-        running = self.variant.id if self.variant else None
-        return any(t < swap.since for t in self.waiting.get(running, ())) if running else False
-
-    async def enter(self, variant_id: int) -> str:
-        """Wait until this replica runs `variant_id` and admits us; count us in flight."""
-        if self.admits(variant_id):
-            return self._admit()
-        arrival = time.monotonic()
-        deadline = arrival + self.engine.acquire_timeout()
-        self.waiting.setdefault(variant_id, []).append(arrival)
-        try:
-            while True:
-                if self.dropped:
-                    raise OwnershipLost
-                if self.admits(variant_id, arrival=arrival):
-                    return self._admit()
-                failed_at, error = self.failures.get(variant_id, (0.0, None))
-                if error is not None and failed_at >= arrival:
-                    raise error  # the start this request waited for failed
-                self.wake.fire()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise EngineStartError(
-                        f"Engine {self.label} did not get ready for this request within "
-                        f"{self.engine.acquire_timeout():g} s."
-                    )
-                await self.changed.wait(remaining)
-        finally:
-            times = self.waiting[variant_id]
-            times.remove(arrival)
-            if not times:
-                del self.waiting[variant_id]
-
-    def _admit(self) -> str:
-        assert self.process is not None
-        self.in_flight += 1
-        self.last_used = time.monotonic()
-        return self.process.base_url
-
-    def leave(self) -> None:
-        self.in_flight -= 1
-        self.last_used = time.monotonic()
-        if self.in_flight == 0:
-            self.changed.fire()  # a drain may be waiting for this
-
-    # --- the driver -------------------------------------------------------------------
-
-    def start_driver(self) -> None:
-        self._driver = asyncio.ensure_future(self._drive())
-
-    async def stop_driver(self) -> None:
-        driver, self._driver = self._driver, None
-        if driver is not None:
-            await finish(driver)
-
-    async def _drive(self) -> None:
-        while True:
-            job = self._next_job()
-            if job is None:
-                await self.wake.wait()
-                continue
-            try:
-                await job()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep driving: the next request may succeed
-                logger.exception("engine %s: unexpected error", self.label)
-                await self._fail(f"Unexpected error managing engine {self.label}: {exc!r}")
-
-    def _next_job(self) -> Callable[[], Awaitable[None]] | None:
-        if self.action:
-            action, self.action = self.action, ""
-            return partial(self._run_action, action)
-        if self.crashed:
-            self.crashed = False
-            return self._recover_from_crash
-        target = self.wanted_variant()
-        if target is not None:
-            return partial(self._swap_to, target, reason="request")
-        return None
-
-    def wanted_variant(self) -> int | None:
-        """The variant, other than the one running, that has waited longest."""
-        running = self.variant.id if self.variant and self.alive else None
-        candidates = []
-        for variant_id, times in self.waiting.items():
-            failed_at = self.failures.get(variant_id, (0.0, None))[0]
-            fresh = [t for t in times if t > failed_at]  # the others get the failure
-            if variant_id != running and fresh:
-                candidates.append((min(fresh), variant_id))
-        if self.remote_request is not None and self.remote_request[0] != running:
-            candidates.append((self.remote_request[1], self.remote_request[0]))
-        return min(candidates)[1] if candidates else None
-
-    async def _run_action(self, action: str) -> None:
-        self.event(action, None)
-        if action == "idle":
-            if self.in_flight == 0 and not self.waiting and self.state == State.RUNNING:
-                await self._swap_to(None, reason="idle")
-        elif action == EngineInstance.Action.STOP:
-            await self._swap_to(None, reason="stop")
-        elif action == EngineInstance.Action.RESTART:
-            target = await self._default_variant()
-            if target is not None:
-                await self._swap_to(target, reason="restart")
-        elif action == EngineInstance.Action.START and not self.alive:
-            target = await self._default_variant()
-            if target is not None:
-                await self._swap_to(target, reason="start")
-
-    async def _default_variant(self) -> int | None:
-        """For admin actions: what runs, else what was asked for or ran last, else the first."""
-        if self.variant is not None:
-            return self.variant.id
-        if self.remote_request is not None:
-            return self.remote_request[0]
-        return self.last_variant_id or await _first_variant_id(self.engine.id)
-
-    async def _recover_from_crash(self) -> None:
-        if self.alive and self.state == State.RUNNING:
-            return  # a swap already replaced the crashed process
-        now = time.monotonic()
-        window = settings.ENGINE_CRASH_LOOP_WINDOW_SECONDS
-        crashes = sum(1 for t in self.crash_times if now - t <= window)
-        if crashes > settings.ENGINE_CRASH_LOOP_LIMIT:
-            await self._stop_process()
-            await self._fail(
-                f"{self.last_error} It crashed {crashes} times within {window:g} s, so it "
-                f"is not restarted until the next request. Last log lines:\n{self.log.tail(30)}"
-            )
-            return
-        target = self.wanted_variant() or (self.variant.id if self.variant else None)
-        if target is None:
-            return
-        backoff = settings.ENGINE_RESTART_BACKOFF_SECONDS * 2 ** max(crashes - 1, 0)
-        await self._swap_to(target, reason="crash", delay=min(backoff, 30.0))
-
-    async def _swap_to(self, target: int | None, *, reason: str, delay: float = 0.0) -> None:
-        swap = Swap(target=target, reason=reason)
-        self.swap = swap
-        self.event(f"swap:{reason}", target)
-        self.changed.fire()
-        try:
-            if delay:
-                await asyncio.sleep(delay)
-            await self._close(swap)
-            await self._stop_process()
-            if target is None:
-                self.state, self.variant = State.STOPPED, None
-                await self.sync(force_log=True)  # how it stopped (SIGKILL?) shows at once
-            else:
-                await self._launch(target)
-                await self._served_remote_request(target, ok=True)
-        except Exception as exc:
-            error = exc if isinstance(exc, EngineStartError) else self._unexpected(exc)
-            if target is not None:
-                self.failures[target] = (time.monotonic(), error)
-            await self._fail(str(error), variant_id=target)
-            await self._served_remote_request(target, ok=False)
-        finally:
-            self.closing = False
-            swap.done = True
-            self.swap = None
-            self.changed.fire()
-
-    def _unexpected(self, exc: Exception) -> EngineStartError:
-        """Anything else that broke a swap (the database, the file system) fails its
-        waiters the same way, instead of them retrying at once in a loop."""
-        logger.exception("engine %s: unexpected error", self.label)
-        return EngineStartError(f"Engine {self.label} could not be switched: {exc!r}")
-
-    async def _close(self, swap: Swap) -> None:
-        """Drain the running variant, then close the row to new requests (atomically: only
-        once no other process has one in flight, unless the drain timed out)."""
-        if self.alive and self.state == State.RUNNING:
-            self.state = State.DRAINING
-            await self.sync()
-        deadline = swap.since + drain_timeout()
-        while True:
-            forced = time.monotonic() >= deadline or not self.alive
-            drained = self.in_flight == 0 and not self._owed(swap)
-            if forced or (drained and time.monotonic() >= self.remote_hold_until):
-                self.closing = True
-                async with self._publish_lock:
-                    closed = await self.manager.control.close_for_launch(self.row_id, force=forced)
-                if closed:
-                    if forced and self.alive and (self.in_flight or self.remote_in_flight):
-                        self.log.note("drain timed out; stopping with requests in flight")
-                    self.state = State.STARTING  # (not admitting either)
-                    self._published_state = State.STARTING
-                self.closing = False
-                if closed:
-                    return
-            await self.changed.wait(0.1)
-
-    async def _stop_process(self) -> None:
-        process, self.process = self.process, None
-        if process is not None:
-            await process.stop(grace=self.engine.stop_grace_seconds)
-            self.event("stopped", self.variant.id if self.variant else None)
-
-    async def _launch(self, variant_id: int) -> None:
-        self.engine, variant = await _variant(self.engine.id, variant_id)
-        self.variant, self.last_variant_id, self.state = variant, variant_id, State.STARTING
-        label = f"{self.label} ({variant.label})"
-        spec = LaunchSpec(
-            command_template=self.engine.command_template,
-            port=free_port(),
-            slots=self.engine.slots,
-            ctx_size=variant.ctx_size,
-            model_path=variant.model_path,
-            extra_args=variant.extra_args,
-        )
-        try:
-            argv = render_command(spec)
-        except ValidationError as exc:
-            raise EngineStartError(
-                f"Engine {label} cannot be started: {' '.join(exc.messages)}"
-            ) from None
-        process = await EngineProcess.launch(
-            argv=argv, port=spec.port, log=self.log, cwd=settings.BASE_DIR, label=label
-        )
-        self.process = process
-        self.manager.launches += 1
-        self.event("launch", variant_id)
-        self.manager._spawn(self._watch(process))
-        await self.sync()
-        try:
-            await process.wait_healthy(
-                within=self.engine.startup_timeout_seconds, flavor=self.engine.flavor, label=label
-            )
-        except EngineStartError:
-            await self._stop_process()
-            raise
-        self.state = State.RUNNING
-        self.last_used = time.monotonic()
-        self.event("running", variant_id)
-        await self.sync()
-
-    async def _served_remote_request(self, variant_id: int | None, *, ok: bool) -> None:
-        if self.remote_request is not None and self.remote_request[0] == variant_id:
-            self.remote_request = None
-            if ok:
-                self.remote_hold_until = time.monotonic() + 4 * FOLLOWER_POLL_MAX
-            await self.manager.control.clear_request(self.row_id, variant_id=variant_id)
-
-    async def _watch(self, process: EngineProcess) -> None:
-        code = await process.wait()
-        if process.stopping or process is not self.process or self.state == State.STARTING:
-            return  # a deliberate stop, or a failed start (reported by the start itself)
-        self.last_error = (
-            f"Engine {self.label} ({self.variant.label if self.variant else '?'}) "
-            f"exited unexpectedly with code {code}."
-        )
-        process.log.note(f"exited unexpectedly with code {code}")
-        self.crash_times.append(time.monotonic())
-        self.crashed = True
-        self.event("crash", self.variant.id if self.variant else None)
-        if self.state == State.RUNNING:
-            self.state = State.STARTING  # restart pending
-        self.wake.fire()
-        self.changed.fire()
-        await self.sync(force_log=True)
-
-    async def _fail(self, message: str, *, variant_id: int | None = None) -> None:
-        self.state, self.last_error = State.FAILED, message
-        if variant_id is not None:
-            self.last_variant_id = variant_id
-        self.event("failed", variant_id)
-        await self.sync(force_log=True, variant_id=variant_id)
-
-    def event(self, kind: str, variant_id: int | None) -> None:
-        now = time.monotonic()
-        self.events.append((now, kind, variant_id))
-        self._measure(kind, now)
-
-    def _measure(self, kind: str, now: float) -> None:
-        """Starts, swaps, crashes and load times for the Prometheus metrics."""
-        name = self.engine.name
-        if kind == "launch":
-            metrics.ENGINE_STARTS.labels(name).inc()
-            self.launched_at = now
-        elif kind == "running" and self.launched_at is not None:
-            metrics.ENGINE_LOAD.labels(name).observe(now - self.launched_at)
-            self.launched_at = None
-        elif kind == "crash":
-            metrics.ENGINE_CRASHES.labels(name).inc()
-        elif kind.startswith("swap:"):
-            metrics.ENGINE_SWAPS.labels(name, kind.removeprefix("swap:")).inc()
-
-    # --- publishing -------------------------------------------------------------------
-
-    async def sync(self, *, force_log: bool = False, variant_id: int | None = None) -> None:
-        """Write the replica's current state to its row. The snapshot is taken under the
-        lock, so a slow earlier write can never overwrite a newer state."""
-        async with self._publish_lock:
-            fields = self._state_fields(force_log=force_log, variant_id=variant_id)
-            try:
-                await self.manager.control.update(self.row_id, **fields)
-            except Exception:
-                logger.exception("engine %s: cannot publish its state", self.label)
-
-    def _state_fields(self, *, force_log: bool, variant_id: int | None) -> dict[str, Any]:
-        process = self.process if self.alive else None
-        serving = self.state in (State.RUNNING, State.DRAINING)
-        admissible = process is not None and serving and not self.closing
-        fields: dict[str, Any] = {
-            "state": self.state,
-            "variant_id": variant_id or (self.variant.id if self.variant else None),
-            "pid": process.pid if process else None,
-            "port": process.port if process else None,
-            "base_url": process.base_url if admissible else "",
-            "command": process.argv if process else [],
-            "started_at": datetime.fromtimestamp(process.started_at, UTC) if process else None,
-            "in_flight": self.in_flight,
-            "queued": self.queued,
-            "last_error": self.last_error,
-            "owner_pid": os.getpid(),
-            "heartbeat_at": NOW,
-        }
-        if self.state != self._published_state:
-            fields["state_changed_at"] = NOW
-            self._published_state = self.state
-        draining = self.state == State.DRAINING
-        if draining != self._published_swap:
-            fields["swap_since"] = NOW if draining else None
-            self._published_swap = draining
-        version, published_at = self._published_log
-        now = time.monotonic()
-        if self.log.version != version and (force_log or now - published_at > LOG_PUBLISH_SECONDS):
-            fields["log_tail"] = self.log.tail()
-            self._published_log = (self.log.version, now)
-        return fields
-
-    # --- the owner's tick -----------------------------------------------------------------
-
-    async def tick(self) -> bool:
-        """Pick up requests written on the row, stop when idle, publish; False when the
-        engine is gone (deleted, or no longer managed)."""
-        view = await self.manager.control.owner_view(self.row_id)
-        if view is None or view.kind != Engine.Kind.MANAGED:
-            return False
-        self.remote_in_flight = view.remote_in_flight
-        if view.requested_action:
-            self.action = view.requested_action
-            await self.manager.control.clear_request(self.row_id, action=view.requested_action)
-        await self._note_remote_request(view.requested_variant_id)
-        if self._idle_for(view.idle_ttl_seconds, view.remote_idle_seconds):
-            self.action = "idle"
-        if self.action or self.remote_request:
-            self.wake.fire()
-        await self.sync()
-        return True
-
-    async def _note_remote_request(self, variant_id: int | None) -> None:
-        if variant_id is None:
-            self.remote_request = None
-        elif self.admits(variant_id) and self.swap is None:
-            # Already served (the asker was admitted directly): forget it, or it would
-            # later pull the replica back to this variant for nobody.
-            self.remote_request = None
-            await self.manager.control.clear_request(self.row_id, variant_id=variant_id)
-        elif self.remote_request is None or self.remote_request[0] != variant_id:
-            self.remote_request = (variant_id, time.monotonic())
-
-    def _idle_for(self, ttl: int | None, remote_idle: float | None) -> bool:
-        if not ttl or self.state != State.RUNNING or self.swap is not None or self.action:
-            return False
-        if self.in_flight or self.waiting or self.remote_request or self.remote_in_flight:
-            return False
-        idle = min(
-            time.monotonic() - self.last_used, math.inf if remote_idle is None else remote_idle
-        )
-        return idle >= ttl
-
-    @property
-    def releasable(self) -> bool:
-        """Nothing runs and nothing is asked: another process may own it from now on."""
-        return (
-            self.state in (State.STOPPED, State.FAILED)
-            and self.process is None
-            and self.swap is None
-            and not (self.action or self.crashed or self.waiting or self.remote_request)
-            and self.in_flight == 0
-        )
-
-    def status(self) -> dict[str, Any]:
-        process = self.process if self.alive else None
-        return {
-            "engine_id": self.engine.id,
-            "engine": self.engine.name,
-            "replica": self.replica,
-            "state": self.state,
-            "variant_id": self.variant.id if self.variant else None,
-            "variant": self.variant.label if self.variant else "",
-            "pid": process.pid if process else None,
-            "port": process.port if process else None,
-            "base_url": process.base_url if process else "",
-            "uptime_seconds": time.time() - process.started_at if process else None,
-            "in_flight": self.in_flight + self.remote_in_flight,
-            "queued": self.queued,
-            "last_error": self.last_error,
-            "log_tail": self.log.tail(),
-        }
 
 
 # --- leases ----------------------------------------------------------------------------
@@ -761,7 +88,7 @@ class ReplicaLease:
         self._release: Callable[[], None] | None = None
 
     async def __aenter__(self) -> ReplicaLease:
-        self.base_url, self._release = await self._manager._enter(
+        self.base_url, self._release = await self._manager.enter(
             engine_id=self.engine_id, variant_id=self.variant_id, replica=self.replica
         )
         return self
@@ -832,7 +159,7 @@ class EngineManager:
     def acquire(self, *, engine_id: int, variant_id: int, replica: int = 0) -> ReplicaLease:
         return ReplicaLease(self, engine_id=engine_id, variant_id=variant_id, replica=replica)
 
-    async def _enter(
+    async def enter(
         self, *, engine_id: int, variant_id: int, replica: int
     ) -> tuple[str, Callable[[], None]]:
         try:
@@ -875,13 +202,13 @@ class EngineManager:
 
     def _leave_remote(self, key: Key, admission: Admission) -> None:
         # A task, so a cancelled request still gives its place back.
-        self._spawn(
+        self.spawn(
             self.control.release_remote(
                 engine_id=key[0], replica=key[1], generation=admission.generation
             )
         )
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -898,7 +225,7 @@ class EngineManager:
             if not await self.control.try_lock(lock_id):
                 return None  # another process owns it (the cheap, common answer)
             try:
-                engine, row_id, last_variant = await _engine_row(*key)
+                engine, row_id, last_variant = await engine_row(*key)
                 await self._kill_previous_process(row_id, engine)
                 await self.control.claim(
                     row_id, owner_pid=os.getpid(), owner_host=socket.gethostname()
@@ -918,11 +245,11 @@ class EngineManager:
             logger.info("engine %s: owned by process %s", replica.label, os.getpid())
             return replica
 
-    async def _kill_previous_process(self, row_id: int, engine: EngineConfig) -> None:
+    async def _kill_previous_process(self, row_id: int, engine: EngineRoute) -> None:
         pid, argv, started_at, _ = await self.control.orphan(row_id)
         if pid and argv:
             killed = await asyncio.to_thread(
-                _kill_orphan, pid, argv, started_at, engine.stop_grace_seconds
+                kill_orphan, pid, argv, started_at, engine.stop_grace_seconds
             )
             if killed:
                 logger.warning(
@@ -945,7 +272,7 @@ class EngineManager:
             replica.changed.fire()
             await replica.stop_driver()
             if stop and replica.process is not None:
-                await replica._stop_process()
+                await replica.stop_process()
                 replica.state, replica.variant = State.STOPPED, None
             await self.control.update(
                 replica.row_id,
@@ -1007,7 +334,7 @@ class EngineManager:
             replica.changed.fire()
             await replica.stop_driver()
             with contextlib.suppress(Exception):
-                await replica._stop_process()
+                await replica.stop_process()
         await self.control.close()
 
     # --- observation --------------------------------------------------------------------
@@ -1083,7 +410,7 @@ class Follower:
 
     @classmethod
     async def create(cls, manager: EngineManager, key: Key, variant_id: int) -> Follower:
-        engine, _, _ = await _engine_row(*key)
+        engine, _, _ = await engine_row(*key)
         follower = cls(manager, key, variant_id, engine.acquire_timeout())
         await follower.check()
         return follower

@@ -18,6 +18,9 @@ from apps.engines.models import Engine, EngineVariant
 
 @dataclass(frozen=True, slots=True)
 class EngineRoute:
+    """An engine's settings as one process read them: what the /v1 path routes by, and
+    what the engine manager launches a managed engine with (the one snapshot of both)."""
+
     name: str
     flavor: str
     base_url: str
@@ -26,8 +29,37 @@ class EngineRoute:
     id: int = 0
     managed: bool = False
     slots: int = 1
-    replicas: int = 1
+    replicas: int = 1  # managed: processes; external: base URLs
     base_urls: tuple[str, ...] = ()  # external replicas' roots, replica 0 first
+    command_template: str = ""
+    startup_timeout_seconds: float = 120.0
+    stop_grace_seconds: float = 10.0
+
+    @classmethod
+    def of(cls, engine: Engine) -> EngineRoute:
+        return cls(
+            name=engine.name,
+            flavor=engine.flavor,
+            base_url=engine.base_url,
+            upstream_api_key=engine.upstream_api_key,
+            timeout_seconds=engine.timeout_seconds,
+            id=engine.pk,
+            managed=engine.is_managed,
+            slots=engine.slots,
+            replicas=engine.replica_count,
+            base_urls=tuple(engine.base_urls),
+            command_template=engine.command_template,
+            startup_timeout_seconds=engine.startup_timeout_seconds,
+            stop_grace_seconds=engine.stop_grace_seconds,
+        )
+
+    def acquire_timeout(self) -> float:
+        """How long a request may wait for this managed engine: a drain plus a start, and
+        some (ENGINE_ACQUIRE_TIMEOUT_SECONDS if set)."""
+        configured = settings.ENGINE_ACQUIRE_TIMEOUT_SECONDS
+        if configured is not None:
+            return float(configured)
+        return settings.ENGINE_DRAIN_TIMEOUT_SECONDS + self.startup_timeout_seconds + 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,23 +113,8 @@ def _names(
     return names
 
 
-def _engine_route(engine: Engine) -> EngineRoute:
-    return EngineRoute(
-        name=engine.name,
-        flavor=engine.flavor,
-        base_url=engine.base_url,
-        upstream_api_key=engine.upstream_api_key,
-        timeout_seconds=engine.timeout_seconds,
-        id=engine.pk,
-        managed=engine.is_managed,
-        slots=engine.slots,
-        replicas=engine.replica_count,
-        base_urls=tuple(engine.base_urls),
-    )
-
-
 def load_snapshot() -> Snapshot:
-    engines = {engine.pk: _engine_route(engine) for engine in Engine.objects.all()}
+    engines = {engine.pk: EngineRoute.of(engine) for engine in Engine.objects.all()}
     grouped: dict[int, list[EngineVariant]] = {}
     names: dict[int, tuple[str, int]] = {}
     fallbacks: dict[int, tuple[str, ...]] = {}

@@ -3,8 +3,9 @@
 An engine has `replicas` processes, each with `slots` concurrent requests (llama.cpp's
 slots). A request holds one (replica, slot) for as long as the engine works on it:
 
-    async with scheduler.slot(engine_key, replicas=2, slots=4, tenant="acme",
-                              session=session_id, max_queue=100, max_wait=30.0) as placement:
+    request = SlotRequest(engine_key, replicas=2, slots=4, tenant="acme", max_queue=100,
+                          max_wait=30.0, session=session_id)
+    async with scheduler.slot(request) as placement:
         ...  # send to replica `placement.replica` with `"id_slot": placement.slot`
 
 Fairness is start-time fair queueing: each tenant has a virtual finish time that grows by
@@ -51,6 +52,43 @@ class SchedulerBusy(Exception):
         self.engine_key = engine_key
         self.retry_after = retry_after  # whole seconds, >= 1: the Retry-After header
         self.reason = reason  # "queue_full" or "wait_timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRequest:
+    """What a request asks of an engine's scheduler.
+
+    `insist`: wait up to the scheduler's `sticky_wait` for the session's remembered slot
+    if it is busy (its prompt cache is worth it), rather than take another free slot at
+    once. `replica_order`: replicas to place a request without a remembered slot on
+    first, best first, while they have a free slot (e.g. those already running the
+    variant the request needs, so a managed engine is not swapped needlessly); the others
+    are chosen by load."""
+
+    engine_key: str
+    replicas: int
+    slots: int
+    tenant: str
+    max_queue: int
+    max_wait: float
+    weight: int = 1
+    session: str | None = None
+    insist: bool = True
+    replica_order: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.slots < 1:
+            raise ValueError(f"replicas and slots must be >= 1 (got {self.replicas}, {self.slots})")
+        if self.weight <= 0:
+            raise ValueError(f"weight must be > 0 (got {self.weight})")
+
+    def as_message(self) -> dict[str, Any]:
+        """As JSON for the host-wide scheduler service (from_message reads it back)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> SlotRequest:
+        return cls(**{**message, "replica_order": tuple(message["replica_order"])})
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,16 +379,15 @@ class _Engine:
 class _Lease:
     """`async with scheduler.slot(...)`: acquire on enter, release on exit (whatever happens)."""
 
-    __slots__ = ("_engine_key", "_options", "_scheduler", "placement")
+    __slots__ = ("_request", "_scheduler", "placement")
 
-    def __init__(self, scheduler: Scheduler, engine_key: str, options: dict[str, Any]) -> None:
+    def __init__(self, scheduler: Scheduler, request: SlotRequest) -> None:
         self._scheduler = scheduler
-        self._engine_key = engine_key
-        self._options = options
+        self._request = request
         self.placement: Placement | None = None
 
     async def __aenter__(self) -> Placement:
-        self.placement = await self._scheduler.acquire(self._engine_key, **self._options)
+        self.placement = await self._scheduler.acquire(self._request)
         return self.placement
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -372,67 +409,21 @@ class Scheduler:
         # (engine_key, tenant, session) -> slot; tenants choose session ids, so they may clash.
         self._sessions: OrderedDict[tuple[str, str, str], Slot] = OrderedDict()
 
-    def slot(
-        self,
-        engine_key: str,
-        *,
-        replicas: int,
-        slots: int,
-        tenant: str,
-        weight: int = 1,
-        session: str | None = None,
-        insist: bool = True,
-        max_queue: int,
-        max_wait: float,
-        replica_order: tuple[int, ...] = (),
-    ) -> _Lease:
-        """An async context manager yielding a Placement; raises SchedulerBusy on enter.
+    def slot(self, request: SlotRequest) -> _Lease:
+        """An async context manager yielding a Placement; raises SchedulerBusy on enter."""
+        return _Lease(self, request)
 
-        `insist`: wait up to `sticky_wait` for the session's remembered slot if it is busy
-        (its prompt cache is worth it), rather than take another free slot at once.
-        `replica_order`: replicas to place a request without a remembered slot on first,
-        best first, while they have a free slot (e.g. those already running the variant
-        the request needs, so a managed engine is not swapped needlessly); the others
-        are chosen by load."""
-        if replicas < 1 or slots < 1:
-            raise ValueError(f"replicas and slots must be >= 1 (got {replicas}, {slots})")
-        if weight <= 0:
-            raise ValueError(f"weight must be > 0 (got {weight})")
-        options = {
-            "replicas": replicas,
-            "slots": slots,
-            "tenant": tenant,
-            "weight": weight,
-            "session": session,
-            "insist": insist,
-            "max_queue": max_queue,
-            "max_wait": max_wait,
-            "replica_order": tuple(replica_order),
-        }
-        return _Lease(self, engine_key, options)
-
-    async def acquire(
-        self,
-        engine_key: str,
-        *,
-        replicas: int,
-        slots: int,
-        tenant: str,
-        weight: int = 1,
-        session: str | None = None,
-        insist: bool = True,
-        max_queue: int,
-        max_wait: float,
-        replica_order: tuple[int, ...] = (),
-    ) -> Placement:
+    async def acquire(self, request: SlotRequest) -> Placement:
         """Like `slot()`, for callers that cannot use `async with`: pair with `release()`."""
-        engine = self._engine(engine_key, replicas, slots)
-        state = engine.tenant(tenant, weight)
+        engine_key, tenant, session = request.engine_key, request.tenant, request.session
+        max_queue, max_wait = request.max_queue, request.max_wait
+        engine = self._engine(engine_key, request.replicas, request.slots)
+        state = engine.tenant(tenant, request.weight)
         key = None if session is None else (engine_key, tenant, session)
         preferred = None if key is None else engine.valid(self._sessions.get(key))
-        insist = insist and preferred is not None and self.sticky_wait > 0
+        insist = request.insist and preferred is not None and self.sticky_wait > 0
         slot = None
-        order = tuple(replica_order)
+        order = request.replica_order
         if not engine.waiting:  # nobody queued: no fairness decision to make
             slot = engine.find_slot(preferred, insist, order)
         if slot is None and (engine.waiting >= max_queue or max_wait <= 0):
@@ -521,9 +512,6 @@ class Scheduler:
     def stats(self, engine_key: str) -> dict[str, Any]:
         engine = self._engines.get(engine_key) or _Engine(engine_key, 0, 0)
         return engine.stats()
-
-    def engine_keys(self) -> list[str]:
-        return sorted(self._engines)
 
 
 scheduler = Scheduler()

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 
-from apps.engines.scheduler import Placement, Scheduler, SchedulerBusy, scheduler
+from apps.engines.scheduler import Placement, Scheduler, SchedulerBusy, SlotRequest, scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ class SchedulerService:
         """Hold a slot for the worker from the grant until it says `release`."""
         request_id = message["id"]
         try:
-            async with self.scheduler.slot(message["engine"], **message["options"]) as placed:
+            request = SlotRequest.from_message(message["request"])
+            async with self.scheduler.slot(request) as placed:
                 answer = {
                     "id": request_id,
                     "replica": placed.replica,
@@ -172,8 +173,8 @@ class RemoteScheduler:
         self._connecting: asyncio.Lock | None = None
         self._down_until = 0.0
 
-    def slot(self, engine_key: str, **options: Any) -> _RemoteLease:
-        return _RemoteLease(self, engine_key, options)
+    def slot(self, request: SlotRequest) -> _RemoteLease:
+        return _RemoteLease(self, request)
 
     async def connection(self) -> _Connection | None:
         if self._connection is not None and self._connection.alive:
@@ -208,10 +209,9 @@ async def _open(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 
 class _RemoteLease:
-    def __init__(self, remote: RemoteScheduler, engine_key: str, options: dict[str, Any]):
+    def __init__(self, remote: RemoteScheduler, request: SlotRequest):
         self._remote = remote
-        self._engine_key = engine_key
-        self._options = options
+        self._request = request
         self._held: tuple[_Connection, int] | None = None
         self._local: Any = None  # the fallback's lease, when the service is unreachable
 
@@ -222,7 +222,7 @@ class _RemoteLease:
                 return await self._acquire(connection)
             except SchedulerUnavailable:
                 pass
-        self._local = self._remote.local.slot(self._engine_key, **self._options)
+        self._local = self._remote.local.slot(self._request)
         return await self._local.__aenter__()
 
     async def _acquire(self, connection: _Connection) -> Placement:
@@ -233,8 +233,7 @@ class _RemoteLease:
             {
                 "op": "acquire",
                 "id": request_id,
-                "engine": self._engine_key,
-                "options": self._options,
+                "request": self._request.as_message(),
             }
         )
         try:
@@ -245,10 +244,10 @@ class _RemoteLease:
                 connection.send({"op": "cancel", "id": request_id})
             raise
         if "busy" in answer:
-            raise SchedulerBusy(self._engine_key, answer["retry_after"], answer["busy"])
+            raise SchedulerBusy(self._request.engine_key, answer["retry_after"], answer["busy"])
         self._held = (connection, request_id)
         return Placement(
-            self._engine_key,
+            self._request.engine_key,
             answer["replica"],
             answer["slot"],
             answer["waited"],

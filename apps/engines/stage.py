@@ -20,7 +20,7 @@ from apps.engines.breaker import breaker
 from apps.engines.engine_process import EngineStartError
 from apps.engines.manager import ReplicaLease, engine_manager
 from apps.engines.registry import EngineRoute, ModelRoute, VariantRoute, registry
-from apps.engines.scheduler import Placement, SchedulerBusy
+from apps.engines.scheduler import Placement, SchedulerBusy, SlotRequest
 from apps.engines.scheduler_service import worker_scheduler
 from apps.engines.sizing import (
     TOKENIZE,
@@ -274,7 +274,7 @@ async def _scheduled(ctx: RequestContext, avoid: frozenset[int]) -> AsyncIterato
     assert ctx.principal is not None
     assert ctx.variant is not None
     engine = ctx.variant.engine
-    lease = worker_scheduler().slot(
+    request = SlotRequest(
         engine.name,
         replicas=engine.replicas,
         slots=engine.slots,
@@ -289,7 +289,7 @@ async def _scheduled(ctx: RequestContext, avoid: frozenset[int]) -> AsyncIterato
         replica_order=await healthy_replica_order(ctx.variant, avoid),
     )
     try:
-        async with lease as placement:
+        async with worker_scheduler().slot(request) as placement:
             yield placement
     except SchedulerBusy as busy:  # raised on entering: no slot within the bounds
         raise ApiError(

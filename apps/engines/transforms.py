@@ -325,31 +325,3 @@ class ToolCallStreamParser:
         if not out and envelope.get("usage") is not None:
             out.append({**envelope, "choices": []})
         return out
-
-    # --- SSE convenience: one `data:` event in, the events to send out -------------------
-
-    def feed_event(self, event: bytes) -> bytes:
-        """An SSE event (without its blank line) in, framed events out."""
-        if not event.startswith(b"data:"):
-            return event + b"\n\n"
-        data = event[5:].strip()
-        if data == b"[DONE]":
-            return self.flush_events() + event + b"\n\n"
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return event + b"\n\n"
-        if not isinstance(chunk, dict):
-            return event + b"\n\n"
-        return _frame(self.feed(chunk), original=(chunk, event))
-
-    def flush_events(self) -> bytes:
-        return _frame(self.flush())
-
-
-def _frame(
-    chunks: list[dict[str, Any]], original: tuple[dict[str, Any], bytes] | None = None
-) -> bytes:
-    if original is not None and len(chunks) == 1 and chunks[0] is original[0]:
-        return original[1] + b"\n\n"  # unchanged: forward the engine's bytes
-    return b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks)

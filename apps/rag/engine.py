@@ -16,7 +16,7 @@ from django.conf import settings
 from apps.core.errors import ApiError
 from apps.engines.client import engine_session, engine_url, request_timeout
 from apps.engines.registry import VariantRoute, registry
-from apps.engines.scheduler import SchedulerBusy
+from apps.engines.scheduler import SchedulerBusy, SlotRequest
 from apps.engines.scheduler_service import worker_scheduler
 from apps.engines.stage import largest_variant, replica_order, replica_url
 from apps.engines.tokens import TOKENIZER_ERRORS, Tokenizer, counting_url
@@ -53,7 +53,7 @@ async def engine_post(
     """POST `body` (with the model's own name) to `path` of the model's engine, in a slot."""
     name, variant = await variant_of(model)
     engine = variant.engine
-    lease = worker_scheduler().slot(
+    request = SlotRequest(
         engine.name,
         replicas=engine.replicas,
         slots=engine.slots,
@@ -64,6 +64,7 @@ async def engine_post(
         max_wait=settings.SCHEDULER_MAX_WAIT_SECONDS,
         replica_order=await replica_order(variant),
     )
+    lease = worker_scheduler().slot(request)
     headers = {"Content-Type": "application/json"}
     if engine.upstream_api_key:
         headers["Authorization"] = f"Bearer {engine.upstream_api_key}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from django.utils import timezone
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.parsers import JSONParser
@@ -19,7 +18,7 @@ from rest_framework.views import APIView
 
 from apps.core.api_errors import openai_exception_handler
 from apps.tenants.models import ApiKey, Tenant
-from apps.tenants.selectors import key_find, rotated_key_message
+from apps.tenants.selectors import INCORRECT_KEY, key_find, key_refusal
 
 
 @dataclass(frozen=True)
@@ -54,16 +53,16 @@ class TenantApiKeyAuthentication(BaseAuthentication):
             raise _bad_key("Send the API key as `Authorization: Bearer sk-...`.")
         found = key_find(raw_key=raw_key)
         if found is None:
-            raise _bad_key("Incorrect API key provided.")
+            raise _bad_key(INCORRECT_KEY)
         api_key, old = found
-        if api_key.revoked_at is not None:
-            raise _bad_key("This API key has been revoked.")
-        if api_key.is_expired(now=timezone.now()):
-            raise _bad_key("This API key has expired.")
-        if old is not None and not old.in_grace():
-            raise _bad_key(
-                rotated_key_message(rotated_at=old.rotated_at, grace_ends_at=old.grace_ends_at)
-            )
+        refusal = key_refusal(
+            revoked=api_key.revoked_at is not None,
+            expires_at=api_key.expires_at,
+            rotated_at=old.rotated_at if old else None,
+            grace_ends_at=old.grace_ends_at if old else None,
+        )
+        if refusal is not None:
+            raise _bad_key(refusal)
         if not api_key.tenant.active:
             raise exceptions.PermissionDenied(
                 f"Tenant `{api_key.tenant.slug}` is inactive.", code="tenant_inactive"

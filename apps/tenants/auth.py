@@ -18,11 +18,10 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.utils import timezone
 
 from apps.core.errors import ApiError
 from apps.tenants.models import ApiKey
-from apps.tenants.selectors import key_find, rotated_key_message
+from apps.tenants.selectors import INCORRECT_KEY, key_find, key_refusal
 
 _CACHE_MAX_ENTRIES = 10_000
 
@@ -139,17 +138,16 @@ async def identify(authorization: bytes | None) -> Principal:
         )
     principal = await _cached_principal(raw_key)
     if principal is None:
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-    if principal.revoked:
-        raise ApiError(401, "This API key has been revoked.", code="invalid_api_key")
-    if principal.expires_at is not None and principal.expires_at <= timezone.now():
-        raise ApiError(401, "This API key has expired.", code="invalid_api_key")
-    # Checked on every request, like expiry, so a cached old secret stops at the grace end.
-    if principal.grace_ends_at is not None and principal.grace_ends_at <= timezone.now():
-        message = rotated_key_message(
-            rotated_at=principal.rotated_at, grace_ends_at=principal.grace_ends_at
-        )
-        raise ApiError(401, message, code="invalid_api_key")
+        raise ApiError(401, INCORRECT_KEY, code="invalid_api_key")
+    # Checked on every request, so a cached key stops at its expiry or its grace end.
+    refusal = key_refusal(
+        revoked=principal.revoked,
+        expires_at=principal.expires_at,
+        rotated_at=principal.rotated_at,
+        grace_ends_at=principal.grace_ends_at,
+    )
+    if refusal is not None:
+        raise ApiError(401, refusal, code="invalid_api_key")
     return principal
 
 

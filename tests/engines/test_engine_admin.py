@@ -229,11 +229,11 @@ def test_it_shows_how_the_scheduler_sees_the_engine(admin_client, managed) -> No
     only slot of one replica shows up at once."""
     import asyncio
 
-    from apps.engines.scheduler import scheduler
+    from apps.engines.scheduler import SlotRequest, scheduler
 
     async def occupy():
         return await scheduler.acquire(
-            managed.name, replicas=2, slots=1, tenant="alice", max_queue=10, max_wait=1
+            SlotRequest(managed.name, replicas=2, slots=1, tenant="alice", max_queue=10, max_wait=1)
         )
 
     before = scheduler.stats(managed.name)

@@ -10,21 +10,18 @@ from collections import Counter
 
 import pytest
 
-from apps.engines.scheduler import Placement, Scheduler, SchedulerBusy, scheduler
+from apps.engines.scheduler import Placement, Scheduler, SchedulerBusy, SlotRequest, scheduler
 
 ENGINE = "llama"
 
 
+def request(tenant: str = "acme", **overrides) -> SlotRequest:
+    options = {"replicas": 1, "slots": 1, "max_queue": 1000, "max_wait": 5.0, **overrides}
+    return SlotRequest(ENGINE, tenant=tenant, **options)
+
+
 def lease(sched: Scheduler, tenant: str = "acme", **overrides):
-    options = {
-        "replicas": 1,
-        "slots": 1,
-        "tenant": tenant,
-        "max_queue": 1000,
-        "max_wait": 5.0,
-        **overrides,
-    }
-    return sched.slot(ENGINE, **options)
+    return sched.slot(request(tenant, **overrides))
 
 
 async def settle(rounds: int = 5) -> None:
@@ -178,9 +175,7 @@ async def test_it_rejects_at_once_when_the_queue_is_full() -> None:
 
 async def test_it_estimates_retry_after_from_hold_time_and_queue() -> None:
     sched = Scheduler()
-    placement = await sched.acquire(
-        ENGINE, replicas=1, slots=1, tenant="a", max_queue=9, max_wait=1
-    )
+    placement = await sched.acquire(request("a", max_queue=9, max_wait=1))
     sched.release(dataclasses.replace(placement, granted_at=placement.granted_at - 3.99))
     await hold(sched)  # the average hold is now ~3.99 s
     waiters = [asyncio.create_task(lease(sched).__aenter__()) for _ in range(2)]
@@ -283,8 +278,7 @@ async def test_it_never_lets_a_preference_keep_a_request_waiting() -> None:
     sched = Scheduler()
     held = [await hold(sched, replicas=2, slots=1) for _ in range(2)]  # both busy
     waiting = asyncio.ensure_future(
-        sched.acquire(ENGINE, replicas=2, slots=1, tenant="b", max_queue=10, max_wait=5,
-                      replica_order=(1,))
+        sched.acquire(request("b", replicas=2, max_queue=10, replica_order=(1,)))
     )  # fmt: skip
     await settle()
     await held[0][1].__aexit__(None, None, None)  # replica 0 frees first: not preferred,

@@ -14,11 +14,15 @@ import httpx
 import pytest
 
 from apps.engines.models import Engine
-from apps.engines.scheduler import Scheduler, SchedulerBusy
+from apps.engines.scheduler import Scheduler, SchedulerBusy, SlotRequest
 from apps.engines.scheduler_service import RemoteScheduler, SchedulerService
 from tests.conftest import FAKE_MODEL, start_gateway
 
 OPTIONS = {"replicas": 1, "slots": 1, "max_queue": 100, "max_wait": 10.0}
+
+
+def request(tenant: str, **options: object) -> SlotRequest:
+    return SlotRequest("e", tenant=tenant, **{**OPTIONS, **options})
 
 
 @pytest.fixture
@@ -41,7 +45,7 @@ async def test_it_limits_an_engines_slots_across_workers(service) -> None:
     order: list[str] = []
 
     async def use(remote: RemoteScheduler, name: str, hold: float) -> None:
-        async with remote.slot("e", tenant=name, **OPTIONS):
+        async with remote.slot(request(name)):
             order.append(f"{name} in")
             await asyncio.sleep(hold)
             order.append(f"{name} out")
@@ -62,7 +66,7 @@ async def test_it_queues_fairly_across_workers(service) -> None:
     served: list[str] = []
 
     async def use(remote: RemoteScheduler, tenant: str, tag: str) -> None:
-        async with remote.slot("e", tenant=tenant, **OPTIONS):
+        async with remote.slot(request(tenant)):
             served.append(tag)
             await asyncio.sleep(0.02)
 
@@ -78,14 +82,13 @@ async def test_it_keeps_a_sessions_slot_whichever_worker_asks(service) -> None:
     again for it, though slot 0 is free by then: the prompt cache for s1 is there."""
     _, address = service
     first, second = worker(address), worker(address)
-    options = {**OPTIONS, "slots": 4}
 
     async with (
-        first.slot("e", tenant="x", session="other", **options),
-        first.slot("e", tenant="t", session="s1", **options) as placed,
+        first.slot(request("x", session="other", slots=4)),
+        first.slot(request("t", session="s1", slots=4)) as placed,
     ):
         pass
-    async with second.slot("e", tenant="t", session="s1", **options) as again:
+    async with second.slot(request("t", session="s1", slots=4)) as again:
         pass
 
     assert (placed.slot, again.slot, again.sticky) == (1, 1, True)
@@ -94,26 +97,26 @@ async def test_it_keeps_a_sessions_slot_whichever_worker_asks(service) -> None:
 async def test_it_gives_back_a_cancelled_wait_and_a_dead_workers_slot(service) -> None:
     local, address = service
     holder, waiter = worker(address), worker(address)
-    lease = holder.slot("e", tenant="a", **OPTIONS)
+    lease = holder.slot(request("a"))
     await lease.__aenter__()
 
-    waiting = asyncio.ensure_future(waiter.slot("e", tenant="b", **OPTIONS).__aenter__())
+    waiting = asyncio.ensure_future(waiter.slot(request("b")).__aenter__())
     await asyncio.sleep(0.05)
     waiting.cancel()
     await asyncio.sleep(0.05)
     assert local.scheduler.stats("e")["queued"] == 0
 
     (await holder.connection()).writer.close()  # the worker process died
-    async with worker(address).slot("e", tenant="c", **{**OPTIONS, "max_wait": 2.0}):
+    async with worker(address).slot(request("c", max_wait=2.0)):
         assert local.scheduler.stats("e")["in_flight"] == 1
 
 
 async def test_it_answers_busy_from_the_service(service) -> None:
     _, address = service
     remote = worker(address)
-    async with remote.slot("e", tenant="a", **OPTIONS):
+    async with remote.slot(request("a")):
         with pytest.raises(SchedulerBusy) as busy:
-            async with remote.slot("e", tenant="a", **{**OPTIONS, "max_queue": 0}):
+            async with remote.slot(request("a", max_queue=0)):
                 pass
     assert busy.value.reason == "queue_full"
     assert busy.value.retry_after >= 1
@@ -122,7 +125,7 @@ async def test_it_answers_busy_from_the_service(service) -> None:
 async def test_it_schedules_locally_when_the_service_is_unreachable() -> None:
     remote = worker(f"@nobody-listens-{secrets.token_hex(4)}")
 
-    async with remote.slot("e", tenant="a", **OPTIONS) as placement:
+    async with remote.slot(request("a")) as placement:
         assert remote.local.stats("e")["in_flight"] == 1
 
     assert (placement.replica, placement.slot) == (0, 0)
@@ -174,8 +177,8 @@ async def test_it_reports_an_engines_queue_host_wide(service, settings) -> None:
     _, address = service
     settings.SCHEDULER_SOCKET = address
     holder, waiter = worker(address), worker(address)
-    async with holder.slot("e", tenant="alice", **OPTIONS):
-        queued = asyncio.ensure_future(waiter.slot("e", tenant="bob", **OPTIONS).__aenter__())
+    async with holder.slot(request("alice")):
+        queued = asyncio.ensure_future(waiter.slot(request("bob")).__aenter__())
         await asyncio.sleep(0.05)
         stats = await asyncio.to_thread(scheduler_stats, "e")
         queued.cancel()

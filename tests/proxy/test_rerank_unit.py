@@ -44,7 +44,11 @@ def jina(*scores: float, **extra: Any) -> dict[str, Any]:
     ],
 )
 def test_it_accepts_valid_requests(extra):
-    validate_rerank({**VALID, **extra})
+    payload = {**VALID, **extra}
+    sent = copy.deepcopy(payload)
+
+    assert validate_rerank(payload) is None  # no ApiError
+    assert payload == sent  # and the request reaches the engine as sent
 
 
 @pytest.mark.parametrize(

@@ -101,7 +101,11 @@ async def test_it_settles_even_when_the_request_task_is_cancelled(alice: TenantK
 
 
 async def test_it_does_nothing_for_a_request_without_quota() -> None:
+    tasks = asyncio.all_tasks()
+
     quota_stage_settle(None, actual_tokens=5)
+
+    assert asyncio.all_tasks() == tasks  # no settlement started, so nothing to write
     await quota_stage_drain()
 
 
