@@ -15,6 +15,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
+from apps.observability import metrics
 from apps.safety.checks import Finding
 from apps.safety.models import SafetyEvent, SafetyRule
 
@@ -68,6 +69,7 @@ class EventWriter:
         self._task: asyncio.Task | None = None
 
     def add(self, event: SafetyEvent) -> None:
+        metrics.SAFETY_EVENTS.labels(event.action).inc()
         self._pending.append(event)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
