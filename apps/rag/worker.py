@@ -60,7 +60,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_processes_stop(processes: list[subprocess.Popen], *, timeout: float = 10.0) -> None:
+def worker_processes_stop(processes: list[subprocess.Popen], *, timeout: float = 5.0) -> None:
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -52,15 +52,6 @@ class ApiKeyInline(ReadOnlyAdminMixin, admin.TabularInline):
         return super().get_queryset(request).select_related("tenant")
 
 
-class MembershipInline(admin.TabularInline):
-    """The tenant's people (tenant pages such as document upload) and their roles."""
-
-    model = TenantMembership
-    fields = ["user", "role"]
-    autocomplete_fields = ["user"]
-    extra = 0
-
-
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
     list_display = ["slug", "name", "active", "restrict_models", "key_count", "created_at"]
@@ -68,7 +59,7 @@ class TenantAdmin(admin.ModelAdmin):
     search_fields = ["slug", "name"]
     filter_horizontal = ["allowed_models"]
     readonly_fields = ["created_at"]
-    inlines = [ApiKeyInline, MembershipInline]
+    inlines = [ApiKeyInline]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
         return super().get_queryset(request).annotate(num_keys=Count("api_keys"))
