@@ -8,7 +8,7 @@ happened, the request is settled: the quota charged what was really used, the re
 logged.
 
     chat completions:  authenticate → admit → validate → built-in tools → resolve model
-                       → input limits → tool-call parsing
+                       → input limits → tool-call parsing → session id
                        → RAG retrieval → session → safety (prompt rules; response/tool
                        hooks) → RAG sources injected → size/choose variant → adapt for
                        the engine → cache → quota → streaming
@@ -70,7 +70,7 @@ from apps.quotas.stage import quota_reserve, quota_settle
 from apps.rag.stage import rag_inject, rag_retrieve
 from apps.request_logs.writer import log_row, request_log_writer
 from apps.safety.stage import safety_action, safety_prompt, whole_precheck
-from apps.sessions.stage import session_open
+from apps.sessions.stage import session_identify, session_open
 from apps.tenants.stage import admit, authenticate
 from apps.tools.stage import built_in_tools
 
@@ -133,6 +133,7 @@ CHAT_COMPLETIONS = Pipeline(
         resolve_model,
         input_limits,
         tool_call_parsing,
+        session_identify,
         rag_retrieve,
         session_open,
         safety_prompt,

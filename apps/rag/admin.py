@@ -8,7 +8,7 @@ from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
 from apps.core.admin import ReadOnlyAdminMixin
-from apps.rag.models import AutoRag, Corpus, Document, StoredFile
+from apps.rag.models import AutoRag, Corpus, Document, SessionRag, StoredFile
 from apps.rag.services import document_enqueue
 
 
@@ -158,3 +158,15 @@ class AutoRagAdmin(admin.ModelAdmin):
     list_display = ["tenant", "api_key", "enabled", "top_k"]
     list_filter = ["enabled", "tenant"]
     filter_horizontal = ["corpora"]
+
+
+@admin.register(SessionRag)
+class SessionRagAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """Per-session RAG, set by tenants through `PUT /api/sessions/{id}/rag` (shown here,
+    removable by superusers)."""
+
+    superusers_may_delete = True
+    list_display = ["tenant", "session_id", "enabled", "top_k", "updated_at"]
+    list_filter = ["enabled", "tenant"]
+    search_fields = ["session_id", "tenant__slug"]
+    fields = ["tenant", "session_id", "enabled", "corpora", "top_k", "updated_at"]

@@ -11,6 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.core.errors import ApiError, invalid_request
+from apps.core.session_ids import InvalidSessionId, session_id_validate
 from apps.rag import presenters, selectors, services
 from apps.rag.engine import EngineError
 from apps.rag.models import Corpus
@@ -168,3 +169,49 @@ class CorpusSearchApi(RagApiView):
         data = request.data if isinstance(request.data, dict) else {}
         hits = self.search(corpus, data.get("query"), top_k_of(data.get("top_k")))
         return Response(presenters.list_json([h.as_source(n) for n, h in enumerate(hits, 1)]))
+
+
+def session_rag_fields(data: Any) -> dict[str, Any]:
+    """`{"corpora": ["vs_..."], "top_k": n}` sets a session's RAG; `{"enabled": false}`
+    turns it off for the session (whatever the key's or tenant's default)."""
+    if not isinstance(data, dict):
+        raise invalid_request("The body must be a JSON object.")
+    unknown = sorted(set(data) - {"corpora", "top_k", "enabled"})
+    if unknown:
+        raise invalid_request(f"Unknown field `{unknown[0]}`.", param=unknown[0])
+    enabled = data.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise invalid_request("`enabled` must be true or false.", param="enabled")
+    corpora = data.get("corpora", [])
+    if not isinstance(corpora, list) or not all(isinstance(c, str) for c in corpora):
+        raise invalid_request("`corpora` must be an array of corpus ids.", param="corpora")
+    return {"corpus_ids": list(dict.fromkeys(corpora)), "top_k": top_k_of(data.get("top_k")),
+            "enabled": enabled}  # fmt: skip
+
+
+class SessionRagApi(RagApiView):
+    """RAG for one session: `PUT /api/sessions/{id}/rag`, GET, DELETE."""
+
+    def get(self, request: Request, session_id: str) -> Response:
+        setting = selectors.session_rag_get(
+            tenant_id=self.principal.tenant.pk, session_id=session_id
+        )
+        return Response(presenters.session_rag_json(setting))
+
+    def put(self, request: Request, session_id: str) -> Response:
+        try:
+            session_id_validate(session_id, param="session_id")
+        except InvalidSessionId as exc:
+            raise invalid_request(str(exc), param="session_id") from None
+        fields = session_rag_fields(request.data)
+        corpora = [self.corpus(corpus_id) for corpus_id in fields.pop("corpus_ids")]
+        setting = services.session_rag_set(
+            tenant=self.principal.tenant, session_id=session_id, corpora=corpora, **fields
+        )
+        return Response(presenters.session_rag_json(setting))
+
+    def delete(self, request: Request, session_id: str) -> Response:
+        if not services.session_rag_clear(tenant=self.principal.tenant, session_id=session_id):
+            raise ApiError(404, f"No RAG setting for session '{session_id}'.", code="not_found")
+        return Response({"session_id": session_id, "object": "session.rag.deleted",
+                         "deleted": True})  # fmt: skip

@@ -194,3 +194,33 @@ class AutoRag(models.Model):
     def __str__(self) -> str:
         scope = f"key {self.api_key.name}" if self.api_key_id else "tenant"
         return f"{self.tenant.slug} ({scope})"
+
+
+class SessionRag(models.Model):
+    """RAG for one chat session of a tenant (the id the client sends as X-Session-Id), set
+    through the tenant API (`PUT /api/sessions/{id}/rag`). It wins over the key's and the
+    tenant's AutoRag; a request's own `"rag"` field wins over it. `enabled=False` turns
+    RAG off for the session. Keyed by the session's id, not its row: the setting may be
+    made before the session's first request, and the rag app does not reach into
+    sessions'."""
+
+    tenant = models.ForeignKey(
+        "tenants.Tenant", on_delete=models.CASCADE, related_name="session_rag"
+    )
+    session_id = models.CharField(max_length=128)
+    enabled = models.BooleanField(default=True)
+    corpora = models.ManyToManyField(Corpus, related_name="session_rag", blank=True)
+    top_k = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Empty: each corpus's own top_k."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "session RAG"
+        verbose_name_plural = "session RAG"
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "session_id"], name="unique_session_rag"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant.slug} / session {self.session_id}"

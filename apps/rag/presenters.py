@@ -137,3 +137,14 @@ def list_json(items: list[dict[str, Any]], *, has_more: bool = False) -> dict[st
         "last_id": items[-1]["id"] if items else None,
         "has_more": has_more,
     }
+
+
+def session_rag_json(setting: Any) -> dict[str, Any]:
+    return {
+        "object": "session.rag",
+        "session_id": setting.session_id,
+        "enabled": setting.enabled,
+        "corpora": sorted(c.public_id for c in setting.corpora.all()),
+        "top_k": setting.top_k,
+        "updated_at": int(setting.updated_at.timestamp()),
+    }

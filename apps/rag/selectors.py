@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from django.db.models import QuerySet
 
-from apps.rag.models import AutoRag, Corpus, Document, StoredFile
+from apps.rag.models import AutoRag, Corpus, Document, SessionRag, StoredFile
 
 
 class NotFound(Exception):
@@ -33,6 +33,23 @@ def auto_rag_for_key(api_key) -> AutoRagDefault | None:
     return AutoRagDefault(
         corpus_ids=tuple(sorted(c.pk for c in row.corpora.all())), top_k=row.top_k
     )
+
+
+def session_rag_in_use(api_key) -> bool:
+    """Whether the key's tenant has set RAG on any session: only then do its session
+    requests look their setting up (cached with the key, like AutoRag)."""
+    return SessionRag.objects.filter(tenant_id=api_key.tenant_id).exists()
+
+
+def session_rag_get(*, tenant_id: int, session_id: str) -> SessionRag:
+    found = (
+        SessionRag.objects.filter(tenant_id=tenant_id, session_id=session_id)
+        .prefetch_related("corpora")
+        .first()
+    )
+    if found is None:
+        raise NotFound(f"No RAG setting for session '{session_id}'.")
+    return found
 
 
 def corpora_of(*, tenant_id: int) -> QuerySet[Corpus]:

@@ -12,7 +12,7 @@ from django.utils import timezone
 from apps.engines.models import ServedModel
 from apps.engines.registry import load_snapshot
 from apps.rag import extraction
-from apps.rag.models import Corpus, Document, StoredFile
+from apps.rag.models import Corpus, Document, SessionRag, StoredFile
 from apps.tenants.models import Tenant
 
 PROBE_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
@@ -242,3 +242,25 @@ def document_delete(*, document: Document, keep_file: bool = False) -> None:
 def document_progress(*, document_id: int, **fields) -> bool:
     """Record ingestion progress; False if the document was deleted meanwhile."""
     return bool(Document.objects.filter(pk=document_id).update(updated_at=timezone.now(), **fields))
+
+
+@transaction.atomic
+def session_rag_set(
+    *, tenant: Tenant, session_id: str, corpora: list[Corpus], top_k: int | None, enabled: bool
+) -> SessionRag:
+    """Set (or replace) the RAG of one session: these corpora, or off (`enabled=False`)."""
+    if enabled and not corpora:
+        raise RagError("`corpora` must name at least one corpus.", param="corpora")
+    if any(corpus.tenant_id != tenant.pk for corpus in corpora):
+        raise RagError("Unknown corpus.", param="corpora", status=404)
+    setting, _ = SessionRag.objects.update_or_create(
+        tenant=tenant, session_id=session_id, defaults={"enabled": enabled, "top_k": top_k}
+    )
+    setting.corpora.set(corpora if enabled else [])
+    return setting
+
+
+def session_rag_clear(*, tenant: Tenant, session_id: str) -> bool:
+    """Remove a session's RAG setting (the key's or tenant's default applies again)."""
+    deleted, _ = SessionRag.objects.filter(tenant=tenant, session_id=session_id).delete()
+    return bool(deleted)

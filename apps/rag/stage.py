@@ -1,8 +1,8 @@
 """Automatic RAG on chat completions: two stages around the session's history.
 
 `rag_retrieve` (before the session stage): which corpora apply — the request's own
-`"rag": {"corpora": [...], "top_k": n}` (or `"rag": false`), else the key's automatic RAG,
-else the tenant's — then hybrid retrieval for the newest user message as the client sent
+`"rag": {"corpora": [...], "top_k": n}` (or `"rag": false`), else its session's setting
+(`PUT /api/sessions/{id}/rag`), else the key's automatic RAG, else the tenant's — then hybrid retrieval for the newest user message as the client sent
 it (not rewritten with the history), and room kept for the sources in the history
 trimming. `rag_inject` (after it): the sources, numbered, in the system message with an
 instruction to cite them, so sizing, the variant choice and the quota count them; the
@@ -22,7 +22,7 @@ from apps.core.context import RequestContext
 from apps.core.errors import ApiError, invalid_request
 from apps.engines.tokens import heuristic_tokens, message_text
 from apps.rag.engine import EngineError
-from apps.rag.models import Corpus
+from apps.rag.models import Corpus, SessionRag
 from apps.rag.retrieval import CorpusRef, Hit, corpus_refs, retrieve
 
 CITE_INSTRUCTION = (
@@ -49,17 +49,38 @@ class RagRequest:
     top_k: int | None
 
 
-def requested(ctx: RequestContext) -> RagRequest | None:
+async def requested(ctx: RequestContext) -> RagRequest | None:
     """The RAG this request asks for: its own `rag` field (taken out of the body), else
-    its key's or tenant's default; None: no RAG."""
+    its session's setting, else its key's or tenant's default; None: no RAG."""
     assert ctx.principal is not None
     if "rag" in ctx.payload:
         ctx.payload_changed = True
         return _parse(ctx.payload.pop("rag"))
+    # Looked up only for tenants that have set RAG on some session (cached with the key).
+    if ctx.session_id is not None and ctx.principal.attachments.get("rag_sessions"):
+        setting = await _session_setting(ctx.principal.tenant_id, ctx.session_id)
+        if setting is not None:
+            return setting if setting.corpus_ids else None
     default = ctx.principal.attachments.get("rag")
     if default is None or not default.corpus_ids:
         return None
     return RagRequest(default.corpus_ids, by_public_id=False, top_k=default.top_k)
+
+
+def _session_setting_now(tenant_id: int, session_id: str) -> RagRequest | None:
+    """The session's RAG (no corpora: turned off for it), or None when it has none."""
+    found = (
+        SessionRag.objects.filter(tenant_id=tenant_id, session_id=session_id)
+        .prefetch_related("corpora")
+        .first()
+    )
+    if found is None:
+        return None
+    corpus_ids = tuple(sorted(c.pk for c in found.corpora.all())) if found.enabled else ()
+    return RagRequest(corpus_ids, by_public_id=False, top_k=found.top_k)
+
+
+_session_setting = database_sync_to_async(_session_setting_now, thread_sensitive=False)
 
 
 def _parse(value: Any) -> RagRequest | None:
@@ -113,7 +134,7 @@ def newest_user_text(messages: Any) -> str:
 
 
 async def rag_retrieve(ctx: RequestContext) -> None:
-    wanted = requested(ctx)
+    wanted = await requested(ctx)
     if wanted is None:
         return
     assert ctx.principal is not None

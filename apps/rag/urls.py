@@ -14,4 +14,5 @@ urlpatterns = [
         name="document",
     ),
     path("corpora/<str:corpus_id>/search", apis.CorpusSearchApi.as_view(), name="search"),
+    path("sessions/<str:session_id>/rag", apis.SessionRagApi.as_view(), name="session-rag"),
 ]

@@ -9,6 +9,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.core.errors import ApiError
+from apps.core.session_ids import InvalidSessionId, session_id_validate
 from apps.sessions.models import ChatSession, Message
 from apps.sessions.selectors import session_get, session_list, session_summary
 from apps.sessions.services import (
@@ -16,7 +17,6 @@ from apps.sessions.services import (
     session_set_system_prompt,
     tenant_set_system_prompt,
 )
-from apps.sessions.session_ids import InvalidSessionId, session_id_validate
 from apps.tenants.api_auth import TenantApiView
 
 MAX_SYSTEM_PROMPT_CHARS = 100_000

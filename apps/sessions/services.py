@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from apps.core.session_ids import SESSION_ID_RE, InvalidSessionId, session_id_from_request
 from apps.sessions import store
 from apps.sessions.models import ChatSession
 from apps.sessions.prompts import (
@@ -16,7 +17,6 @@ from apps.sessions.prompts import (
     prompt_build,
     system_prompt_resolve,
 )
-from apps.sessions.session_ids import SESSION_ID_RE, InvalidSessionId, session_id_from_request
 from apps.tenants.models import Tenant
 
 __all__ = [

@@ -96,10 +96,16 @@ def completion_reserve(payload: dict[str, Any]) -> int:
     return settings.DEFAULT_MAX_TOKENS
 
 
-async def session_open(ctx: RequestContext) -> None:
-    """With `X-Session-Id` (or metadata.session_id): send the stored history along, trimmed
-    to the model's largest context, and store the new turn once the answer is in."""
+async def session_identify(ctx: RequestContext) -> None:
+    """The request's session id, from `X-Session-Id` or metadata.session_id (400 if it is
+    malformed): known to the stages between this one and session_open (RAG's per-session
+    setting)."""
     ctx.session_id = session_id_of(ctx.header(b"x-session-id"), ctx.payload)
+
+
+async def session_open(ctx: RequestContext) -> None:
+    """With a session id (session_identify): send the stored history along, trimmed to the
+    model's largest context, and store the new turn once the answer is in."""
     if ctx.session_id is None:
         return
     assert ctx.route is not None
