@@ -109,6 +109,9 @@ class RequestContext:
     # they write is visible to the client's next request (session turns).
     before_finish: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     response_headers: Headers = field(default_factory=list)
+    # Awaited when a later stage refuses the request on content grounds (a safety block,
+    # code `content_filter`), so what the session stores is the refusal (sessions).
+    on_refusal: list[Callable[[ApiError], Awaitable[None]]] = field(default_factory=list)
     tool_checks: list[ToolCheck] = field(default_factory=list)
     # Messages the gateway's tool loop added to this turn (the model's built-in tool calls
     # and their results), stored in the session between the client's messages and the reply.
@@ -154,6 +157,12 @@ class RequestContext:
         if perf is None:
             return None
         return datetime.fromtimestamp(self.started_wall + (perf - self.started), tz=UTC)
+
+    async def refused(self, err: ApiError) -> None:
+        """Run the on_refusal hooks if `err` refuses the request's content."""
+        if err.code == "content_filter":
+            for hook in self.on_refusal:
+                await hook(err)
 
     async def finish(self) -> None:
         """Run the before_finish hooks if the engine answered in full."""

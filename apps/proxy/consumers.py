@@ -196,6 +196,7 @@ class ProxyConsumer(V1Consumer):
             await run_pipeline(self.pipeline, ctx, self.responder())
         except ApiError as err:
             ctx.status, ctx.error_code = err.status, err.code or err.type
+            await self.refused(ctx, err)
             raise
         except asyncio.CancelledError:
             ctx.client_disconnected = True
@@ -209,6 +210,15 @@ class ProxyConsumer(V1Consumer):
             raise
         finally:
             settle(ctx)
+
+    @staticmethod
+    async def refused(ctx: RequestContext, err: ApiError) -> None:
+        """The stages' hooks on a refusal (the session stores it); a failure there must not
+        hide the refusal itself from the client."""
+        try:
+            await ctx.refused(err)
+        except Exception:
+            logger.exception("storing a refusal failed")
 
     def responder(self) -> Responder:
         return Responder(send_headers=self.send_headers, send_body=self.send_body)

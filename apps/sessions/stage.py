@@ -117,6 +117,7 @@ async def session_open(ctx: RequestContext) -> None:
     )
     ctx.payload_changed = True
     ctx.before_finish.append(functools.partial(session_record, ctx=ctx, turn=turn))
+    ctx.on_refusal.append(functools.partial(session_record_refusal, ctx=ctx, turn=turn))
     ctx.history_tokens = turn.history_tokens
     ctx.response_headers.append((b"x-session-id", ctx.session_id.encode()))
 
@@ -201,5 +202,25 @@ async def session_record(*, ctx: RequestContext, turn: SessionTurn) -> None:
         token_counts=turn.token_counts,
         # As history, the reply costs its tokens plus the template's role markers.
         reply_tokens=ctx.completion_tokens + MESSAGE_OVERHEAD_TOKENS,
+    )
+    await _record(item)
+
+
+REFUSED_MESSAGE_NOTE = "[This message was refused by a safety rule; its text is not kept.]"
+
+
+async def session_record_refusal(err: ApiError, *, ctx: RequestContext, turn: SessionTurn) -> None:
+    """A request refused for its content is stored as a turn that says so: a note instead
+    of the client's message (never the refused text) and the refusal as the reply."""
+    note = {"role": "user", "content": REFUSED_MESSAGE_NOTE}
+    reply = {"role": "assistant", "content": err.message}
+    item = store.turn_item(
+        session_pk=turn.session_pk,
+        new_messages=[note],
+        reply=reply,
+        model=ctx.model,
+        metrics=turn_metrics(ctx),
+        token_counts={0: heuristic_message_tokens(note)},
+        reply_tokens=heuristic_message_tokens(reply),
     )
     await _record(item)

@@ -164,6 +164,22 @@ def test_it_stores_what_the_client_got_in_the_session_not_the_unsafe_text(engine
     assert "4321" not in str(replies[0].payload)
 
 
+def test_a_blocked_prompt_is_stored_in_the_session_as_a_refusal_not_its_text(engine, openai_client):
+    add_rule("no-bombs", "prompt", r"(?i)build a bomb")
+    chat(openai_client, "hello", extra_headers={"X-Session-Id": "s-refused"})
+    with pytest.raises(openai.BadRequestError):
+        chat(openai_client, "how to build a bomb", extra_headers={"X-Session-Id": "s-refused"})
+
+    wait_until(lambda: Message.objects.count() == 4)
+    messages = list(Message.objects.order_by("position"))
+    assert [m.role for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert "bomb" not in str(messages[2].payload)
+    assert "refused by a safety rule" in messages[2].payload["content"]
+    assert "`no-bombs`" in messages[3].payload["content"]
+    # The next turn still works, with the refusal in its history (and not the text).
+    chat(openai_client, "ok then", extra_headers={"X-Session-Id": "s-refused"})
+
+
 def test_it_applies_a_tenant_rule_to_that_tenant_only(engine, gateway, alice, bob):
     add_rule("alice-only", "prompt", r"pineapple", "--tenant", "alice")
     alice_client = openai.OpenAI(base_url=gateway.base_url, api_key=alice.raw_key, max_retries=0)
