@@ -24,6 +24,7 @@ from apps.engines.models import Engine, EngineInstance
 from apps.engines.scheduler_service import scheduler_stats
 from apps.engines.selectors import engine_instance_statuses
 from apps.observability.metrics import exposition
+from apps.rag.selectors import ingestion_backlog
 
 
 def _bearer_ok(request: HttpRequest) -> bool:
@@ -117,8 +118,8 @@ def health_detailed_view(request: HttpRequest) -> HttpResponse:
         queryset = Engine.objects.prefetch_related(Prefetch("instances", queryset=rows))
         engines = [_engine(engine) for engine in queryset]
     payload["engines"] = engines
-    # No task queue runs in this build; a queue that is added reports its backlog here.
-    payload["task_queue"] = None
+    # The task queue (procrastinate, RAG ingestion) lives in the same database.
+    payload["task_queue"] = ingestion_backlog() if database["ok"] else None
     payload["cache"] = {"backend": settings.CACHES["default"]["BACKEND"], "ok": _cache_ok()}
     healthy = database["ok"] and payload.get("redis", {"ok": True})["ok"]
     payload["status"] = "ok" if healthy else "down"

@@ -95,3 +95,30 @@ def file_get(*, tenant_id: int, public_id: str) -> StoredFile:
     if stored is None:
         raise NotFound(f"No such File object: {public_id}")
     return stored
+
+
+def ingestion_backlog() -> dict[str, object]:
+    """The ingestion queue as operators watch it (GET /health/detailed): jobs waiting and
+    running, failed ones, and how long the oldest waiting job has waited (seconds)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FILTER (WHERE status = 'todo'),"
+            " count(*) FILTER (WHERE status = 'doing'),"
+            " count(*) FILTER (WHERE status = 'failed'),"
+            # When the oldest waiting job was deferred (scheduled_at is only set for a
+            # job deferred to later, so its 'deferred' event tells).
+            " (SELECT extract(epoch FROM now() - min(e.at)) FROM procrastinate_events e"
+            "  JOIN procrastinate_jobs w ON w.id = e.job_id"
+            "  WHERE w.status = 'todo' AND e.type = 'deferred')"
+            " FROM procrastinate_jobs"
+        )
+        waiting, running, failed, oldest = cursor.fetchone()
+    return {
+        "backend": "procrastinate",
+        "waiting": waiting,
+        "running": running,
+        "failed": failed,
+        "oldest_waiting_seconds": round(float(oldest), 1) if oldest is not None else None,
+    }

@@ -103,4 +103,6 @@ def test_detailed_health_shows_engines_with_the_token_only(two_workers, engine):
     (fake,) = [e for e in health["engines"] if e["name"] == "fake"]
     assert (fake["slots_in_use"], fake["queued"]) == (0, 0)
     assert fake["replicas"][0]["circuit"]["state"] == "closed"
-    assert "task_queue" in health
+    queue = health["task_queue"]
+    assert queue["backend"] == "procrastinate"
+    assert (queue["waiting"], queue["running"], queue["failed"]) == (0, 0, 0)
