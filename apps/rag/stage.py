@@ -21,8 +21,9 @@ from channels.db import database_sync_to_async
 from apps.core.context import RequestContext
 from apps.core.errors import ApiError, invalid_request
 from apps.engines.tokens import heuristic_tokens, message_text
+from apps.rag import selectors
 from apps.rag.engine import EngineError
-from apps.rag.models import Corpus, SessionRag
+from apps.rag.models import Corpus
 from apps.rag.retrieval import CorpusRef, Hit, corpus_refs, retrieve
 
 CITE_INSTRUCTION = (
@@ -69,12 +70,9 @@ async def requested(ctx: RequestContext) -> RagRequest | None:
 
 def _session_setting_now(tenant_id: int, session_id: str) -> RagRequest | None:
     """The session's RAG (no corpora: turned off for it), or None when it has none."""
-    found = (
-        SessionRag.objects.filter(tenant_id=tenant_id, session_id=session_id)
-        .prefetch_related("corpora")
-        .first()
-    )
-    if found is None:
+    try:
+        found = selectors.session_rag_get(tenant_id=tenant_id, session_id=session_id)
+    except selectors.NotFound:
         return None
     corpus_ids = tuple(sorted(c.pk for c in found.corpora.all())) if found.enabled else ()
     return RagRequest(corpus_ids, by_public_id=False, top_k=found.top_k)
