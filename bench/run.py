@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -772,6 +773,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run the gateway with N regex rules on prompt and N on response "
         "(another tenant, same process) and compare (bench/safety.py)",
     )
+    parser.add_argument(
+        "--stalls",
+        type=float,
+        default=0,
+        metavar="MS",
+        help="log the gateway's event-loop stalls over MS milliseconds (LOOP_STALL_MS, "
+        "apps/observability/loop_watch.py) and sum them up per scenario",
+    )
     args = parser.parse_args(argv)
     if args.full:
         args.limits = True
@@ -799,6 +808,8 @@ def run(args: argparse.Namespace) -> int:
         api_key = safety_key = ""
         if not args.direct_only:
             gateway = Gateway(engine.url)
+            if args.stalls:
+                gateway.env["LOOP_STALL_MS"] = str(args.stalls)
             note(f"setting up the gateway in {DATA_DIR.relative_to(REPO)} (migrate, tenant, key)")
             api_key = gateway.setup(limits=args.limits)
             if args.safety_rules:
@@ -823,7 +834,10 @@ def run(args: argparse.Namespace) -> int:
                 targets.append(Target("safety", gateway.url, safety_key, cpu=probe))
         safety_rows = []
         for scenario in scenarios:
+            log_offset = gateway.log_path.stat().st_size if gateway is not None else 0
             runs = measure_scenario(scenario, targets, args)
+            if gateway is not None and args.stalls:
+                print_stalls(scenario, gateway.log_path, log_offset)
             direct_rows.append((scenario, median_result(runs["direct"])))
             if gateway is not None:
                 bares = runs.get("bare") or [None] * args.rounds
@@ -850,6 +864,50 @@ def run(args: argparse.Namespace) -> int:
         if bare is not None:
             bare.stop()
         engine.stop()
+
+
+STALL_LINE = re.compile(r"event loop stalled ([\d.]+) ms \(collections: ([^)]*)\)")
+
+
+def print_stalls(scenario: Scenario, log_path: Path, offset: int) -> None:
+    """The loop watch's lines of this scenario: how many, how long, and where the loop was
+    (the innermost frame of each stack; "gc" when a full collection took most of it)."""
+    with log_path.open("rb") as log:
+        log.seek(offset)
+        text = log.read().decode("utf-8", "replace")
+    stalls: list[tuple[float, str]] = []
+    for block in text.split("event loop stalled ")[1:]:
+        match = STALL_LINE.match("event loop stalled " + block)
+        if match is None:
+            continue
+        length, collections = float(match[1]), match[2]
+        gen2 = sum(float(ms) for ms in re.findall(r"gen2 ([\d.]+) ms", collections))
+        frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', block)
+        where = "gc (gen2)" if gen2 >= length / 2 else _innermost(frames)
+        stalls.append((length, where))
+    if not stalls:
+        note(f"{scenario.key}) no event-loop stall over the threshold")
+        return
+    total = sum(length for length, _ in stalls)
+    note(
+        f"{scenario.key}) {len(stalls)} event-loop stalls, {total:.0f} ms in all, "
+        f"longest {max(length for length, _ in stalls):.0f} ms; where the loop was:"
+    )
+    by_place: dict[str, list[float]] = {}
+    for length, where in stalls:
+        by_place.setdefault(where, []).append(length)
+    ranked = sorted(by_place.items(), key=lambda item: -sum(item[1]))
+    for where, lengths in ranked[:8]:
+        print(f"    {len(lengths):4d} x, {sum(lengths):7.0f} ms  {where}")
+
+
+def _innermost(frames: list[tuple[str, str, str]]) -> str:
+    """The innermost frame of the project's code (else the innermost of all)."""
+    ours = [f for f in frames if str(REPO) in f[0] and "/.venv/" not in f[0]]
+    if not frames:
+        return "(over before the watchdog looked)"
+    path, line, name = (ours or frames)[-1]
+    return f"{Path(path).name}:{line} {name}"
 
 
 def print_safety(rows: list, gateway: Gateway, api_key: str, safety_key: str, rules: int) -> None:

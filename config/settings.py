@@ -226,6 +226,8 @@ QUOTA_RESERVATION_TTL_SECONDS = env_float("QUOTA_RESERVATION_TTL_SECONDS", 900.0
 # (apps/quotas/leases.py); leases are renewed, and usage charged, this often.
 QUOTA_LEASES = env_bool("QUOTA_LEASES", True)
 QUOTA_LEASE_FLUSH_SECONDS = env_float("QUOTA_LEASE_FLUSH_SECONDS", 0.25)
+# A lease that grants nothing keeps its spare tokens this long, then gives them back.
+QUOTA_LEASE_IDLE_SECONDS = env_float("QUOTA_LEASE_IDLE_SECONDS", 60.0)
 # Fair scheduling: requests waiting for an engine slot, per engine and worker, and how
 # long one may wait; beyond either, 503 with Retry-After.
 SCHEDULER_MAX_QUEUE = env_int("SCHEDULER_MAX_QUEUE", 1000)
@@ -319,6 +321,9 @@ CIRCUIT_BREAKER_COOLDOWN_SECONDS = env_float("CIRCUIT_BREAKER_COOLDOWN_SECONDS",
 # GET /metrics needs `Authorization: Bearer <it>` when set (open otherwise); GET
 # /health/detailed needs it, or a staff session, always.
 METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+# Log every event-loop stall longer than this (ms) with the loop thread's stack and the
+# garbage collections during it (apps/observability/loop_watch.py); 0 = off.
+LOOP_STALL_MS = env_float("LOOP_STALL_MS", 0.0)
 # Response cache (apps/cache): default TTL of cached answers of deterministic requests, in
 # seconds (0 = off unless a cache policy in the admin turns it on for a tenant or model);
 # Redis when REDIS_URL is set, else each process's memory, at most MAX_ENTRIES answers.

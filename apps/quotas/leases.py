@@ -16,7 +16,10 @@ Policy, per window:
   time in arrival order, and the x-ratelimit headers are exact.
 - Every QUOTA_LEASE_FLUSH_SECONDS the process renews its leases in one round trip: it
   charges what its requests used, keeps what those in flight hold, and asks for about
-  twice what it granted in the interval. A lease that granted nothing ends.
+  twice what it granted in the interval. A lease that granted nothing is left alone (no
+  round trip) and keeps its spare tokens for QUOTA_LEASE_IDLE_SECONDS, then ends: a burst
+  after a quiet spell is granted at once instead of every request of it reserving alone
+  (measured in bench/run.py (c): +11 ms at p99 for the first second after 15 s idle).
 - Requests go on taking a lease's tokens while it is renewed (a renewal keeps all it
   covers but the spare tokens it gives back); one that runs dry is renewed at once, and
   requests reserve alone until it is.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -78,6 +82,7 @@ class Lease:
     active: bool = False
     renewal: asyncio.Future | None = None  # done when the renewal in flight is
     withheld: int = 0  # spare tokens the renewal in flight gives back: not grantable
+    last_granted_at: float = field(default_factory=time.monotonic)
 
     @property
     def renewing(self) -> bool:
@@ -94,9 +99,17 @@ class Lease:
 
     def target(self) -> int:
         """Spare tokens the lease should have after the next renewal; 0 ends it."""
-        if self.granted == 0 or self.left < LEASE_MIN_REQUESTS * self.largest:
+        if self.left < LEASE_MIN_REQUESTS * self.largest or self.idle_over():
             return 0
-        return min(max(2 * self.granted, LEASE_MIN_GRANTS * self.largest), self.left // LEASE_SHARE)
+        wanted = 2 * self.granted if self.granted else self.free  # idle: keep what it has
+        return min(max(wanted, LEASE_MIN_GRANTS * self.largest), self.left // LEASE_SHARE)
+
+    def idle_over(self) -> bool:
+        return time.monotonic() - self.last_granted_at >= settings.QUOTA_LEASE_IDLE_SECONDS
+
+    def needs_renewal(self) -> bool:
+        """Something to charge, to grow, or to end; an idle lease costs no round trip."""
+        return self.granted > 0 or self.used > 0 or not self.active or self.idle_over()
 
     def state(self, quota: tuple) -> QuotaState:
         quota_id, period, _limit, key_name, _slug = quota
@@ -149,10 +162,12 @@ class LeaseBook:
                     self._renew_soon([lease])
                 return None
             leases.append(lease)
+        now = time.monotonic()
         for lease in leases:
             lease.held += tokens
             lease.granted += tokens
             lease.largest = max(lease.largest, tokens)
+            lease.last_granted_at = now
         return LeaseHold(leases=tuple(leases), tokens=tokens)
 
     @staticmethod
@@ -215,7 +230,7 @@ class LeaseBook:
         spare = [lease for lease in leases if lease.free > 0]
         for lease in spare:
             lease.largest = max(lease.largest, tokens)
-            lease.granted = 0  # target() == 0: the renewal ends it
+            lease.granted, lease.last_granted_at = 0, float("-inf")  # target() == 0: it ends
         await self._renew(spare)
         return bool(spare)
 
@@ -228,7 +243,9 @@ class LeaseBook:
         # Renewals run as their own tasks: stopping this loop never interrupts one.
         while self._leases:
             await asyncio.sleep(settings.QUOTA_LEASE_FLUSH_SECONDS)
-            self._renew_soon(list(self._leases.values()))
+            due = [lease for lease in self._leases.values() if lease.needs_renewal()]
+            if due:
+                self._renew_soon(due)
 
     async def _renew(self, leases: list[Lease]) -> None:
         leases = [lease for lease in leases if not lease.renewing]
@@ -305,7 +322,7 @@ class LeaseBook:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         for lease in self._leases.values():
-            lease.granted = 0
+            lease.granted, lease.last_granted_at = 0, float("-inf")
         await self._renew(list(self._leases.values()))
         self._leases, self._flusher = {}, None
         await lease_batcher.close()

@@ -74,7 +74,7 @@ async def test_it_grants_from_a_lease_without_a_reservation_per_request(alice) -
     assert not await db(Reservation.objects.exists)()
 
 
-@override_settings(QUOTA_LEASE_FLUSH_SECONDS=0.05)
+@override_settings(QUOTA_LEASE_FLUSH_SECONDS=0.05, QUOTA_LEASE_IDLE_SECONDS=0.1)
 async def test_it_charges_usage_at_the_next_renewal_and_ends_idle_leases(alice) -> None:
     await db(quota_set)(tenant=alice.tenant, tokens=10_000_000, period="day")
     ticket = await leased_ticket(alice)
@@ -90,6 +90,28 @@ async def test_it_charges_usage_at_the_next_renewal_and_ends_idle_leases(alice) 
         await asyncio.sleep(0.02)
     assert await settled()
     assert not await db(Reservation.objects.exists)()
+    await quota_stage_drain()
+
+
+@override_settings(QUOTA_LEASE_FLUSH_SECONDS=0.05, QUOTA_LEASE_IDLE_SECONDS=60)
+async def test_it_keeps_an_idle_lease_for_the_next_burst_without_round_trips(alice) -> None:
+    await db(quota_set)(tenant=alice.tenant, tokens=10_000_000, period="day")
+    ticket = await leased_ticket(alice)
+    quota_stage_settle(ticket, actual_tokens=30)
+    for _ in range(100):  # charged by the next renewal
+        if (await db(window_state)())[0] == 30:
+            break
+        await asyncio.sleep(0.02)
+    renewed_at = await db(Reservation.objects.values_list("pk", flat=True).get)()
+
+    await asyncio.sleep(0.3)  # six intervals with nothing granted
+    later = await reserve(alice)
+
+    assert later.lease is not None  # granted in memory
+    assert later.reservation_id is None
+    # Nothing went to PostgreSQL while idle: the same lease row, still reserved.
+    assert await db(Reservation.objects.values_list("pk", flat=True).get)() == renewed_at
+    quota_stage_settle(later, actual_tokens=0)
     await quota_stage_drain()
 
 
@@ -164,8 +186,10 @@ def test_a_lease_takes_at_most_a_share_of_what_is_left() -> None:
     lease = Lease(quota_id=1, start=None, tenant_id=1, largest=10, granted=10_000,
                   limit=100_000, window_used=20_000, others_reserved=0)  # fmt: skip
     assert lease.target() == 80_000 // LEASE_SHARE
-    lease.granted = 0
-    assert lease.target() == 0  # idle: the lease ends
+    lease.granted, lease.size = 0, 5_000
+    assert lease.target() == 5_000  # idle for now: it keeps its spare tokens
+    lease.last_granted_at -= 3600
+    assert lease.target() == 0  # idle too long: the lease ends
     lease.granted, lease.window_used = 10, 100_000 - LEASE_MIN_REQUESTS * 10 + 1
     assert lease.target() == 0  # too little left: every request reserves alone
 
