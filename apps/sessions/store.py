@@ -1,6 +1,6 @@
-"""Opening a session and recording a turn: the SQL functions of migration 0002, driven
+"""Opening a session and recording a turn: the SQL functions of migrations 0002-0007, driven
 from sync code (Django's connection: services, admin, tests) or from the async /v1
-pipeline (in batches, apps/proxy/db_batch.py). One implementation, two drivers."""
+pipeline (in batches, apps/core/db_batch.py). One implementation, two drivers."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import psycopg
 from django.db import connection
 
 from apps.core.db_batch import Batcher, json_array
-from apps.sessions.prompts import SYSTEM_ROLES, StoredMessage, system_prompt_resolve
+from apps.sessions.prompts import SYSTEM_ROLES, StoredHistory, system_prompt_resolve
 
 OPEN_SQL = "SELECT * FROM gateway_session_open_batch(%s::jsonb)"
 RECORD_SQL = "SELECT gateway_session_record_batch(%s::jsonb)"
 
-# (n, session id, created, session prompt, tenant prompt, history [[payload, tokens], ...])
-OpenRow = tuple[int, int, bool, str, str, list]
+# (n, session id, created, session prompt, tenant prompt, history text, unit offsets,
+# unit tokens, unit messages, media): see migration 0007.
+OpenRow = tuple[int, int, bool, str, str, str, list[int], list[int], list[int], bool]
 
 
 def open_item(*, tenant_id: int, external_id: str, cap: int | None = None) -> dict[str, Any]:
@@ -30,18 +31,23 @@ def open_item(*, tenant_id: int, external_id: str, cap: int | None = None) -> di
     return item
 
 
-def context_parts(row: OpenRow, *, variant_system_prompt: str) -> tuple[int, str, list]:
-    """(session pk, the system prompt that applies, its history) from an open row."""
-    _, session_pk, _, session_prompt, tenant_prompt, history = row
-    if isinstance(history, str):  # Django's connection hands jsonb over as text
-        history = orjson.loads(history)
+def context_parts(row: OpenRow, *, variant_system_prompt: str) -> tuple[int, str, StoredHistory]:
+    """(session pk, the system prompt that applies, its history) from an open row. The
+    history stays text: the engine gets it as stored (apps/core/context.py engine_body)."""
+    _, session_pk, _, session_prompt, tenant_prompt, text, offsets, tokens, messages, media = row
     system_prompt = system_prompt_resolve(
         tenant_system_prompt=tenant_prompt,
         variant_system_prompt=variant_system_prompt,
         session_system_prompt=session_prompt,
     )
-    stored = [StoredMessage(payload=payload, tokens=tokens) for payload, tokens in history]
-    return session_pk, system_prompt, stored
+    history = StoredHistory(
+        text=text,
+        unit_offsets=tuple(offsets),
+        unit_tokens=tuple(tokens),
+        unit_messages=tuple(messages),
+        media=media,
+    )
+    return session_pk, system_prompt, history
 
 
 def turn_item(
