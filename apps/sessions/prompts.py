@@ -14,15 +14,15 @@ __all__ = ["SYSTEM_ROLES", "StoredHistory", "history_trim", "prompt_head", "syst
 @dataclass(frozen=True, slots=True)
 class StoredHistory:
     """A session's history as the open returns it (migration 0007): the payloads' JSON
-    joined by commas, and per unit (droppable turn) where it starts in `text`, its token
-    cost and its number of messages.
+    joined by commas (UTF-8), and per unit (droppable turn) its first byte in `json`, its
+    token cost and its number of messages.
 
     A unit is a user message with the replies and tool results after it (or whatever
     precedes the first user message). Dropping whole units keeps user/assistant
     alternation (chat templates such as Gemma's refuse anything else) and never leaves an
     orphan tool result first."""
 
-    text: str = ""
+    json: bytes = b""
     unit_offsets: tuple[int, ...] = ()
     unit_tokens: tuple[int, ...] = ()
     unit_messages: tuple[int, ...] = ()
@@ -33,7 +33,7 @@ class StoredHistory:
         if dropped_units >= len(self.unit_offsets):
             return NO_HISTORY
         return SessionHistory(
-            json=self.text[self.unit_offsets[dropped_units] :].encode(),
+            json=self.json[self.unit_offsets[dropped_units] :],
             messages=sum(self.unit_messages[dropped_units:]),
             tokens=sum(self.unit_tokens[dropped_units:]),
             media=self.media,

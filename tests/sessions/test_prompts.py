@@ -26,13 +26,13 @@ def assistant(text: str) -> dict[str, Any]:
 
 def history_of(*units: tuple[list[dict[str, Any]], int]) -> StoredHistory:
     """A history as the open returns it: units of (messages, token cost)."""
-    texts = [b",".join(orjson.dumps(m) for m in messages).decode() for messages, _ in units]
+    texts = [b",".join(orjson.dumps(m) for m in messages) for messages, _ in units]
     offsets, at = [], 0
     for text in texts:
         offsets.append(at)
         at += len(text) + 1
     return StoredHistory(
-        text=",".join(texts),
+        json=b",".join(texts),
         unit_offsets=tuple(offsets),
         unit_tokens=tuple(tokens for _, tokens in units),
         unit_messages=tuple(len(messages) for messages, _ in units),

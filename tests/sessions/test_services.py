@@ -543,7 +543,7 @@ def test_it_estimates_a_message_stored_without_a_count_as_the_gateway_does(alice
 
 
 @pytest.mark.django_db
-def test_it_returns_stored_text_byte_exact_and_offsets_in_characters(alice):
+def test_it_returns_stored_text_byte_exact_and_cuts_it_at_utf8_offsets(alice):
     pk = load(alice.tenant).session_pk
     tricky = user('é "quoted" \\ back\\slash \n new line \ufffd 😀 你好 \u2028')
     record_messages(pk, [tricky], 'ß "ok"', token_counts={0: 1}, reply_tokens=1)

@@ -9,7 +9,7 @@ needs to look into a stored message to send it, so the open now returns:
   order, without brackets: spliced as is into the engine's body (apps/core/context.py);
 - per unit (a user message and what follows it up to the next one, or whatever comes
   before the first user message: the turns trimming drops whole, as in
-  apps/sessions/prompts.py), `unit_offsets`, its first character in `history`,
+  apps/sessions/prompts.py), `unit_offsets`, its first byte in `history` (UTF-8),
   `unit_tokens`, its token cost (the stored count, else the gateway's heuristic,
   gateway_message_tokens below: ~4 characters a token + 4 for the role markers), and
   `unit_messages`, its number of messages;
@@ -104,9 +104,10 @@ BEGIN
                array_agg(u.messages ORDER BY u.unit) AS messages,
                bool_or(u.media) AS media
         FROM (
-            -- A unit starts where the text before it (its units and their commas) ends.
+            -- A unit starts where the text before it (its units and their commas) ends, in
+            -- UTF-8 bytes: the gateway slices the bytes it got, never decoding them.
             SELECT g.unit, g.body, g.tokens, g.messages, g.media,
-                   coalesce(sum(length(g.body) + 1) OVER (ORDER BY g.unit ROWS BETWEEN
+                   coalesce(sum(octet_length(g.body) + 1) OVER (ORDER BY g.unit ROWS BETWEEN
                             UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS start
             FROM (
                 SELECT k.unit, string_agg(k.payload::text, ',' ORDER BY k.position) AS body,
