@@ -118,7 +118,13 @@ BEGIN
                            -- Unit number: the user messages so far (0 before the first).
                            count(*) FILTER (WHERE m.role = 'user')
                                OVER (ORDER BY m.position) AS unit,
-                           coalesce(m.tokens, gateway_message_tokens(m.payload)) AS tokens,
+                           -- Most messages have text content and no tool calls: the
+                           -- heuristic's cheap case, spelled out.
+                           coalesce(m.tokens,
+                                    CASE WHEN jsonb_typeof(m.payload->'content') = 'string'
+                                              AND m.payload->'tool_calls' IS NULL
+                                         THEN (length(m.payload->>'content') + 3) / 4 + 4
+                                         ELSE gateway_message_tokens(m.payload) END) AS tokens,
                            CASE WHEN jsonb_typeof(m.payload->'content') = 'array'
                                 THEN EXISTS (SELECT 1
                                              FROM jsonb_array_elements(m.payload->'content') x
