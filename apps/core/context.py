@@ -9,10 +9,12 @@ a ResponseFilter to `ctx.response_filters`, and they run in that order.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
 
 from apps.core.errors import ApiError
 
@@ -60,6 +62,27 @@ class ResponseFilter(Protocol):
     def stream(self, ctx: RequestContext) -> ChunkFilter | None: ...
 
 
+# "developer" is OpenAI's newer name for the system role.
+SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+@dataclass(frozen=True, slots=True)
+class SessionHistory:
+    """A session's stored messages sent along with the request, kept as the JSON text the
+    database returned: never parsed nor re-serialized on the way to the engine (it grows
+    with every turn), but spliced into its body by `engine_body`. Stages that read
+    `payload["messages"]` see the request without it; `messages_with_history` gives the
+    whole conversation, parsed, to the few that need it."""
+
+    json: bytes = b""  # the messages' JSON objects joined by commas, without brackets
+    messages: int = 0
+    tokens: int = 0  # as stored (the engine's counts), estimated where none was stored
+    media: bool = False  # some message has non-text parts: its bytes do not bound its tokens
+
+
+NO_HISTORY = SessionHistory()
+
+
 @dataclass(slots=True)
 class RequestContext:
     endpoint: str
@@ -78,7 +101,9 @@ class RequestContext:
     stream: bool = False
     client_wants_usage: bool = False  # the client asked for the usage chunk of a stream
     session_id: str | None = None
-    history_tokens: int = 0  # of the session history sent along: what the engine may cache
+    # The session's stored history (sessions), sent after the leading system messages of
+    # `payload["messages"]`; its tokens are what the engine may have cached.
+    history: SessionHistory = NO_HISTORY
     # Prompt tokens a stage adds after the session history is trimmed (RAG sources): the
     # trimming keeps room for them.
     added_prompt_tokens: int = 0
@@ -169,3 +194,41 @@ class RequestContext:
         if 200 <= self.status < 300 and not self.stream_failed:
             for hook in self.before_finish:
                 await hook()
+
+
+def _history_at(messages: Sequence[Any]) -> int:
+    """Where the stored history goes among the request's messages: after the leading
+    system (and developer) messages, which chat templates (llama.cpp's among them) want
+    first, before the rest."""
+    index = 0
+    while index < len(messages):
+        message = messages[index]
+        if not isinstance(message, dict) or message.get("role") not in SYSTEM_ROLES:
+            break
+        index += 1
+    return index
+
+
+def messages_with_history(messages: list[Any], history: SessionHistory) -> list[Any]:
+    """The whole conversation the engine gets, parsed: for the rare paths that must see
+    every message (a safety classifier, the engine's own token count)."""
+    if not history.messages:
+        return messages
+    at = _history_at(messages)
+    return [*messages[:at], *orjson.loads(b"[" + history.json + b"]"), *messages[at:]]
+
+
+def engine_body(ctx: RequestContext) -> bytes:
+    """The request body for the engine: the client's as is if no stage changed it, else the
+    payload serialized, a session's history spliced into its messages as stored."""
+    if ctx.history.messages:
+        messages = ctx.payload["messages"]
+        at = _history_at(messages)
+        pieces = (
+            orjson.dumps(messages[:at])[1:-1],
+            ctx.history.json,
+            orjson.dumps(messages[at:])[1:-1],
+        )
+        spliced = orjson.Fragment(b"[" + b",".join(p for p in pieces if p) + b"]")
+        return orjson.dumps({**ctx.payload, "messages": spliced})
+    return orjson.dumps(ctx.payload) if ctx.payload_changed else ctx.body

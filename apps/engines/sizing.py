@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from apps.core.context import NO_HISTORY, SessionHistory, messages_with_history
 from apps.engines.registry import VariantRoute
 from apps.engines.tokens import (
     BOS_TOKENS,
@@ -125,7 +126,12 @@ def completion_budget(payload: dict[str, Any], default: int) -> int:
 
 
 async def prompt_tokens(
-    variant: VariantRoute, payload: dict[str, Any], endpoint: str, *, model: str
+    variant: VariantRoute,
+    payload: dict[str, Any],
+    endpoint: str,
+    *,
+    model: str,
+    history: SessionHistory = NO_HISTORY,
 ) -> tuple[int, str]:
     """(tokens, method) of the request's prompt; method is "tokenize" or "heuristic".
 
@@ -134,19 +140,22 @@ async def prompt_tokens(
     and only a process that already runs the model (see tokens.counting_url): a managed
     engine that is not started yet must not be woken up (or waited for) just to size a
     request. For a batch of prompts, the largest one counts: each runs in its own slot.
+    A session's `history` is counted with the messages, where the engine gets it (parsed
+    here: counting already costs the engine two calls).
     """
     counting = endpoint in ("chat.completions", "completions")
     base_url = await counting_url(variant) if counting else None
     if base_url is None:
-        return heuristic_prompt_tokens(payload, endpoint), HEURISTIC
+        return heuristic_prompt_tokens(payload, endpoint, history), HEURISTIC
     tokenizer = Tokenizer(variant.engine, base_url, model)
     try:
         if endpoint == "chat.completions":
-            return await tokenizer.chat_tokens(payload), TOKENIZE
+            messages = messages_with_history(payload["messages"], history)
+            return await tokenizer.chat_tokens({**payload, "messages": messages}), TOKENIZE
         return await completion_tokens(tokenizer, payload.get("prompt")), TOKENIZE
     except TOKENIZER_ERRORS as exc:
         logger.warning("sizing on %s failed (%r); using the heuristic", variant.engine.name, exc)
-    return heuristic_prompt_tokens(payload, endpoint), HEURISTIC
+    return heuristic_prompt_tokens(payload, endpoint, history), HEURISTIC
 
 
 async def completion_tokens(tokenizer: Tokenizer, prompt: Any) -> int:
@@ -165,7 +174,9 @@ async def _count_pieces(tokenizer: Tokenizer, pieces: list[PromptPiece]) -> int:
     return ids + sum(counts) + BOS_TOKENS
 
 
-def prompt_token_bound(payload: dict[str, Any], endpoint: str) -> int | None:
+def prompt_token_bound(
+    payload: dict[str, Any], endpoint: str, history: SessionHistory = NO_HISTORY
+) -> int | None:
     """At least as many tokens as the prompt has, known without asking the engine; None
     for what it cannot bound (images or audio, tools, which some templates wrap in long
     instructions, rerank documents).
@@ -173,7 +184,9 @@ def prompt_token_bound(payload: dict[str, Any], endpoint: str) -> int | None:
     No tokenizer makes more tokens than the text has UTF-8 bytes (byte-level BPE and
     SentencePiece with byte fallback spend at least a byte a token); a chat template adds
     at most TEMPLATE_TOKENS_PER_MESSAGE a message plus TEMPLATE_TOKENS overall (BOS, the
-    assistant's opening, a default system header).
+    assistant's opening, a default system header). A session's `history` is bounded
+    without parsing it by its JSON's bytes: they hold every text the count above takes of
+    a message (content, tool calls, name, reasoning), escaping only ever lengthens them.
     """
     if endpoint in ("completions", "embeddings"):
         key = "prompt" if endpoint == "completions" else "input"
@@ -182,9 +195,9 @@ def prompt_token_bound(payload: dict[str, Any], endpoint: str) -> int | None:
         # A batch of completions runs in parallel slots (the largest must fit); every
         # input of an embeddings batch is paid for.
         return max(sizes, default=0) if endpoint == "completions" else sum(sizes)
-    if endpoint != "chat.completions" or payload.get("tools"):
+    if endpoint != "chat.completions" or payload.get("tools") or history.media:
         return None
-    total = TEMPLATE_TOKENS
+    total = TEMPLATE_TOKENS + len(history.json) + TEMPLATE_TOKENS_PER_MESSAGE * history.messages
     for message in payload.get("messages") or ():
         text = _message_bytes(message)
         if text is None:
@@ -213,11 +226,15 @@ def _message_bytes(message: Any) -> int | None:
     return size
 
 
-def heuristic_prompt_tokens(payload: dict[str, Any], endpoint: str) -> int:
-    """The estimate when the engine cannot count: ~4 characters a token (tokens.py)."""
+def heuristic_prompt_tokens(
+    payload: dict[str, Any], endpoint: str, history: SessionHistory = NO_HISTORY
+) -> int:
+    """The estimate when the engine cannot count: ~4 characters a token (tokens.py); a
+    session's history as its stored counts say."""
     if endpoint == "chat.completions":
         messages = [m for m in payload.get("messages") or () if isinstance(m, dict)]
         total = sum(heuristic_message_tokens(m) for m in messages) + ASSISTANT_PRIMING_TOKENS
+        total += history.tokens
         if payload.get("tools"):
             total += heuristic_tokens(orjson.dumps(payload["tools"]).decode())
         return total

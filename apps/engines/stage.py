@@ -14,7 +14,7 @@ from typing import Any
 
 from django.conf import settings
 
-from apps.core.context import RequestContext
+from apps.core.context import NO_HISTORY, RequestContext, SessionHistory
 from apps.core.errors import ApiError, model_not_found
 from apps.engines.breaker import breaker
 from apps.engines.engine_process import EngineStartError
@@ -66,7 +66,9 @@ async def resolve_model(ctx: RequestContext) -> None:
 async def choose_variant_by_size(ctx: RequestContext) -> None:
     """Generating endpoints: the smallest variant that holds the prompt plus the answer."""
     assert ctx.route is not None
-    tokens, ctx.variant = await size_and_choose(ctx.payload, route=ctx.route, endpoint=ctx.endpoint)
+    tokens, ctx.variant = await size_and_choose(
+        ctx.payload, route=ctx.route, endpoint=ctx.endpoint, history=ctx.history
+    )
     if tokens:
         ctx.prompt_estimate, ctx.prompt_counted = tokens, True
 
@@ -84,7 +86,7 @@ async def adapt_for_engine(ctx: RequestContext) -> None:
         ctx.payload["model"] = ctx.route.name
         ctx.payload_changed = True
     if not ctx.prompt_estimate:
-        ctx.prompt_estimate = heuristic_prompt_tokens(ctx.payload, ctx.endpoint)
+        ctx.prompt_estimate = heuristic_prompt_tokens(ctx.payload, ctx.endpoint, ctx.history)
 
 
 class ToolCallsFilter:
@@ -105,7 +107,11 @@ async def tool_call_parsing(ctx: RequestContext) -> None:
 
 
 async def size_and_choose(
-    payload: dict[str, Any], *, route: ModelRoute, endpoint: str
+    payload: dict[str, Any],
+    *,
+    route: ModelRoute,
+    endpoint: str,
+    history: SessionHistory = NO_HISTORY,
 ) -> tuple[int, VariantRoute]:
     """(prompt tokens as the engine counted them, or 0, the smallest variant that fits).
 
@@ -119,10 +125,12 @@ async def size_and_choose(
     if len(variants) == 1:
         return 0, variants[0]
     budget = completion_budget(payload, settings.DEFAULT_MAX_TOKENS)
-    smallest = _smallest_by_bound(variants, payload, endpoint, budget)
+    smallest = _smallest_by_bound(variants, payload, endpoint, budget, history)
     if smallest is not None:
         return 0, smallest
-    tokens, method = await prompt_tokens(variants[0], payload, endpoint, model=route.name)
+    tokens, method = await prompt_tokens(
+        variants[0], payload, endpoint, model=route.name, history=history
+    )
     needed = tokens + budget
     counted = tokens if method == TOKENIZE else 0
     try:
@@ -133,12 +141,16 @@ async def size_and_choose(
 
 
 def _smallest_by_bound(
-    variants: tuple[VariantRoute, ...], payload: dict[str, Any], endpoint: str, budget: int
+    variants: tuple[VariantRoute, ...],
+    payload: dict[str, Any],
+    endpoint: str,
+    budget: int,
+    history: SessionHistory,
 ) -> VariantRoute | None:
     """The smallest variant, if an upper bound of the prompt already fits it: counting
     could not choose anything else, so the two calls to the engine are saved (most chat
     turns are far smaller than the smallest context)."""
-    bound = prompt_token_bound(payload, endpoint)
+    bound = prompt_token_bound(payload, endpoint, history)
     if bound is None:
         return None
     fitting = fitting_variants(variants, bound + budget)
@@ -283,7 +295,7 @@ async def _scheduled(ctx: RequestContext, avoid: frozenset[int]) -> AsyncIterato
         session=ctx.session_id,
         # Waiting for the session's own slot pays only when its cached history would
         # take longer to recompute than someone else's answer takes.
-        insist=ctx.history_tokens >= settings.SCHEDULER_STICKY_MIN_TOKENS,
+        insist=ctx.history.tokens >= settings.SCHEDULER_STICKY_MIN_TOKENS,
         max_queue=settings.SCHEDULER_MAX_QUEUE,
         max_wait=settings.SCHEDULER_MAX_WAIT_SECONDS,
         replica_order=await healthy_replica_order(ctx.variant, avoid),

@@ -30,7 +30,7 @@ import orjson
 from django.utils import timezone
 
 from apps.cache.stage import cache_state, response_cache
-from apps.core.context import RequestContext
+from apps.core.context import RequestContext, engine_body
 from apps.core.errors import ApiError
 from apps.engines.stage import (
     EngineTarget,
@@ -265,7 +265,7 @@ async def _call_engine(
     may_retry: Callable[[], bool],
 ) -> None:
     pin_session_slot(ctx, target)
-    body = orjson.dumps(ctx.payload) if ctx.payload_changed else ctx.body
+    body = engine_body(ctx)
     async with engine_response(ctx, target, path=path, body=body) as resp:
         if resp.status in RETRY_STATUSES:
             if may_retry():

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 
-from apps.core.context import RequestContext
+from apps.core.context import RequestContext, engine_body
 from apps.core.errors import ApiError
 from apps.engines.stage import engine_slot, pin_session_slot
 from apps.engines.tokens import heuristic_message_tokens
@@ -117,7 +117,7 @@ async def _round(
         tools = BuiltInTools(names=frozenset(), sandbox=None)
     async with engine_slot(ctx) as target:
         pin_session_slot(ctx, target)
-        body = orjson.dumps(ctx.payload)
+        body = engine_body(ctx)  # the built-in tools stage changed the payload
         async with engine_response(ctx, target, path=path, body=body) as resp:
             if is_event_stream(ctx, resp):
                 catcher = BuiltInCallCatcher(tools.names)

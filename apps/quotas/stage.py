@@ -264,13 +264,15 @@ async def quota_reserve(ctx: RequestContext) -> None:
         return
     prompt = ctx.prompt_estimate
     if not ctx.prompt_counted:
-        prompt = max(prompt, prompt_token_bound(ctx.payload, ctx.endpoint) or 0)
+        prompt = max(prompt, prompt_token_bound(ctx.payload, ctx.endpoint, ctx.history) or 0)
     try:
         await _reserve_for(ctx, prompt)
     except ApiError as err:
         if err.code != "insufficient_quota" or ctx.prompt_counted:
             raise
-        exact, method = await prompt_tokens(ctx.variant, ctx.payload, ctx.endpoint, model=ctx.model)
+        exact, method = await prompt_tokens(
+            ctx.variant, ctx.payload, ctx.endpoint, model=ctx.model, history=ctx.history
+        )
         if method != TOKENIZE or exact >= prompt:
             raise
         ctx.prompt_estimate, ctx.prompt_counted = exact, True

@@ -31,7 +31,13 @@ import httpx
 import orjson
 from django.conf import settings
 
-from apps.core.context import RequestContext, StreamStop
+from apps.core.context import (
+    NO_HISTORY,
+    RequestContext,
+    SessionHistory,
+    StreamStop,
+    messages_with_history,
+)
 from apps.engines.client import engine_session, engine_url
 from apps.engines.registry import load_snapshot, registry
 from apps.engines.stage import replica_url
@@ -77,10 +83,12 @@ class Verdict:
     categories: tuple[str, ...] = ()
 
 
-def conversation_of(payload: dict[str, Any]) -> list[Turn]:
-    """A chat's messages (system prompts count as the user's) or a completion's prompt."""
+def conversation_of(payload: dict[str, Any], history: SessionHistory = NO_HISTORY) -> list[Turn]:
+    """A chat's messages (system prompts count as the user's), a session's stored history
+    among them where the engine gets it, or a completion's prompt."""
     messages = payload.get("messages")
     if isinstance(messages, list):
+        messages = messages_with_history(messages, history)
         return [
             ("Agent" if m.get("role") == "assistant" else "User", message_text(m))
             for m in messages
@@ -234,7 +242,7 @@ class StreamClassifier:
     def __init__(self, ctx: RequestContext, state: Any, rules: Any) -> None:
         self.ctx, self.state, self.rules = ctx, state, rules
         self.every = max(1, settings.SAFETY_STREAM_MODEL_EVERY_TOKENS)
-        self.conversation = conversation_of(ctx.payload)
+        self.conversation = conversation_of(ctx.payload, ctx.history)
         self.text: list[str] = []
         self.tokens = 0
         self.checked_at = 0  # tokens when the running (or last) check started

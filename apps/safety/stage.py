@@ -171,12 +171,15 @@ def prompt_param(ctx: RequestContext) -> str:
 
 
 async def prompt_check(ctx: RequestContext, state: SafetyState, rules: StageRules) -> None:
+    # The prompt rules see the request's own text only, not a session's stored history
+    # (ctx.history, kept out of the payload): that was checked when it was new. The
+    # classifier judges the whole conversation, history included.
     slots = list(prompt_slots(ctx.payload))
     if rules.regex:
         prompt_regex(ctx, state, rules, slots)
     if rules.model:
         findings = await classify_rules(
-            rules.model, conversation=conversation_of(ctx.payload), tool_command=None
+            rules.model, conversation=conversation_of(ctx.payload, ctx.history), tool_command=None
         )
         settle_model_findings(state, Stage.PROMPT, findings, param=prompt_param(ctx))
 
@@ -196,7 +199,7 @@ async def whole_precheck(ctx: RequestContext, resp: Any) -> None:
         choices = [c for c in body["choices"] if isinstance(c, dict)]
     except (ValueError, KeyError, TypeError):
         return  # not an answer: the response filters report it
-    conversation = conversation_of(ctx.payload)
+    conversation = conversation_of(ctx.payload, ctx.history)
     for choice in choices:
         message = choice.get("message") or {}
         text = message.get("content") if isinstance(message, dict) else choice.get("text")

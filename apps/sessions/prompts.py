@@ -1,19 +1,43 @@
-"""Assembling the messages sent to the engine from a session's history (pure functions)."""
+"""Assembling what a session sends the engine (pure functions): the system prompt that
+applies, and the stored history trimmed to a token budget without parsing it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# "developer" is OpenAI's newer name for the system role.
-SYSTEM_ROLES = frozenset({"system", "developer"})
+from apps.core.context import NO_HISTORY, SYSTEM_ROLES, SessionHistory
+
+__all__ = ["SYSTEM_ROLES", "StoredHistory", "history_trim", "prompt_head", "system_prompt_resolve"]
 
 
-@dataclass(frozen=True)
-class StoredMessage:
-    payload: dict[str, Any]
-    tokens: int | None  # None: not counted when stored; count it when needed
+@dataclass(frozen=True, slots=True)
+class StoredHistory:
+    """A session's history as the open returns it (migration 0007): the payloads' JSON
+    joined by commas (UTF-8), and per unit (droppable turn) its first byte in `json`, its
+    token cost and its number of messages.
+
+    A unit is a user message with the replies and tool results after it (or whatever
+    precedes the first user message). Dropping whole units keeps user/assistant
+    alternation (chat templates such as Gemma's refuse anything else) and never leaves an
+    orphan tool result first."""
+
+    json: bytes = b""
+    unit_offsets: tuple[int, ...] = ()
+    unit_tokens: tuple[int, ...] = ()
+    unit_messages: tuple[int, ...] = ()
+    media: bool = False  # some message has non-text content parts
+
+    def kept(self, dropped_units: int = 0) -> SessionHistory:
+        """The history without its `dropped_units` oldest units, as the engine gets it."""
+        if dropped_units >= len(self.unit_offsets):
+            return NO_HISTORY
+        return SessionHistory(
+            json=self.json[self.unit_offsets[dropped_units] :],
+            messages=sum(self.unit_messages[dropped_units:]),
+            tokens=sum(self.unit_tokens[dropped_units:]),
+            media=self.media,
+        )
 
 
 def system_prompt_resolve(
@@ -23,58 +47,26 @@ def system_prompt_resolve(
     return session_system_prompt or variant_system_prompt or tenant_system_prompt or ""
 
 
-def _units(history: list[StoredMessage]) -> list[list[StoredMessage]]:
-    """History cut into droppable turns: a user message with the replies and tool results
-    after it. Dropping whole turns keeps user/assistant alternation (chat templates such as
-    Gemma's refuse anything else) and never leaves an orphan tool result first."""
-    units: list[list[StoredMessage]] = []
-    for message in history:
-        if message.payload.get("role") == "user" or not units:
-            units.append([message])
-        else:
-            units[-1].append(message)
-    return units
+def prompt_head(system_prompt: str, new_messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """[the system prompt as a message], unless there is none or the client sent its own
+    system (or developer) message, which wins."""
+    if not system_prompt or any(m.get("role") in SYSTEM_ROLES for m in new_messages):
+        return []
+    return [{"role": "system", "content": system_prompt}]
 
 
-def prompt_build(
-    *,
-    system_prompt: str,
-    history: list[StoredMessage],
-    new_messages: list[dict[str, Any]],
-    budget_tokens: int | None,
-    count_tokens: Callable[[dict[str, Any]], int],
-) -> tuple[list[dict[str, Any]], int]:
-    """([system] + history + new_messages, number of history messages dropped).
-
-    With a budget, the oldest history goes first until everything fits. The system prompt
-    and the new messages are never dropped: if they alone exceed the budget they are
-    returned anyway, and the engine's refusal is the honest answer.
-    """
-    client_has_system = any(m.get("role") in SYSTEM_ROLES for m in new_messages)
-    head = [] if client_has_system or not system_prompt else [_system(system_prompt)]
-    units = _units(history)
-    dropped_units = 0
+def history_trim(
+    history: StoredHistory, *, fixed_tokens: int, budget_tokens: int | None
+) -> SessionHistory:
+    """The history to send with `fixed_tokens` of other messages (the system prompt and the
+    new messages, never dropped): with a budget, the oldest units go first until everything
+    fits, all of them if the rest alone exceeds it (the engine's refusal is then the honest
+    answer)."""
+    dropped = 0
     if budget_tokens is not None:
-        costs = [sum(_cost(m, count_tokens) for m in unit) for unit in units]
-        fixed = sum(count_tokens(m) for m in head + new_messages)
-        total = fixed + sum(costs)
-        while total > budget_tokens and dropped_units < len(units):
-            total -= costs[dropped_units]
-            dropped_units += 1
-    kept = [m.payload for unit in units[dropped_units:] for m in unit]
-    return [*head, *kept, *new_messages], len(history) - len(kept)
-
-
-def history_tokens(
-    history: list[StoredMessage], count_tokens: Callable[[dict[str, Any]], int]
-) -> int:
-    """Tokens of `history`: as stored, else as `count_tokens` counts the message."""
-    return sum(_cost(message, count_tokens) for message in history)
-
-
-def _system(content: str) -> dict[str, Any]:
-    return {"role": "system", "content": content}
-
-
-def _cost(message: StoredMessage, count_tokens: Callable[[dict[str, Any]], int]) -> int:
-    return message.tokens if message.tokens is not None else count_tokens(message.payload)
+        costs = history.unit_tokens
+        total = fixed_tokens + sum(costs)
+        while total > budget_tokens and dropped < len(costs):
+            total -= costs[dropped]
+            dropped += 1
+    return history.kept(dropped)

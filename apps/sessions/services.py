@@ -12,9 +12,9 @@ from apps.core.session_ids import SESSION_ID_RE, InvalidSessionId, session_id_fr
 from apps.sessions import store
 from apps.sessions.models import ChatSession
 from apps.sessions.prompts import (
-    StoredMessage,
-    history_tokens,
-    prompt_build,
+    StoredHistory,
+    history_trim,
+    prompt_head,
     system_prompt_resolve,
 )
 from apps.tenants.models import Tenant
@@ -23,10 +23,10 @@ __all__ = [
     "SESSION_ID_RE",
     "InvalidSessionId",
     "SessionContext",
-    "StoredMessage",
+    "StoredHistory",
     "TurnMetrics",
-    "history_tokens",
-    "prompt_build",
+    "history_trim",
+    "prompt_head",
     "session_context_load",
     "session_delete",
     "session_id_from_request",
@@ -41,7 +41,7 @@ __all__ = [
 class SessionContext:
     session_pk: int
     system_prompt: str
-    history: list[StoredMessage]
+    history: StoredHistory
 
 
 @dataclass(frozen=True)

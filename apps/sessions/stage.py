@@ -1,7 +1,10 @@
 """Pipeline stage for server-side chat history.
 
 Before the engine: load the session's history and system prompt, trim the history to the
-variant's context (in tokens), send [system] + history + new messages. After a successful
+variant's context (in tokens), send [system] + history + new messages (the client's own
+system messages first). The history stays the JSON text the database returned, spliced
+into the engine's body (apps/core/context.py): its cost here does not grow with it,
+however long the session. After a successful
 answer, before the response completes: store the new messages and the reply with their
 PP/TG/cache metrics.
 """
@@ -71,8 +74,6 @@ class SessionTurn:
     session_pk: int
     new_messages: list[dict[str, Any]]
     token_counts: dict[int, int]
-    history_dropped: int  # of the history loaded (the open leaves out what cannot fit)
-    history_tokens: int  # of the stored history sent along: what the engine may have cached
     variant: VariantRoute
     # Counted by the heuristic where the count matters (a managed engine that was not
     # running yet): recount with the engine's tokenizer before storing.
@@ -118,14 +119,15 @@ async def session_open(ctx: RequestContext) -> None:
     ctx.payload_changed = True
     ctx.before_finish.append(functools.partial(session_record, ctx=ctx, turn=turn))
     ctx.on_refusal.append(functools.partial(session_record_refusal, ctx=ctx, turn=turn))
-    ctx.history_tokens = turn.history_tokens
     ctx.response_headers.append((b"x-session-id", ctx.session_id.encode()))
 
 
 async def session_prepare(
     *, ctx: RequestContext, external_id: str, payload: dict[str, Any], variant: VariantRoute
 ) -> SessionTurn:
-    """Replace payload["messages"] with the session's history plus the new messages."""
+    """payload["messages"] becomes [system prompt] + the new messages, and `ctx.history`
+    the stored history that fits the variant's context with them (oldest turns dropped
+    first), which the engine gets after the leading system messages."""
     assert ctx.principal is not None
     context = await _load(
         tenant_id=ctx.principal.tenant_id, external_id=external_id, variant=variant
@@ -139,22 +141,15 @@ async def session_prepare(
         # No context size: nothing is ever trimmed for this model, so the engine is not
         # asked; the stored counts are estimates (exact enough if the session moves on).
         counted = MessageTokens([heuristic_message_tokens(m) for m in new_messages], exact=False)
-    counts = counted.counts
-    by_identity = {id(message): count for message, count in zip(new_messages, counts, strict=True)}
-    payload["messages"], dropped = sessions.prompt_build(
-        system_prompt=context.system_prompt,
-        history=context.history,
-        new_messages=new_messages,
-        budget_tokens=budget,
-        count_tokens=lambda m: by_identity.get(id(m)) or heuristic_message_tokens(m),
-    )
+    head = sessions.prompt_head(context.system_prompt, new_messages)
+    payload["messages"] = [*head, *new_messages]
+    fixed = sum(counted.counts) + sum(heuristic_message_tokens(m) for m in head)
+    ctx.history = sessions.history_trim(context.history, fixed_tokens=fixed, budget_tokens=budget)
     ctx.wants_reply = True
     return SessionTurn(
         session_pk=context.session_pk,
         new_messages=new_messages,
-        token_counts=dict(enumerate(counts)),
-        history_dropped=dropped,
-        history_tokens=sessions.history_tokens(context.history[dropped:], heuristic_message_tokens),
+        token_counts=dict(enumerate(counted.counts)),
         variant=variant,
         recount=budget is not None and not counted.exact,
     )

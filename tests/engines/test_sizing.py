@@ -283,3 +283,58 @@ async def test_it_counts_each_session_message_with_the_engines_tokenizer(fake_en
 
     assert counted.exact
     assert counted.counts == [3 + MESSAGE_OVERHEAD_TOKENS, 1 + MESSAGE_OVERHEAD_TOKENS]
+
+
+# --- a session's stored history, kept out of the payload (ctx.history) -------------------
+
+STORED = [
+    {"role": "user", "content": 'earlier "question" é'},
+    {"role": "assistant", "content": "an answer", "tool_calls": [{"id": "c", "type": "function",
+     "function": {"name": "f", "arguments": "{}"}}]},
+]  # fmt: skip
+
+
+def stored_history(messages: list[dict], *, tokens: int = 0, media: bool = False):
+    import json
+
+    from apps.core.context import SessionHistory
+
+    # As PostgreSQL writes jsonb out: ", " and ": " separators, non-ASCII as is.
+    text = ",".join(json.dumps(m, ensure_ascii=False) for m in messages).encode()
+    return SessionHistory(json=text, messages=len(messages), tokens=tokens, media=media)
+
+
+def test_it_bounds_a_history_by_its_bytes_above_the_bound_of_its_messages() -> None:
+    history = stored_history(STORED)
+    spliced = {"messages": [*STORED, *CHAT["messages"]]}
+
+    bound = prompt_token_bound(CHAT, "chat.completions", history)
+
+    assert bound == prompt_token_bound(CHAT, "chat.completions") + len(history.json) + 2 * 16
+    assert bound >= prompt_token_bound(spliced, "chat.completions")
+
+
+def test_it_does_not_bound_a_history_with_images() -> None:
+    history = stored_history(STORED, media=True)
+
+    assert prompt_token_bound(CHAT, "chat.completions", history) is None
+
+
+def test_it_estimates_a_history_by_its_stored_counts() -> None:
+    history = stored_history(STORED, tokens=120)
+
+    assert heuristic_prompt_tokens(CHAT, "chat.completions", history) == (
+        heuristic_prompt_tokens(CHAT, "chat.completions") + 120
+    )
+
+
+async def test_it_counts_the_history_where_the_engine_gets_it(fake_engine):
+    fake_engine.reset()
+    system = {"role": "system", "content": "rules"}
+    payload = {"model": "m", "messages": [system, *CHAT["messages"]]}
+
+    await count_prompt(route(fake_engine.url), payload, "chat.completions",
+                       history=stored_history(STORED))  # fmt: skip
+
+    [template] = [r for r in fake_engine.requests() if r["path"] == "/apply-template"]
+    assert template["body"]["messages"] == [system, *STORED, *CHAT["messages"]]

@@ -156,3 +156,14 @@ def test_it_refuses_bad_moderation_requests(guard, openai_client, gateway):
         openai.OpenAI(
             base_url=gateway.base_url, api_key="sk-nope", max_retries=0
         ).moderations.create(input="x")
+
+
+def test_it_shows_the_classifier_a_sessions_stored_history(guard, openai_client, fake_engine):
+    session = {"X-Session-Id": "guarded-1"}
+    chat(openai_client, "my first question", extra_headers=session)
+    model_rule("guard-prompt", "prompt")
+
+    chat(openai_client, "my second question", extra_headers=session)
+
+    asked = guard_calls(fake_engine)[-1]["body"]["messages"][0]["content"]
+    assert "User: my first question\n\nAgent: w0 w1 w2 w3 w4 \n\nUser: my second question" in asked

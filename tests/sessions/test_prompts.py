@@ -1,16 +1,19 @@
-"""prompt_build and system_prompt_resolve: pure, no database."""
+"""prompt_head, history_trim and system_prompt_resolve: pure, no database. How the open
+cuts a history into units is tested against the database in test_services.py."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from apps.sessions.services import StoredMessage, prompt_build, system_prompt_resolve
+import orjson
 
-
-def count_words(message: dict[str, Any]) -> int:
-    """A stand-in tokenizer: one token per word of content, plus 1 of template overhead."""
-    content = message.get("content") or ""
-    return len(str(content).split()) + 1
+from apps.core.context import NO_HISTORY, messages_with_history
+from apps.sessions.services import (
+    StoredHistory,
+    history_trim,
+    prompt_head,
+    system_prompt_resolve,
+)
 
 
 def user(text: str) -> dict[str, Any]:
@@ -21,18 +24,28 @@ def assistant(text: str) -> dict[str, Any]:
     return {"role": "assistant", "content": text}
 
 
-def stored(payload: dict[str, Any], tokens: int | None = None) -> StoredMessage:
-    return StoredMessage(payload=payload, tokens=tokens)
+def history_of(*units: tuple[list[dict[str, Any]], int]) -> StoredHistory:
+    """A history as the open returns it: units of (messages, token cost)."""
+    texts = [b",".join(orjson.dumps(m) for m in messages) for messages, _ in units]
+    offsets, at = [], 0
+    for text in texts:
+        offsets.append(at)
+        at += len(text) + 1
+    return StoredHistory(
+        json=b",".join(texts),
+        unit_offsets=tuple(offsets),
+        unit_tokens=tuple(tokens for _, tokens in units),
+        unit_messages=tuple(len(messages) for messages, _ in units),
+    )
 
 
-def build(**kwargs: Any) -> tuple[list[dict[str, Any]], int]:
-    kwargs.setdefault("system_prompt", "")
-    kwargs.setdefault("history", [])
-    kwargs.setdefault("budget_tokens", None)
-    return prompt_build(count_tokens=count_words, **kwargs)
+def sent(history: StoredHistory, *, budget: int | None, fixed: int = 0) -> list[dict[str, Any]]:
+    return messages_with_history(
+        [], history_trim(history, fixed_tokens=fixed, budget_tokens=budget)
+    )
 
 
-# --- system prompt resolution --------------------------------------------------------
+# --- system prompt ---------------------------------------------------------------------
 
 
 def test_it_resolves_the_most_specific_system_prompt():
@@ -48,177 +61,69 @@ def test_it_resolves_the_most_specific_system_prompt():
     assert resolve(tenant_system_prompt="", variant_system_prompt="") == ""
 
 
-# --- assembly ------------------------------------------------------------------------
-
-
-def test_it_puts_system_then_history_then_new_messages():
-    history = [stored(user("hi")), stored(assistant("hello"))]
-
-    messages, dropped = build(
-        system_prompt="Be brief.", history=history, new_messages=[user("again")]
-    )
-
-    assert messages == [
-        {"role": "system", "content": "Be brief."},
-        user("hi"),
-        assistant("hello"),
-        user("again"),
-    ]
-    assert dropped == 0
+def test_it_puts_the_system_prompt_first():
+    assert prompt_head("Be brief.", [user("q")]) == [{"role": "system", "content": "Be brief."}]
 
 
 def test_it_adds_no_system_message_when_there_is_no_prompt():
-    messages, _ = build(history=[stored(user("hi"))], new_messages=[user("x")])
-
-    assert messages == [user("hi"), user("x")]
+    assert prompt_head("", [user("q")]) == []
 
 
-def test_it_lets_the_clients_system_message_win_where_the_client_put_it():
-    new = [user("first"), {"role": "system", "content": "Client rules."}, user("second")]
-
-    messages, _ = build(
-        system_prompt="Configured.", history=[stored(user("old"))], new_messages=new
-    )
-
-    assert messages == [user("old"), *new]
-
-
-def test_it_treats_a_developer_message_as_the_clients_system_message():
-    new = [{"role": "developer", "content": "Dev rules."}, user("q")]
-
-    messages, _ = build(system_prompt="Configured.", new_messages=new)
-
-    assert messages == new
-
-
-def test_it_does_not_trim_without_a_budget():
-    history = [stored(user("word " * 1000), tokens=10_000)] * 5
-
-    messages, dropped = build(history=history, new_messages=[user("q")])
-
-    assert (len(messages), dropped) == (6, 0)
-
-
-def test_it_does_not_mutate_its_inputs():
-    history = [stored(user("a"), tokens=50), stored(assistant("b"), tokens=50)]
-    new = [user("c")]
-
-    build(system_prompt="s", history=history, new_messages=new, budget_tokens=10)
-
-    assert history == [stored(user("a"), tokens=50), stored(assistant("b"), tokens=50)]
-    assert new == [user("c")]
+def test_it_lets_the_clients_system_or_developer_message_win():
+    assert prompt_head("Configured.", [user("a"), {"role": "system", "content": "x"}]) == []
+    assert prompt_head("Configured.", [{"role": "developer", "content": "x"}, user("q")]) == []
 
 
 # --- trimming ------------------------------------------------------------------------
 
 
-def test_it_drops_oldest_history_first_until_it_fits():
-    history = [stored(user(f"m{i}"), tokens=10) for i in range(5)]
-    # system 2 + new 2 + 5 * 10 = 54; a budget of 34 leaves room for three stored messages.
+def test_it_does_not_trim_without_a_budget():
+    history = history_of(*[([user("word " * 1000)], 10_000)] * 5)
 
-    messages, dropped = build(
-        system_prompt="sys", history=history, new_messages=[user("new")], budget_tokens=34
-    )
+    kept = history_trim(history, fixed_tokens=10, budget_tokens=None)
 
-    assert dropped == 2
-    assert [m["content"] for m in messages] == ["sys", "m2", "m3", "m4", "new"]
+    assert (kept.messages, kept.tokens) == (5, 50_000)
+    assert len(sent(history, budget=None)) == 5
+
+
+def test_it_drops_oldest_units_first_until_it_fits():
+    history = history_of(*[([user(f"m{i}"), assistant(f"r{i}")], 10) for i in range(5)])
+    # fixed 4 + 5 * 10 = 54; a budget of 34 leaves room for three units.
+
+    kept = history_trim(history, fixed_tokens=4, budget_tokens=34)
+
+    assert (kept.messages, kept.tokens) == (6, 30)
+    assert [m["content"] for m in sent(history, budget=34, fixed=4)] == [
+        "m2", "r2", "m3", "r3", "m4", "r4",
+    ]  # fmt: skip
 
 
 def test_it_counts_tokens_not_characters():
-    long_but_cheap = [stored(user("x" * 2000), tokens=20), stored(assistant("ok"), tokens=5)]
-    # Counting characters (2000 / 4 = 500) would drop this turn; in tokens it fits.
-    messages, dropped = build(history=long_but_cheap, new_messages=[user("q")], budget_tokens=100)
-    assert dropped == 0
-    terse_but_costly = [stored(user("你好"), tokens=500), stored(assistant("ok"), tokens=5)]
-    messages, dropped = build(
-        history=terse_but_costly + long_but_cheap, new_messages=[user("q")], budget_tokens=100
-    )
-    assert dropped == 2
-    assert messages == [user("x" * 2000), assistant("ok"), user("q")]
+    terse_but_costly = ([user("你好"), assistant("ok")], 505)
+    long_but_cheap = ([user("x" * 2000), assistant("ok")], 25)
 
-
-def test_it_counts_history_with_unknown_tokens_through_count_tokens():
-    history = [stored(user("one two three four five six seven eight nine")), stored(user("a b"))]
-    # unknown tokens: 10 and 3 by count_words; new message 2.
-
-    messages, dropped = build(history=history, new_messages=[user("q")], budget_tokens=6)
-
-    assert dropped == 1
-    assert messages == [user("a b"), user("q")]
-
-
-def test_it_prefers_known_token_counts_over_counting_again():
-    history = [stored(user("many words " * 50), tokens=1)]
-
-    messages, dropped = build(history=history, new_messages=[user("q")], budget_tokens=3)
-
-    assert dropped == 0
-    assert len(messages) == 2
-
-
-def test_it_never_drops_the_system_prompt_or_the_new_messages():
-    history = [stored(user("old"), tokens=5)]
-    new = [user("a long new question " * 20), user("and another")]
-
-    messages, dropped = build(
-        system_prompt="keep me", history=history, new_messages=new, budget_tokens=3
-    )
-
-    assert dropped == 1
-    assert messages == [{"role": "system", "content": "keep me"}, *new]
+    assert sent(history_of(long_but_cheap), budget=100) == [user("x" * 2000), assistant("ok")]
+    assert sent(history_of(terse_but_costly, long_but_cheap), budget=100) == [
+        user("x" * 2000),
+        assistant("ok"),
+    ]
 
 
 def test_it_keeps_everything_that_fits_exactly():
-    history = [stored(user("a"), tokens=4), stored(assistant("b"), tokens=4)]
+    history = history_of(([user("a"), assistant("b")], 8))
 
-    _, dropped = build(history=history, new_messages=[user("q")], budget_tokens=10)
-
-    assert dropped == 0
+    assert history_trim(history, fixed_tokens=2, budget_tokens=10).messages == 2
 
 
-def test_it_drops_whole_turns_with_their_tool_calls_and_results():
-    call = {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-        ],
-    }
-    result_1 = {"role": "tool", "tool_call_id": "c1", "content": "r1"}
-    result_2 = {"role": "tool", "tool_call_id": "c2", "content": "r2"}
-    history = [
-        stored(user("ask"), tokens=5),
-        stored(call, tokens=5),
-        stored(result_1, tokens=1),
-        stored(result_2, tokens=1),
-        stored(assistant("done"), tokens=5),
-        stored(user("next"), tokens=5),
-        stored(assistant("ok"), tokens=5),
-    ]
-    # Dropping only part of the first turn would leave tool results or a reply without
-    # its question at the front; the whole turn goes, and user/assistant still alternate.
-    messages, dropped = build(history=history, new_messages=[user("q")], budget_tokens=12)
+def test_it_drops_all_history_when_the_rest_alone_does_not_fit():
+    history = history_of(*[([user(str(i))], 1) for i in range(3)])
 
-    assert dropped == 5
-    assert messages == [user("next"), assistant("ok"), user("q")]
+    assert history_trim(history, fixed_tokens=5, budget_tokens=3) == NO_HISTORY
 
 
-def test_it_drops_an_orphan_tool_message_at_the_very_front_on_its_own():
-    history = [stored({"role": "tool", "tool_call_id": "x", "content": "r"}, tokens=5)]
-    history.append(stored(user("u"), tokens=5))
+def test_it_keeps_a_dropped_units_unicode_and_quotes_out_of_the_kept_text():
+    tricky = user('é "quoted" \\ \ufffd 😀 你好')
+    history = history_of(([tricky, assistant("ß")], 10), ([user("next"), assistant('"x"')], 5))
 
-    messages, dropped = build(history=history, new_messages=[user("q")], budget_tokens=8)
-
-    assert dropped == 1
-    assert messages == [user("u"), user("q")]
-
-
-def test_it_drops_all_history_when_nothing_else_fits():
-    history = [stored(user(str(i)), tokens=1) for i in range(3)]
-
-    messages, dropped = build(
-        system_prompt="s", history=history, new_messages=[user("q")], budget_tokens=0
-    )
-
-    assert dropped == 3
-    assert messages == [{"role": "system", "content": "s"}, user("q")]
+    assert sent(history, budget=5) == [user("next"), assistant('"x"')]
+    assert sent(history, budget=15) == [tricky, assistant("ß"), user("next"), assistant('"x"')]

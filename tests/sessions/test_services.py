@@ -12,12 +12,14 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
+from apps.core.context import messages_with_history
+from apps.engines.tokens import heuristic_message_tokens
 from apps.sessions import store
 from apps.sessions.models import ChatSession, Message
-from apps.sessions.prompts import prompt_build
 from apps.sessions.services import (
-    StoredMessage,
+    StoredHistory,
     TurnMetrics,
+    history_trim,
     session_context_load,
     session_delete,
     session_set_system_prompt,
@@ -41,6 +43,11 @@ def load(tenant: Any, external_id: str = "chat-1", variant_system_prompt: str = 
     return session_context_load(
         tenant_id=tenant.pk, external_id=external_id, variant_system_prompt=variant_system_prompt
     )
+
+
+def payloads(history: StoredHistory, dropped_units: int = 0) -> list[dict[str, Any]]:
+    """The stored messages a history sends, parsed."""
+    return messages_with_history([], history.kept(dropped_units))
 
 
 def user(text: str) -> dict[str, Any]:
@@ -71,7 +78,7 @@ def test_it_creates_a_session_on_first_use_with_empty_history(alice):
 
     session = ChatSession.objects.get(pk=context.session_pk)
     assert (session.tenant_id, session.external_id) == (alice.tenant.pk, "chat-1")
-    assert context.history == []
+    assert context.history == StoredHistory()
     assert context.system_prompt == ""
 
 
@@ -113,9 +120,11 @@ def test_it_returns_history_in_order(alice):
 
     history = load(alice.tenant).history
 
-    assert [m.payload for m in history] == [user("q1"), reply("a1"), user("q2"), reply("a2")]
-    assert history[0] == StoredMessage(payload=user("q1"), tokens=7)
-    assert history[2].tokens is None
+    assert payloads(history) == [user("q1"), reply("a1"), user("q2"), reply("a2")]
+    assert history.unit_messages == (2, 2)
+    # q1 as counted, a1 as the engine's 0 completion tokens; q2 stored without a count:
+    # estimated as the gateway's heuristic would.
+    assert history.unit_tokens == (7, heuristic_message_tokens(user("q2")))
 
 
 @pytest.mark.django_db
@@ -129,7 +138,7 @@ def test_it_loads_a_known_session_in_a_constant_number_of_queries(
     with django_assert_max_num_queries(3):
         context = load(alice.tenant)
 
-    assert len(context.history) == 20
+    assert sum(context.history.unit_messages) == 20
 
 
 @pytest.mark.django_db
@@ -158,7 +167,7 @@ def test_it_gives_each_tenant_its_own_session_for_the_same_id(alice, bob):
     bob_context = load(bob.tenant, "shared")
 
     assert bob_context.session_pk != alice_pk
-    assert bob_context.history == []
+    assert bob_context.history == StoredHistory()
     assert bob_context.system_prompt == ""
     assert ChatSession.objects.filter(external_id="shared").count() == 2
 
@@ -406,7 +415,11 @@ def test_it_records_batches_that_list_the_same_sessions_in_any_order(alice):
 # --- the history the open leaves out (migration 0006) -----------------------------------
 
 
-def capped_history(tenant: Any, cap: int | None) -> list[StoredMessage]:
+def capped_history(tenant: Any, cap: int | None) -> list[dict[str, Any]]:
+    return payloads(capped(tenant, cap))
+
+
+def capped(tenant: Any, cap: int | None) -> StoredHistory:
     row = store.open_now(store.open_item(tenant_id=tenant.pk, external_id="chat-1", cap=cap))
     return store.context_parts(row, variant_system_prompt="")[2]
 
@@ -425,7 +438,7 @@ def test_it_leaves_out_the_turns_that_cannot_fit_the_cap(alice):
     history = capped_history(alice.tenant, cap=45)
 
     # From the newest: a5 10, q5 20, a4 30, q4 40, a3 50: the last turn start within 45 is q4.
-    assert [m.payload for m in history] == [user("q4"), reply("a4"), user("q5"), reply("a5")]
+    assert history == [user("q4"), reply("a4"), user("q5"), reply("a5")]
 
 
 @pytest.mark.django_db
@@ -444,23 +457,113 @@ def test_it_counts_messages_stored_without_a_count_as_nothing(alice):
 
     history = capped_history(alice.tenant, cap=45)
 
-    assert [m.payload["content"] for m in history] == ["q4", "a4", "q5", "a5", "q6", "a6"]
+    assert [m["content"] for m in history] == ["q4", "a4", "q5", "a5", "q6", "a6"]
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("budget", [5, 19, 20, 39, 40, 41, 60, 100])
 def test_it_sends_what_trimming_the_whole_history_would_send(alice, budget):
     five_turns_of_twenty_tokens(alice.tenant)
-    new = [user("now")]
 
-    def build(history: list[StoredMessage]) -> list[dict[str, Any]]:
-        messages, _ = prompt_build(
-            system_prompt="",
-            history=history,
-            new_messages=new,
-            budget_tokens=budget,
-            count_tokens=lambda m: 0,
-        )
-        return messages
+    def build(history: StoredHistory) -> list[dict[str, Any]]:
+        kept = history_trim(history, fixed_tokens=0, budget_tokens=budget)
+        return messages_with_history([], kept)
 
-    assert build(capped_history(alice.tenant, cap=budget)) == build(load(alice.tenant).history)
+    assert build(capped(alice.tenant, cap=budget)) == build(load(alice.tenant).history)
+
+
+# --- the history as text, cut into units (migration 0007) ---------------------------------
+
+
+def record_messages(session_pk: int, messages: list[dict[str, Any]], answer: str, **kw) -> None:
+    turn_record(
+        session_pk=session_pk,
+        new_messages=messages,
+        reply=reply(answer),
+        model="m",
+        metrics=NO_METRICS,
+        **kw,
+    )
+
+
+TOOL_CALL = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": 1}'}}
+    ],
+}
+
+
+@pytest.mark.django_db
+def test_it_cuts_the_history_into_turns_that_start_at_a_user_message(alice):
+    pk = load(alice.tenant).session_pk
+    orphan = {"role": "tool", "tool_call_id": "x", "content": "r"}
+    result = {"role": "tool", "tool_call_id": "c1", "content": "found"}
+    record_messages(pk, [orphan], "before any question", token_counts={0: 3}, reply_tokens=2)
+    record_messages(pk, [user("ask"), TOOL_CALL, result], "done", token_counts={0: 5, 1: 7, 2: 1},
+                    reply_tokens=4)  # fmt: skip
+    record(pk, "next", "ok", token_counts={0: 6}, reply_tokens=6)
+
+    history = load(alice.tenant).history
+
+    assert history.unit_messages == (2, 4, 2)
+    assert history.unit_tokens == (5, 17, 12)
+    # Dropping the oldest turns drops each whole: a tool call with its results and reply.
+    assert payloads(history, 1) == [user("ask"), TOOL_CALL, result, reply("done"),
+                                    user("next"), reply("ok")]  # fmt: skip
+    assert payloads(history, 2) == [user("next"), reply("ok")]
+    assert payloads(history, 3) == []
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        user("short"),
+        user(""),
+        user("x" * 4001),
+        user("你好 世界 😀"),
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}],
+        },
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
+        TOOL_CALL,
+        {"role": "assistant", "content": "let me look", "tool_calls": TOOL_CALL["tool_calls"] * 2},
+        {"role": "tool", "tool_call_id": "c1", "content": None},
+    ],
+)
+@pytest.mark.django_db
+def test_it_estimates_a_message_stored_without_a_count_as_the_gateway_does(alice, message):
+    pk = load(alice.tenant).session_pk
+    record_messages(pk, [user("q")], "a", token_counts={0: 0}, reply_tokens=0)
+    Message.objects.filter(session_id=pk, position=1).update(payload=message, tokens=None)
+
+    assert load(alice.tenant).history.unit_tokens == (heuristic_message_tokens(message),)
+
+
+@pytest.mark.django_db
+def test_it_returns_stored_text_byte_exact_and_cuts_it_at_utf8_offsets(alice):
+    pk = load(alice.tenant).session_pk
+    tricky = user('é "quoted" \\ back\\slash \n new line \ufffd 😀 你好 \u2028')
+    record_messages(pk, [tricky], 'ß "ok"', token_counts={0: 1}, reply_tokens=1)
+    record(pk, "second", "fine", token_counts={0: 1}, reply_tokens=1)
+
+    history = load(alice.tenant).history
+
+    assert payloads(history) == [tricky, reply('ß "ok"'), user("second"), reply("fine")]
+    assert payloads(history, 1) == [user("second"), reply("fine")]
+    assert history.media is False
+
+
+@pytest.mark.django_db
+def test_it_flags_a_history_with_non_text_parts(alice):
+    pk = load(alice.tenant).session_pk
+    text_parts = {"role": "user", "content": [{"type": "text", "text": "only text"}]}
+    record_messages(pk, [text_parts], "a")
+    assert load(alice.tenant).history.media is False
+
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}
+    record_messages(pk, [image], "b")
+
+    assert load(alice.tenant).history.media is True

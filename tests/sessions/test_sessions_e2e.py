@@ -7,6 +7,8 @@ import openai
 import pytest
 
 from apps.engines.models import EngineVariant
+from apps.engines.sizing import ASSISTANT_PRIMING_TOKENS
+from apps.engines.tokens import heuristic_message_tokens
 from apps.sessions.models import ChatSession, Message
 from tests.conftest import FAKE_MODEL, request_logs, wait_until
 
@@ -309,3 +311,66 @@ def test_it_stores_a_turn_with_a_nul_character(engine, openai_client, fake_engin
     assert answer
     messages = wait_until(lambda: stored("nul-1"))
     assert [m.payload["content"] for m in messages] == ["a\ufffdb", "c\ufffdd"]
+
+
+# --- the history as stored text, spliced into the engine's body (migration 0007) ---------
+
+TRICKY = 'é "quoted" \\ back\\slash\nnew line \ufffd 😀 你好 \u2028 </s>'
+
+
+def test_it_sends_every_stored_turn_exactly_as_it_was_sent_and_answered(
+    engine, openai_client, fake_engine
+):
+    questions = ["plain", TRICKY, '{"json": [1, 2]}', "last"]
+    answers = [f"answer {i}: {TRICKY}" for i in range(3)]
+    for question, answer in zip(questions, answers, strict=False):
+        chat(openai_client, question, "h-1", extra_body={"fake": {"reply": answer}})
+    ChatSession.objects.filter(external_id="h-1").update(system_prompt="session prompt")
+
+    chat(openai_client, questions[-1], "h-1")
+
+    expected = [{"role": "system", "content": "session prompt"}]
+    for question, answer in zip(questions, answers, strict=False):
+        expected += [{"role": "user", "content": question}]
+        expected += [{"role": "assistant", "content": answer}]
+    assert sent_messages(fake_engine) == [*expected, {"role": "user", "content": "last"}]
+
+
+def test_it_sends_the_clients_own_system_message_before_the_history(
+    engine, openai_client, fake_engine
+):
+    chat(openai_client, "earlier", "h-2")
+    client_system = [
+        {"role": "system", "content": "client rules"},
+        {"role": "developer", "content": "developer rules"},
+    ]
+
+    openai_client.chat.completions.create(
+        model=FAKE_MODEL,
+        messages=[*client_system, {"role": "user", "content": "now"}],
+        extra_headers={"X-Session-Id": "h-2"},
+    )
+
+    assert sent_messages(fake_engine) == [
+        *client_system,
+        {"role": "user", "content": "earlier"},
+        {"role": "assistant", "content": "w0 w1 w2 w3 w4 "},
+        {"role": "user", "content": "now"},
+    ]
+
+
+def test_it_estimates_the_prompt_with_the_stored_history(engine, openai_client, fake_engine):
+    for turn in ("one two three", "four five six seven"):
+        chat(openai_client, turn, "h-3")
+    history_tokens = sum(m.tokens for m in stored("h-3"))
+    new = {"role": "user", "content": "and the last question"}
+
+    chat(openai_client, new["content"], "h-3", extra_body={"fake": {"no_usage": True}})
+
+    # Without the engine's usage, the prompt is charged as estimated: the new message by
+    # the heuristic, the history by its stored counts.
+    logs = wait_until(lambda: request_logs(tenant__slug="alice", usage_estimated=True))
+    assert logs[0].prompt_tokens == (
+        history_tokens + heuristic_message_tokens(new) + ASSISTANT_PRIMING_TOKENS
+    )
+    assert len(sent_messages(fake_engine)) == 5
