@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -521,6 +522,45 @@ class Gateway:
             os.killpg(proc.pid, sig)
 
 
+@dataclasses.dataclass(frozen=True)
+class Served:
+    gateway: Gateway
+    api_key: str  # the `bench` tenant's
+    prepared: Any = None  # what `prepare` returned
+
+
+def fake_engine(*args: str) -> FakeEngineProcess:
+    """The fake engine serving MODEL, started (`args`: more of its options); `with` it so
+    that it stops when the benchmark ends, Ctrl-C included."""
+    engine = FakeEngineProcess().start("--no-record", "--model", MODEL, *args)
+    note(f"fake engine at {engine.url}")
+    return engine
+
+
+@contextlib.contextmanager
+def running_gateway(
+    engine_url: str,
+    *,
+    limits: bool,
+    ctx_size: int | None = None,
+    prepare: Callable[[Gateway], Any] | None = None,
+) -> Iterator[Served]:
+    """Every bench script's gateway: set up on DATA_DIR (its embedded PostgreSQL migrated,
+    tenant `bench`, a key, engine `fake` at `engine_url`; see Gateway.setup), then
+    `prepare`d (more tenants, rules: before serving, so the server starts with them),
+    served and healthy for the block, and stopped after it, Ctrl-C included."""
+    gateway = Gateway(engine_url)
+    try:
+        note(f"setting up the gateway in {DATA_DIR.relative_to(REPO)} (migrate, tenant, key)")
+        api_key = gateway.setup(limits=limits, ctx_size=ctx_size)
+        prepared = prepare(gateway) if prepare is not None else None
+        gateway.start()
+        note(f"gateway at {gateway.url} (log: {gateway.log_path.relative_to(REPO)})")
+        yield Served(gateway, api_key, prepared)
+    finally:
+        gateway.stop()
+
+
 class BareProxy:
     """bench/bare_proxy.py under uvicorn (uvloop, httptools), one worker like the gateway."""
 
@@ -790,23 +830,22 @@ def raise_interrupt(signum: int, frame: object) -> None:
 
 def run(args: argparse.Namespace) -> int:
     scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
-    engine = FakeEngineProcess()
-    gateway: Gateway | None = None
-    bare: BareProxy | None = None
-    try:
-        engine.start("--no-record", "--model", MODEL)
-        note(f"fake engine at {engine.url}")
+    with contextlib.ExitStack() as servers:  # all stopped at the end, whatever happens
+        engine = servers.enter_context(fake_engine())
+        gateway: Gateway | None = None
+        bare: BareProxy | None = None
         api_key = safety_key = ""
         if not args.direct_only:
-            gateway = Gateway(engine.url)
-            note(f"setting up the gateway in {DATA_DIR.relative_to(REPO)} (migrate, tenant, key)")
-            api_key = gateway.setup(limits=args.limits)
-            if args.safety_rules:
-                safety_key = bench_safety.setup(gateway, args.safety_rules)
-            gateway.start()
-            note(f"gateway at {gateway.url} (log: {gateway.log_path.relative_to(REPO)})")
+            # The safety tenant and its rules exist before the server starts.
+            rules = partial(bench_safety.setup, rules=args.safety_rules)
+            prepare = rules if args.safety_rules else None
+            served = servers.enter_context(
+                running_gateway(engine.url, limits=args.limits, prepare=prepare)
+            )
+            gateway, api_key, safety_key = served.gateway, served.api_key, served.prepared or ""
             if not args.no_bare:
                 bare = BareProxy(engine.url)
+                servers.callback(bare.stop)
                 bare.start()
         direct_rows: list[tuple[Scenario, WrkResult]] = []
         rows: list[tuple[Scenario, Comparison]] = []
@@ -844,12 +883,6 @@ def run(args: argparse.Namespace) -> int:
         valid, passed = verdicts(rows, pipeline_mode(args))
         write_results(rows, args)
         return 0 if valid and passed else 1
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        if bare is not None:
-            bare.stop()
-        engine.stop()
 
 
 def print_safety(rows: list, gateway: Gateway, api_key: str, safety_key: str, rules: int) -> None:
