@@ -28,18 +28,21 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.run import (  # noqa: E402
-    DATA_DIR,
     MODEL,
     BenchError,
     CpuProbe,
-    Gateway,
+    fake_engine,
     gateway_probe,
     note,
     process_probe,
+    run_main,
+    running_gateway,
 )
-from tests.fake_engine import FakeEngineProcess  # noqa: E402
 
 CTX_SIZE = 8192
+# Its own data dir: bench/run.py registers the same model without a context size, and a
+# model with a variant of unknown context is never trimmed (sessions would overflow).
+LONG_HISTORY_DIR = REPO / "var" / "bench-long-history"
 WORDS_PER_MESSAGE = 40  # user message and reply: ~50 heuristic tokens each, ~100 a turn
 
 
@@ -171,30 +174,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 CLIENTS = 10
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    engine = FakeEngineProcess()
-    gateway: Gateway | None = None
-    try:
-        engine.start("--no-record", "--model", MODEL, "--ctx-size", str(CTX_SIZE))
-        gateway = Gateway(engine.url)
-        key = gateway.setup(limits=False, ctx_size=CTX_SIZE)
-        gateway.start()
+def run(args: argparse.Namespace) -> int:
+    with (
+        fake_engine("--ctx-size", str(CTX_SIZE)) as engine,
+        running_gateway(
+            engine.url, limits=False, ctx_size=CTX_SIZE, data_dir=LONG_HISTORY_DIR
+        ) as served,
+    ):
         assert engine.proc is not None
-        assert gateway.proc is not None
+        assert served.gateway.proc is not None
         probes = {
             "engine": process_probe(engine.proc.pid),
-            "gateway": gateway_probe(gateway.proc.pid, DATA_DIR),
+            "gateway": gateway_probe(served.gateway.proc.pid, served.gateway.data_dir),
         }
-        report(asyncio.run(bench(gateway.url, key, args, probes)))
-        return 0
-    except BenchError as exc:
-        print(f"long_history: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        engine.stop()
+        report(asyncio.run(bench(served.gateway.url, served.api_key, args, probes)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(run, parse_args(argv), needs_wrk=False)
 
 
 if __name__ == "__main__":

@@ -27,15 +27,15 @@ if str(REPO) not in sys.path:
 
 from bench.run import (  # noqa: E402
     FULL_SESSIONS_PER_THREAD,
-    MODEL,
     SCENARIOS,
     BenchError,
-    Gateway,
     WrkResult,
+    fake_engine,
     note,
+    run_main,
     run_wrk,
+    running_gateway,
 )
-from tests.fake_engine import FakeEngineProcess  # noqa: E402
 
 CONNECTIONS = 50
 
@@ -66,43 +66,33 @@ def sample(pid: int, marks: list[float], started: float) -> list[tuple[float, fl
     return samples
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=10.0)
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     seconds = int(args.minutes * 60)
-    engine = FakeEngineProcess()
-    gateway: Gateway | None = None
-    try:
-        engine.start("--no-record", "--model", MODEL)
-        gateway = Gateway(engine.url)
-        key = gateway.setup(limits=True)
-        gateway.start()
-        assert gateway.proc is not None
-        pid = gateway.proc.pid
+    with fake_engine() as engine, running_gateway(engine.url, limits=True) as served:
+        assert served.gateway.proc is not None
+        pid = served.gateway.proc.pid
         results: list[WrkResult] = []
-        url = gateway.url + "/v1/chat/completions"
-        load = threading.Thread(target=drive, args=(url, key, seconds, results))
+        url = served.gateway.url + "/v1/chat/completions"
+        load = threading.Thread(target=drive, args=(url, served.api_key, seconds, results))
         started = time.monotonic()
         load.start()
         marks = [1.0, 60.0, *range(120, seconds, 120), seconds - 2.0]
         samples = sample(pid, sorted(set(marks)), started)
         load.join()
-        if not results:
-            raise BenchError("wrk gave no result")
-        done = results[0]
-        print(f"\n{'minute':>7} {'RSS MiB':>9}")
-        for mark, rss in samples:
-            print(f"{mark / 60:7.1f} {rss:9.1f}")
-        print(f"\n{done.requests} requests ({done.rps:.0f}/s), {done.error_count} errors")
-        return 0 if not done.error_count else 1
-    except BenchError as exc:
-        print(f"memory: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        engine.stop()
+    if not results:
+        raise BenchError("wrk gave no result")
+    done = results[0]
+    print(f"\n{'minute':>7} {'RSS MiB':>9}")
+    for mark, rss in samples:
+        print(f"{mark / 60:7.1f} {rss:9.1f}")
+    print(f"\n{done.requests} requests ({done.rps:.0f}/s), {done.error_count} errors")
+    return 0 if not done.error_count else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    return run_main(run, parser.parse_args(argv), needs_wrk=True)
 
 
 if __name__ == "__main__":

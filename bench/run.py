@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -404,12 +405,13 @@ def smoke_test(url: str, scenario: Scenario, api_key: str) -> None:
 class Gateway:
     """The gateway on its own DATA_DIR, set up through its management commands."""
 
-    def __init__(self, engine_url: str) -> None:
+    def __init__(self, engine_url: str, *, data_dir: Path = DATA_DIR) -> None:
         self.engine_url = engine_url
+        self.data_dir = data_dir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = DATA_DIR / "gateway.log"
-        self.env = {**os.environ, "DATA_DIR": str(DATA_DIR), "LOG_LEVEL": "WARNING"}
+        self.log_path = data_dir / "gateway.log"
+        self.env = {**os.environ, "DATA_DIR": str(data_dir), "LOG_LEVEL": "WARNING"}
         # Unset so settings start the embedded PostgreSQL under DATA_DIR and never reach
         # the developer's database or cache.
         self.env.pop("DATABASE_URL", None)
@@ -443,7 +445,7 @@ class Gateway:
         With `limits`, the tenant gets a token quota and a rate limit too (both far above
         what the run uses), so every request also reserves and settles in PostgreSQL.
         """
-        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.manage("migrate", "--no-input")
         tenant = self.manage("create_tenant", "bench", check=False)
         output = (tenant.stdout + tenant.stderr).strip()
@@ -520,6 +522,50 @@ class Gateway:
         # The group id is the pid we started (start_new_session), so this reaches only it.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    gateway: Gateway
+    api_key: str  # the `bench` tenant's
+    prepared: Any = None  # what `prepare` returned
+
+
+def fake_engine(*args: str) -> FakeEngineProcess:
+    """The fake engine serving MODEL, started (`args`: more of its options); `with` it so
+    that it stops when the benchmark ends, Ctrl-C included."""
+    engine = FakeEngineProcess().start("--no-record", "--model", MODEL, *args)
+    note(f"fake engine at {engine.url}")
+    return engine
+
+
+@contextlib.contextmanager
+def running_gateway(
+    engine_url: str,
+    *,
+    limits: bool,
+    ctx_size: int | None = None,
+    prepare: Callable[[Gateway], Any] | None = None,
+    env: dict[str, str] | None = None,
+    data_dir: Path = DATA_DIR,
+) -> Iterator[Served]:
+    """Every bench script's gateway: set up on DATA_DIR (its embedded PostgreSQL migrated,
+    tenant `bench`, a key, engine `fake` at `engine_url`; see Gateway.setup), then
+    `prepare`d (more tenants, rules: before serving, so the server starts with them),
+    served and healthy for the block, and stopped after it, Ctrl-C included. `env` adds to
+    the gateway's environment; `data_dir` is a script's own, when what it sets up (a
+    context size) must not meet another script's engine and sessions."""
+    gateway = Gateway(engine_url, data_dir=data_dir)
+    gateway.env |= env or {}
+    try:
+        note(f"setting up the gateway in {data_dir.relative_to(REPO)} (migrate, tenant, key)")
+        api_key = gateway.setup(limits=limits, ctx_size=ctx_size)
+        prepared = prepare(gateway) if prepare is not None else None
+        gateway.start()
+        note(f"gateway at {gateway.url} (log: {gateway.log_path.relative_to(REPO)})")
+        yield Served(gateway, api_key, prepared)
+    finally:
+        gateway.stop()
 
 
 class BareProxy:
@@ -799,25 +845,24 @@ def raise_interrupt(signum: int, frame: object) -> None:
 
 def run(args: argparse.Namespace) -> int:
     scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
-    engine = FakeEngineProcess()
-    gateway: Gateway | None = None
-    bare: BareProxy | None = None
-    try:
-        engine.start("--no-record", "--model", MODEL)
-        note(f"fake engine at {engine.url}")
+    with contextlib.ExitStack() as servers:  # all stopped at the end, whatever happens
+        engine = servers.enter_context(fake_engine())
+        gateway: Gateway | None = None
+        bare: BareProxy | None = None
         api_key = safety_key = ""
         if not args.direct_only:
-            gateway = Gateway(engine.url)
-            if args.stalls:
-                gateway.env["LOOP_STALL_MS"] = str(args.stalls)
-            note(f"setting up the gateway in {DATA_DIR.relative_to(REPO)} (migrate, tenant, key)")
-            api_key = gateway.setup(limits=args.limits)
-            if args.safety_rules:
-                safety_key = bench_safety.setup(gateway, args.safety_rules)
-            gateway.start()
-            note(f"gateway at {gateway.url} (log: {gateway.log_path.relative_to(REPO)})")
+            # The safety tenant and its rules exist before the server starts.
+            rules = partial(bench_safety.setup, rules=args.safety_rules)
+            prepare = rules if args.safety_rules else None
+            served = servers.enter_context(
+                running_gateway(
+                    engine.url, limits=args.limits, prepare=prepare, env=stall_env(args)
+                )
+            )
+            gateway, api_key, safety_key = served.gateway, served.api_key, served.prepared or ""
             if not args.no_bare:
                 bare = BareProxy(engine.url)
+                servers.callback(bare.stop)
                 bare.start()
         direct_rows: list[tuple[Scenario, WrkResult]] = []
         rows: list[tuple[Scenario, Comparison]] = []
@@ -828,7 +873,7 @@ def run(args: argparse.Namespace) -> int:
             targets.append(Target("bare", bare.url, cpu=process_probe(bare.proc.pid)))
         if gateway is not None:
             assert gateway.proc is not None
-            probe = gateway_probe(gateway.proc.pid, DATA_DIR)
+            probe = gateway_probe(gateway.proc.pid, gateway.data_dir)
             targets.append(Target("gateway", gateway.url, api_key, cpu=probe))
             if args.safety_rules:
                 targets.append(Target("safety", gateway.url, safety_key, cpu=probe))
@@ -858,15 +903,13 @@ def run(args: argparse.Namespace) -> int:
         valid, passed = verdicts(rows, pipeline_mode(args))
         write_results(rows, args)
         return 0 if valid and passed else 1
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        if bare is not None:
-            bare.stop()
-        engine.stop()
 
 
 STALL_LINE = re.compile(r"event loop stalled ([\d.]+) ms \(collections: ([^)]*)\)")
+
+
+def stall_env(args: argparse.Namespace) -> dict[str, str]:
+    return {"LOOP_STALL_MS": str(args.stalls)} if args.stalls else {}
 
 
 def print_stalls(scenario: Scenario, log_path: Path, offset: int) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import date
 from decimal import Decimal
 from typing import Any
 
@@ -15,11 +16,12 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from apps.core.admin import ReadOnlyAdminMixin
-from apps.quotas.charts import spend_chart, usage_chart
+from apps.core.charts import Chart, Frame, Series, bar_chart
 from apps.quotas.costs import money
 from apps.quotas.models import Quota, QuotaWindow, Reservation, Unit, Usage
 from apps.quotas.selectors import (
     USAGE_DAYS,
+    DayUsage,
     quota_state,
     quota_states,
     quotas_with_current_window,
@@ -213,24 +215,28 @@ class UsageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             "key": key,
             "tenant_keys": list(tenant.api_keys.order_by("name").values_list("pk", "name")),
             "days": USAGE_DAYS,
-            "chart": usage_chart(days),
+            "chart": usage_chart(days, key_name=key.name if key else None),
             "keys": keys,
             "total_prompt": sum(day.prompt_tokens for day in days),
             "total_completion": sum(day.completion_tokens for day in days),
             "total_requests": sum(key.requests for key in keys),
             "quotas": [quota_row(state) for state in quotas],
-            **spend_context(tenant_id=tenant.pk, api_key_id=key_id),
+            **spend_context(
+                tenant_id=tenant.pk, api_key_id=key_id, key_name=key.name if key else None
+            ),
         }
         return TemplateResponse(request, "admin/quotas/usage.html", context)
 
 
-def spend_context(*, tenant_id: int, api_key_id: int | None) -> dict[str, Any]:
+def spend_context(
+    *, tenant_id: int, api_key_id: int | None, key_name: str | None = None
+) -> dict[str, Any]:
     """Money on the usage page: spend per day (chart), per day/key/model, the budgets."""
     spend = spend_by_day(tenant_id=tenant_id, api_key_id=api_key_id)
     budgets = quota_states(tenant_id=tenant_id, api_key_id=api_key_id, unit=Unit.COST)
     return {
         "spend": spend,
-        "spend_chart": spend_chart(spend_per_day(spend)),
+        "spend_chart": spend_chart(spend_per_day(spend), key_name=key_name),
         "spend_total": sum((row.cost for row in spend), Decimal(0)),
         "budgets": [
             {
@@ -244,6 +250,42 @@ def spend_context(*, tenant_id: int, api_key_id: int | None) -> dict[str, Any]:
             for state in budgets
         ],
     }
+
+
+USAGE_FRAME = Frame(width=760, height=260, left=56, right=12, top=12, bottom=28)
+
+
+def usage_chart(days: list[DayUsage], *, key_name: str | None) -> Chart:
+    """Stacked bars per day: prompt tokens at the bottom, completion tokens on top."""
+    of_key = f" of key {key_name}" if key_name else ""
+    return bar_chart(
+        id="usage-chart", css="usage-chart", frame=USAGE_FRAME, legend=True,
+        title=f"Prompt and completion tokens per day{of_key}, last {len(days)} days",
+        labels=[day_label(day.day) for day in days],
+        series=[Series("prompt tokens", "prompt", [day.prompt_tokens for day in days]),
+                Series("completion tokens", "completion", [day.completion_tokens for day in days])],
+        titles=[f"{day.day.isoformat()}: {day.prompt_tokens:,} prompt + "
+                f"{day.completion_tokens:,} completion tokens" for day in days],
+        empty_text="There were no requests in this period.",
+    )  # fmt: skip
+
+
+def spend_chart(days: list[tuple[date, Decimal]], *, key_name: str | None) -> Chart:
+    """Bars of money spent per day; the axis keeps the amounts' decimals (no "1.5k")."""
+    return bar_chart(
+        id="spend-chart", css="usage-chart", frame=USAGE_FRAME,
+        title=f"Money spent per day{f' by key {key_name}' if key_name else ''}, "
+              f"last {len(days)} days",
+        labels=[day_label(day) for day, _ in days],
+        series=[Series("spent", "spend", [float(cost) for _, cost in days])],
+        titles=[f"{day.isoformat()}: {cost:f}" for day, cost in days],
+        ticks=lambda value: f"{value:g}",
+        empty_text="Nothing spent on priced models in this period.",
+    )  # fmt: skip
+
+
+def day_label(day: date) -> str:
+    return f"{day:%b} {day.day}"  # "Nov 3": no zero padding
 
 
 def selected_key(request: HttpRequest, tenant: Tenant) -> ApiKey | None:

@@ -9,7 +9,7 @@ from django.template.response import TemplateResponse
 from django.urls import path
 
 from apps.core.admin import ReadOnlyAdminMixin
-from apps.request_logs.charts import hour_chart
+from apps.core.charts import Chart, Frame, Series, bar_chart, line_chart
 from apps.request_logs.dashboard import hourly, top_tenants
 from apps.request_logs.models import RequestLog
 from apps.request_logs.writer import LOG_COLUMNS
@@ -77,26 +77,36 @@ class RequestLogAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         return super().changelist_view(request, extra_context=extra)
 
 
+DASHBOARD_FRAME = Frame(width=520, height=200, left=48, right=8, top=10, bottom=24, label_gap=4)
+NO_REQUESTS = "No requests in these hours."
+
+
+def hour_bars(name: str, title: str, labels: list[str], css: str, values: list[float]) -> Chart:
+    """One bar per hour, titled "14:00: 5 requests"."""
+    return bar_chart(
+        id=f"chart-{name}", css="dash-chart", title=title, frame=DASHBOARD_FRAME,
+        labels=labels, series=[Series(name, css, values)], empty_text=NO_REQUESTS,
+    )  # fmt: skip
+
+
 def dashboard_context() -> dict[str, Any]:
     hours = hourly(hours=24)
     labels = [f"{hour.start:%H}:00" for hour in hours]
     charts = [
-        hour_chart(
-            id="requests", title="Requests per hour", labels=labels,
-            series=[("requests", "bar", [h.requests for h in hours])],
+        hour_bars("requests", "Requests per hour", labels, "bar", [h.requests for h in hours]),
+        hour_bars(
+            "tokens", "Tokens per hour (prompt + completion)", labels, "bar",
+            [h.tokens for h in hours],
         ),
-        hour_chart(
-            id="tokens", title="Tokens per hour (prompt + completion)", labels=labels,
-            series=[("tokens", "bar", [h.tokens for h in hours])],
+        line_chart(
+            id="chart-latency", css="dash-chart", title="Latency per hour (ms): p50 and p95",
+            frame=DASHBOARD_FRAME, labels=labels, empty_text=NO_REQUESTS,
+            series=[Series("p50", "p50", [h.p50_ms for h in hours]),
+                    Series("p95", "p95", [h.p95_ms for h in hours])],
         ),
-        hour_chart(
-            id="latency", title="Latency per hour (ms): p50 and p95", labels=labels,
-            series=[("p50", "p50", [h.p50_ms for h in hours]),
-                    ("p95", "p95", [h.p95_ms for h in hours])],
-        ),
-        hour_chart(
-            id="errors", title="Errors per hour (status 400 and above)", labels=labels,
-            series=[("errors", "bar error", [h.errors for h in hours])],
+        hour_bars(
+            "errors", "Errors per hour (status 400 and above)", labels, "bar error",
+            [h.errors for h in hours],
         ),
     ]  # fmt: skip
     return {

@@ -8,6 +8,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from apps.core.charts import Column, Series, bar_table
 from apps.safety.models import SafetyEvent, SafetyRule
 from apps.safety.presets import PRESETS
 from apps.safety.selectors import events_per_day_per_rule
@@ -114,17 +115,12 @@ class SafetyEventAdmin(admin.ModelAdmin):
 
 
 def day_chart(queryset: QuerySet[SafetyEvent]) -> dict[str, Any]:
+    """Events per day per rule: a row of bars per rule, the last days as columns."""
     days, per_rule = events_per_day_per_rule(queryset=queryset.order_by())
-    peak = max((n for counts in per_rule.values() for n in counts.values()), default=0)
-    rows = [
-        {
-            "rule": rule,
-            "total": sum(counts.values()),
-            "cells": [
-                {"day": day, "n": counts.get(day, 0), "pct": round(100 * counts.get(day, 0) / peak)}
-                for day in days
-            ],
-        }
-        for rule, counts in sorted(per_rule.items())
-    ]
-    return {"days": days, "rows": rows}
+    table = bar_table(
+        css="safety-chart", corner="rule", color="#c0392b",
+        columns=[Column(label=f"{day:%d/%m}", title=day.isoformat()) for day in days],
+        rows=[Series(rule, "", [counts.get(day, 0) for day in days])
+              for rule, counts in sorted(per_rule.items())],
+    )  # fmt: skip
+    return {"days": days, "table": table}
