@@ -38,6 +38,9 @@ from bench.run import (  # noqa: E402
 )
 
 CONNECTIONS = 50
+# Its own data dir: ten minutes leave ~400k session messages behind, which bench/run.py's
+# PostgreSQL should not carry into its runs.
+MEMORY_DIR = REPO / "var" / "bench-memory"
 
 
 def rss_mib(pid: int) -> float:
@@ -68,7 +71,10 @@ def sample(pid: int, marks: list[float], started: float) -> list[tuple[float, fl
 
 def run(args: argparse.Namespace) -> int:
     seconds = int(args.minutes * 60)
-    with fake_engine() as engine, running_gateway(engine.url, limits=True) as served:
+    with (
+        fake_engine() as engine,
+        running_gateway(engine.url, limits=True, data_dir=MEMORY_DIR) as served,
+    ):
         assert served.gateway.proc is not None
         pid = served.gateway.proc.pid
         results: list[WrkResult] = []
