@@ -7,7 +7,9 @@ limit, and X-Session-Id over 500 sessions whose histories grow during the run), 
 scenario (a) with wrk for `--minutes`, and prints the resident memory of the gateway's
 processes (the serve process and its workers; PostgreSQL apart) at the start, after
 1 minute and at the end, with the requests served by then. Caches with a bound fill up in
-the first minute; growth after that is what this looks for. See bench/README.md.
+the first minute; growth after that is what this looks for. Without a context size the
+histories, and so each request's prompt, grow all run long; `--ctx-size` caps them.
+See bench/README.md.
 """
 
 from __future__ import annotations
@@ -71,9 +73,15 @@ def sample(pid: int, marks: list[float], started: float) -> list[tuple[float, fl
 
 def run(args: argparse.Namespace) -> int:
     seconds = int(args.minutes * 60)
+    engine_args = ("--ctx-size", str(args.ctx_size)) if args.ctx_size else ()
+    data_dir = MEMORY_DIR.with_name(
+        MEMORY_DIR.name + (f"-ctx{args.ctx_size}" if args.ctx_size else "")
+    )
     with (
-        fake_engine() as engine,
-        running_gateway(engine.url, limits=True, data_dir=MEMORY_DIR) as served,
+        fake_engine(*engine_args) as engine,
+        running_gateway(
+            engine.url, limits=True, ctx_size=args.ctx_size, data_dir=data_dir
+        ) as served,
     ):
         assert served.gateway.proc is not None
         pid = served.gateway.proc.pid
@@ -98,6 +106,13 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument(
+        "--ctx-size",
+        type=int,
+        default=0,
+        help="give the model a context: histories are trimmed to it, so what each request "
+        "handles stops growing and any growth left is the gateway's own",
+    )
     return run_main(run, parser.parse_args(argv), needs_wrk=True)
 
 
