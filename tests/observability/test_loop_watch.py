@@ -36,7 +36,8 @@ def test_it_logs_a_stall_with_what_blocked_the_loop(caplog) -> None:
 
     asyncio.run(run_watched(30, lambda: block_the_loop_in_json_parsing(0.2)))
 
-    [line] = stall_lines(caplog)
+    # The one stall whose stack names the blocking call (a loaded host may add others).
+    [line] = [x for x in stall_lines(caplog) if "block_the_loop_in_json_parsing" in x]
     stalled_ms = float(line.split("stalled ")[1].split(" ms")[0])
     assert 190 <= stalled_ms < 400
     assert "block_the_loop_in_json_parsing" in line  # the stack taken during the stall
@@ -51,8 +52,7 @@ def test_it_names_the_garbage_collections_during_a_stall(caplog) -> None:
 
     asyncio.run(run_watched(30, collect_while_blocked))
 
-    [line] = stall_lines(caplog)
-    assert "collections: gen2" in line
+    assert any("collections: gen2" in line for line in stall_lines(caplog))
 
 
 def test_it_logs_nothing_when_the_loop_keeps_up(caplog) -> None:
