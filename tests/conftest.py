@@ -95,6 +95,9 @@ def start_gateway(
         "REQUEST_LOG_FLUSH_SECONDS": "0.05",
         "SAFETY_RULES_CACHE_SECONDS": "0",
         "SAFETY_EVENT_FLUSH_SECONDS": "0.05",
+        # A quota lease ends at its first idle renewal, so none outlives the test that took
+        # it (a lease kept idle would settle during the next test's table flush).
+        "QUOTA_LEASE_IDLE_SECONDS": "0",
         "ADMIN_PASSWORD": "admin-test-password",
         # Engine managers of gateway processes would take over the replicas that the
         # in-process managers of tests/engines own; tests of managed engines turn it on.

@@ -207,7 +207,7 @@ def test_it_charges_exactly_through_leases_when_the_budget_is_large(priced, gate
 
     for _ in range(8):
         assert post(gateway, alice).status_code == 200
-    # the lease charges at its renewals (it stays while idle: QUOTA_LEASE_IDLE_SECONDS)
+    # the lease charges at its renewals and when it ends
     wait_until(lambda: spent(alice.tenant) == 8 * COST, timeout=15)
     logs = wait_until(lambda: len(request_logs(tenant=alice.tenant)) == 8 and request_logs(
         tenant=alice.tenant))  # fmt: skip

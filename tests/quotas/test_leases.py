@@ -202,7 +202,9 @@ def test_it_charges_leased_usage_exactly_when_the_gateway_stops(engine, alice, t
 
     quota_set(tenant=alice.tenant, tokens=10_000_000, period="day")
     gateway = start_gateway(
-        connection.settings_dict, tmp_path / "gw.log", env={"QUOTA_LEASE_FLUSH_SECONDS": "600"}
+        connection.settings_dict,
+        tmp_path / "gw.log",
+        env={"QUOTA_LEASE_FLUSH_SECONDS": "600", "QUOTA_LEASE_IDLE_SECONDS": "600"},
     )
     try:
         with httpx.Client(base_url=gateway.base_url, headers=alice.auth, timeout=10) as client:
