@@ -53,6 +53,25 @@ def browser(monkeypatch):
         browser.close()
 
 
+def wait_ready(row, name: str) -> None:
+    """Wait for the page to show the document `ready`; if it never does, say what the
+    database and the job queue hold (a page that stopped polling, or a worker that did
+    not run the job)."""
+    from django.db import connection
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        row.locator("td.status", has_text="ready").wait_for(timeout=90_000)
+    except PlaywrightTimeout:
+        documents = list(Document.objects.values_list("name", "status", "error"))
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT task_name, status, count(*) FROM procrastinate_jobs "
+                           "GROUP BY 1, 2 ORDER BY 1, 2")  # fmt: skip
+            jobs = cursor.fetchall()
+        raise AssertionError(f"{name} not shown ready; documents {documents}; jobs {jobs}"
+                             ) from None  # fmt: skip
+
+
 def log_in(browser, base: str, username: str):
     page = browser.new_page()
     page.goto(f"{base}/rag/")
@@ -92,7 +111,7 @@ def test_an_editor_uploads_watches_searches_and_deletes(
     )
     for name in ("otters.md", "herons.pdf"):
         row = page.locator("#documents tr", has_text=name)
-        row.locator("td.status", has_text="ready").wait_for(timeout=90_000)
+        wait_ready(row, name)
         assert row.locator("progress").get_attribute("value") == "100"
     assert page.locator("#uploads li", has_text="uploaded").count() == 2
 
