@@ -119,23 +119,20 @@ def _corpora_now(tenant_id: int, wanted: RagRequest) -> list[CorpusRef]:
             param="rag.corpora",
         )
     now = timezone.now()
-    expired = [found[c] for c in wanted.corpus_ids if c in found and found[c].is_expired(now)]
-    if expired and wanted.by_public_id:  # asked for by name: say so, as OpenAI does
-        error = expired_error(expired[0], param="rag.corpora")
-        raise ApiError(error.status, error.message, code=error.code, param=error.param)
+    expired = [c for c in found.values() if c.is_expired(now)]
+    if expired and wanted.by_public_id:  # asked for by id: say so, as OpenAI does
+        error = expired_error(expired[0])
+        raise ApiError(error.status, error.message, code=error.code, param="rag.corpora")
+    live = [found[c] for c in wanted.corpus_ids if c in found and found[c] not in expired]
     # A default's (key's, tenant's, session's) expired store is left out, not an error:
     # the chat still answers, without what that store held.
-    return corpus_refs([found[c] for c in wanted.corpus_ids if c in found and c not in expired])
+    return corpus_refs(live)
 
 
 _corpora = database_sync_to_async(_corpora_now, thread_sensitive=False)
 
 
-def _touch_now(corpora: list[CorpusRef]) -> None:
-    corpora_touch(corpora=corpora)
-
-
-_touch = database_sync_to_async(_touch_now, thread_sensitive=False)
+_touch = database_sync_to_async(corpora_touch, thread_sensitive=False)
 
 
 def newest_user_text(messages: Any) -> str:
@@ -171,8 +168,9 @@ async def rag_retrieve(ctx: RequestContext) -> None:
             502, f"Retrieval failed: {exc}", type="api_error", code="rag_failed"
         ) from None
     # Most requests send no query here: each store's use is recorded once a minute at most.
-    if any(c.last_active_at is None or is_idle(c.last_active_at, timezone.now()) for c in corpora):
-        await _touch(corpora)
+    now = timezone.now()
+    if any(c.last_active_at is None or is_idle(c.last_active_at, now) for c in corpora):
+        await _touch(corpora=corpora)
     ctx.added_prompt_tokens += sum(
         heuristic_tokens(h.text) + SOURCE_OVERHEAD_TOKENS for h in turn.hits
     )
