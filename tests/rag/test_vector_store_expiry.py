@@ -217,3 +217,19 @@ def test_another_tenant_cannot_change_or_use_a_stores_policy(rag_engine, client,
         assert resp.status_code == 404, resp.content
     assert search(client, bob, store["id"]).status_code == 404
     assert get(client, alice, store["id"]) == store
+
+
+def test_the_tenant_api_shows_and_enforces_expiry_too(rag_engine, client, alice):
+    store = create(client, alice, expires_after=WEEK)
+    idle_since(store["id"], timedelta(days=8))
+    corpus = client.get(f"/api/corpora/{store['id']}", **auth(alice)).json()
+    assert corpus["status"] == "expired"
+    assert corpus["expires_at"] < timezone.now().timestamp()
+    refused = client.post(
+        f"/api/corpora/{store['id']}/search",
+        {"query": "otters"},
+        content_type="application/json",
+        **auth(alice),
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "vector_store_expired"
