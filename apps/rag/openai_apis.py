@@ -1,6 +1,6 @@
 """OpenAI-compatible files and vector stores (a vector store is a corpus), enough for the
-official SDK's `files.create`, `vector_stores.create/list/retrieve/delete`,
-`vector_stores.files.create/upload_and_poll/list/retrieve/delete` and
+official SDK's `files.create`, `vector_stores.create/list/retrieve/update/delete` (with
+`expires_after`), `vector_stores.files.create/upload_and_poll/list/retrieve/delete` and
 `vector_stores.search`. Served by Django (config/asgi.py routes these paths here)."""
 
 from __future__ import annotations

@@ -198,9 +198,9 @@ def _expires_at_db() -> ExpressionWrapper:
     )
 
 
-def is_idle(last_active_at: datetime, now: datetime) -> bool:
+def is_idle(last_active_at: datetime | None, now: datetime) -> bool:
     """Whether a use now should be recorded (see ACTIVITY_RESOLUTION)."""
-    return last_active_at < now - ACTIVITY_RESOLUTION
+    return last_active_at is None or last_active_at < now - ACTIVITY_RESOLUTION
 
 
 class Used(Protocol):
@@ -215,7 +215,7 @@ def corpora_touch(*, corpora: Sequence[Used]) -> int:
     back: one UPDATE, and none at all when each was used within ACTIVITY_RESOLUTION (as
     loaded: most uses of a busy store cost no query)."""
     now = timezone.now()
-    idle = [c.pk for c in corpora if c.last_active_at is None or is_idle(c.last_active_at, now)]
+    idle = [c.pk for c in corpora if is_idle(c.last_active_at, now)]
     if not idle:
         return 0
     return (

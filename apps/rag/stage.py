@@ -169,7 +169,7 @@ async def rag_retrieve(ctx: RequestContext) -> None:
         ) from None
     # Most requests send no query here: each store's use is recorded once a minute at most.
     now = timezone.now()
-    if any(c.last_active_at is None or is_idle(c.last_active_at, now) for c in corpora):
+    if any(is_idle(c.last_active_at, now) for c in corpora):
         await _touch(corpora=corpora)
     ctx.added_prompt_tokens += sum(
         heuristic_tokens(h.text) + SOURCE_OVERHEAD_TOKENS for h in turn.hits
