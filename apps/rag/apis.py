@@ -64,7 +64,7 @@ class RagApiView(TenantApiView):
 
     def handle_exception(self, exc: Exception) -> Response:
         if isinstance(exc, services.RagError):
-            exc = ApiError(exc.status, exc.message, param=exc.param)
+            exc = ApiError(exc.status, exc.message, param=exc.param, code=exc.code)
         elif isinstance(exc, selectors.NotFound):
             exc = ApiError(404, str(exc), code="not_found")
         elif isinstance(exc, EngineError):
@@ -77,9 +77,13 @@ class RagApiView(TenantApiView):
     def search(self, corpus: Corpus, query: Any, top_k: int | None) -> list:
         if not isinstance(query, str) or not query.strip():
             raise invalid_request("`query` must be a non-empty string.", param="query")
-        return search_now(
+        if corpus.is_expired():
+            raise services.expired_error(corpus)
+        hits = search_now(
             corpora=[corpus], query=query, top_k=top_k, tenant=self.principal.tenant.slug
         )
+        services.corpora_touch(corpora=[corpus])
+        return hits
 
 
 class CorporaApi(RagApiView):

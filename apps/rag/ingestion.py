@@ -31,6 +31,10 @@ class Gone(Exception):
     """The document was deleted while it was being ingested."""
 
 
+class Expired(Exception):
+    """The document's corpus expired while it was being ingested."""
+
+
 def _progress(document_id: int, **fields) -> None:
     if not document_progress(document_id=document_id, **fields):
         raise Gone
@@ -52,7 +56,7 @@ async def ingest(*, document_id: int) -> None:
         await _ingest(document)
     except Gone:
         logger.info("document %s was deleted during ingestion", document_id)
-    except (extraction.ExtractionError, engine.EngineError) as exc:
+    except (extraction.ExtractionError, engine.EngineError, Expired) as exc:
         await _fail(document_id, str(exc))
     except Exception as exc:
         logger.exception("ingestion of document %s failed", document_id)
@@ -108,6 +112,8 @@ def _store(
     dims = len(vectors[0])
     with transaction.atomic():
         corpus = Corpus.objects.select_for_update().get(pk=corpus.pk)
+        if corpus.is_expired():  # its chunks were freed (or are about to be): add none
+            raise Expired(f"Vector store {corpus.public_id} expired before this file was ingested.")
         if corpus.embedding_dims is None:
             corpus.embedding_dims = dims
             corpus.save(update_fields=["embedding_dims"])

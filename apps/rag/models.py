@@ -11,6 +11,7 @@ casts to vector(N) and filters on dims = N, which is exactly that index's predic
 from __future__ import annotations
 
 import secrets
+from datetime import datetime, timedelta
 
 from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVector, SearchVectorField
@@ -61,6 +62,19 @@ class Corpus(models.Model):
         default=0.0, help_text="Results scoring below this are dropped (0: none are)."
     )
     metadata = models.JSONField(default=dict, blank=True)
+    # OpenAI's `expires_after` (its only anchor is last_active_at, so the days are enough).
+    expires_after_days = models.PositiveSmallIntegerField(
+        null=True,
+        blank=True,
+        help_text="Expires this many days after its last activity (search, files added); empty: never.",
+    )
+    last_active_at = models.DateTimeField(default=timezone.now, editable=False)
+    expired_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="When the periodic task found it expired and freed its chunks.",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -69,6 +83,20 @@ class Corpus(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.public_id})"
+
+    @property
+    def expires_at(self) -> datetime | None:
+        if self.expires_after_days is None:
+            return None
+        return self.last_active_at + timedelta(days=self.expires_after_days)
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        """Expired for good once past expires_at, whether or not the periodic task has
+        freed its chunks yet (a use in between must not revive it)."""
+        if self.expired_at is not None:
+            return True
+        expires_at = self.expires_at
+        return expires_at is not None and expires_at <= (now or timezone.now())
 
 
 class StoredFile(models.Model):

@@ -1,12 +1,13 @@
 """OpenAI-compatible files and vector stores (a vector store is a corpus), enough for the
-official SDK's `files.create`, `vector_stores.create/list/retrieve/delete`,
-`vector_stores.files.create/upload_and_poll/list/retrieve/delete` and
+official SDK's `files.create`, `vector_stores.create/list/retrieve/update/delete` (with
+`expires_after`), `vector_stores.files.create/upload_and_poll/list/retrieve/delete` and
 `vector_stores.search`. Served by Django (config/asgi.py routes these paths here)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.db import transaction
 from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -87,12 +88,36 @@ class FileApi(RagApiView):
         return Response({"id": file_id, "object": "file", "deleted": True})
 
 
+def expires_after_days(value: Any) -> Any:
+    """OpenAI's `expires_after` ({"anchor": "last_active_at", "days": 1..365}, or null: no
+    expiry) as its days."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid_request("`expires_after` must be an object or null.", param="expires_after")
+    unknown = sorted(set(value) - {"anchor", "days"})
+    if unknown:
+        raise invalid_request(
+            f"Unknown field `expires_after.{unknown[0]}`.", param=f"expires_after.{unknown[0]}"
+        )
+    if value.get("anchor") != "last_active_at":
+        raise invalid_request(
+            "`expires_after.anchor` must be 'last_active_at'.", param="expires_after.anchor"
+        )
+    if value.get("days") is None:
+        raise invalid_request("`expires_after.days` is required.", param="expires_after.days")
+    return value["days"]  # its type and range are the service's to check (any writer's)
+
+
 def store_fields(data: Any) -> dict[str, Any]:
-    """OpenAI's create/update fields (+ our corpus settings, e.g. via extra_body)."""
+    """OpenAI's create/update fields (+ our corpus settings, e.g. via extra_body); the
+    expiry policy as `expires_after_days` only when the body names it."""
     if not isinstance(data, dict):
         raise invalid_request("The body must be a JSON object.")
     data = dict(data)
-    data.pop("expires_after", None)  # accepted, not enforced: vector stores never expire here
+    expiry = {}
+    if "expires_after" in data:
+        expiry["expires_after_days"] = expires_after_days(data.pop("expires_after"))
     strategy = data.pop("chunking_strategy", None)
     file_ids = data.pop("file_ids", None) or []
     if not isinstance(file_ids, list) or not all(isinstance(i, str) for i in file_ids):
@@ -102,7 +127,7 @@ def store_fields(data: Any) -> dict[str, Any]:
         static = strategy.get("static") or {}
         fields["chunk_tokens"] = static.get("max_chunk_size_tokens", 800)
         fields["chunk_overlap"] = static.get("chunk_overlap_tokens", 400)
-    return {**fields, "file_ids": file_ids}
+    return {**fields, **expiry, "file_ids": file_ids}
 
 
 class VectorStoresApi(RagApiView):
@@ -117,11 +142,12 @@ class VectorStoresApi(RagApiView):
         file_ids = fields.pop("file_ids")
         tenant = self.principal.tenant
         files = [selectors.file_get(tenant_id=tenant.pk, public_id=i) for i in file_ids]
-        corpus = services.corpus_create(
-            tenant=tenant, name=fields.pop("name", "") or "Untitled", **fields
-        )
-        for stored in files:
-            services.document_add(corpus=corpus, stored=stored)
+        with transaction.atomic():  # a file refused: no store either
+            corpus = services.corpus_create(
+                tenant=tenant, name=fields.pop("name", "") or "Untitled", **fields
+            )
+            for stored in files:
+                services.document_add(corpus=corpus, stored=stored)
         return Response(presenters.vector_store_json(corpus))
 
 

@@ -51,6 +51,8 @@ def corpus_json(corpus: Corpus) -> dict[str, Any]:
         "score_threshold": corpus.score_threshold,
         "metadata": corpus.metadata,
         "created_at": _ts(corpus.created_at),
+        "status": "expired" if corpus.is_expired() else "active",
+        **expiry_json(corpus),
         "document_counts": {k: v for k, v in counts.items() if k != "usage_bytes"},
         "usage_bytes": counts["usage_bytes"],
     }
@@ -74,8 +76,22 @@ def document_json(document: Document) -> dict[str, Any]:
     }
 
 
+def expiry_json(corpus: Corpus) -> dict[str, Any]:
+    """OpenAI's expiry fields of a vector store."""
+    days, expires_at = corpus.expires_after_days, corpus.expires_at
+    return {
+        "last_active_at": _ts(corpus.last_active_at),
+        "expires_after": None if days is None else {"anchor": "last_active_at", "days": days},
+        "expires_at": None if expires_at is None else _ts(expires_at),
+    }
+
+
 def vector_store_json(corpus: Corpus) -> dict[str, Any]:
     counts = document_counts(corpus)
+    if corpus.is_expired():
+        status = "expired"
+    else:
+        status = "in_progress" if counts["in_progress"] else "completed"
     return {
         "id": corpus.public_id,
         "object": "vector_store",
@@ -83,11 +99,9 @@ def vector_store_json(corpus: Corpus) -> dict[str, Any]:
         "name": corpus.name,
         "usage_bytes": counts.pop("usage_bytes"),
         "file_counts": {**counts, "cancelled": 0},
-        "status": "in_progress" if counts["in_progress"] else "completed",
-        "last_active_at": _ts(corpus.created_at),
+        "status": status,
         "metadata": corpus.metadata or {},
-        "expires_after": None,
-        "expires_at": None,
+        **expiry_json(corpus),
     }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 
 import aiohttp
 from asgiref.sync import async_to_sync
@@ -69,6 +70,7 @@ class CorpusRef:
     hybrid_weight: float
     score_threshold: float
     chunks: int = 0  # in its ready documents
+    last_active_at: datetime | None = None  # as loaded: whether a use needs recording
 
     @classmethod
     def of(cls, corpus: Corpus, *, chunks: int = 0) -> CorpusRef:
@@ -82,6 +84,7 @@ class CorpusRef:
             corpus.hybrid_weight,
             corpus.score_threshold,
             chunks,
+            corpus.last_active_at,
         )
 
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Protocol
 
 import httpx
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import DateTimeField, DurationField, ExpressionWrapper, F, Func, Q
 from django.utils import timezone
 
 from apps.engines.models import ServedModel
 from apps.engines.registry import load_snapshot
 from apps.rag import extraction
-from apps.rag.models import Corpus, Document, SessionRag, StoredFile
+from apps.rag.models import Chunk, Corpus, Document, SessionRag, StoredFile
 from apps.tenants.models import Tenant
 
 PROBE_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
@@ -28,14 +32,29 @@ CORPUS_FIELDS = (
     "score_threshold",
     "metadata",
 )
+EXPIRY_MAX_DAYS = 365
+# last_active_at is written at most this often per store: searches on a busy store cost
+# no write each (see corpora_touch).
+ACTIVITY_RESOLUTION = timedelta(minutes=1)
+UNSET = object()  # corpus_update: expires_after_days not given (None removes the policy)
 
 
 class RagError(Exception):
     """A refused write: the message is for the user; `param` names the offending field."""
 
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
+def expired_error(corpus: Corpus, *, param: str | None = None) -> RagError:
+    return RagError(
+        f"Vector store {corpus.public_id} has expired; create a new vector store.",
+        param=param,
+        code="vector_store_expired",
+    )
 
 
 def tenant_models(*, tenant: Tenant) -> list[str]:
@@ -112,13 +131,24 @@ def _check_corpus(*, tenant: Tenant, corpus: Corpus) -> None:
         raise RagError("`top_k` must be between 1 and 100.", param="top_k")
     if not 0.0 <= corpus.hybrid_weight <= 1.0:
         raise RagError("`hybrid_weight` must be between 0 and 1.", param="hybrid_weight")
+    days = corpus.expires_after_days
+    if days is not None and (
+        isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= EXPIRY_MAX_DAYS
+    ):
+        raise RagError(
+            f"`expires_after.days` must be an integer between 1 and {EXPIRY_MAX_DAYS}.",
+            param="expires_after.days",
+        )
 
 
-def corpus_create(*, tenant: Tenant, name: str, **fields) -> Corpus:
+def corpus_create(
+    *, tenant: Tenant, name: str, expires_after_days: int | None = None, **fields
+) -> Corpus:
     unknown = set(fields) - set(CORPUS_FIELDS)
     if unknown:
         raise RagError(f"Unknown field `{sorted(unknown)[0]}`.", param=sorted(unknown)[0])
     corpus = Corpus(tenant=tenant, name=name, **{k: v for k, v in fields.items() if v is not None})
+    corpus.expires_after_days = expires_after_days
     if not corpus.embedding_model:
         corpus.embedding_model = embedding_model_default(tenant=tenant)
     _check_corpus(tenant=tenant, corpus=corpus)
@@ -126,23 +156,96 @@ def corpus_create(*, tenant: Tenant, name: str, **fields) -> Corpus:
     return corpus
 
 
-def corpus_update(*, corpus: Corpus, **fields) -> Corpus:
-    if (
-        "embedding_model" in fields
-        and fields["embedding_model"] != corpus.embedding_model
-        and corpus.documents.exists()
-    ):
-        raise RagError(
-            "The embedding model of a corpus with documents cannot change.", param="embedding_model"
-        )
-    for key, value in fields.items():
+def corpus_update(*, corpus: Corpus, expires_after_days: object = UNSET, **fields) -> Corpus:
+    """Change the given fields (None: keep), and the expiry policy when given (None: never
+    expire); all checked before anything is written."""
+    for key in fields:
         if key not in CORPUS_FIELDS:
             raise RagError(f"Unknown field `{key}`.", param=key)
-        if value is not None:
-            setattr(corpus, key, value)
-    _check_corpus(tenant=corpus.tenant, corpus=corpus)
-    corpus.save()
+    with transaction.atomic():
+        # Locked: the periodic expiry (corpora_expire) sees the policy before or after.
+        corpus = Corpus.objects.select_for_update().select_related("tenant").get(pk=corpus.pk)
+        if (
+            "embedding_model" in fields
+            and fields["embedding_model"] != corpus.embedding_model
+            and corpus.documents.exists()
+        ):
+            raise RagError(
+                "The embedding model of a corpus with documents cannot change.",
+                param="embedding_model",
+            )
+        for key, value in fields.items():
+            if value is not None:
+                setattr(corpus, key, value)
+        if expires_after_days is not UNSET:
+            if corpus.is_expired():  # its chunks are (or are about to be) gone: no revival
+                raise expired_error(corpus, param="expires_after")
+            corpus.expires_after_days = expires_after_days
+        _check_corpus(tenant=corpus.tenant, corpus=corpus)
+        corpus.save()
     return corpus
+
+
+class _Days(Func):
+    template = "make_interval(days => %(expressions)s)"
+    output_field = DurationField()
+
+
+def _expires_at_db() -> ExpressionWrapper:
+    """Corpus.expires_at in SQL (NULL without a policy)."""
+    return ExpressionWrapper(
+        F("last_active_at") + _Days(F("expires_after_days")), output_field=DateTimeField()
+    )
+
+
+def is_idle(last_active_at: datetime | None, now: datetime) -> bool:
+    """Whether a use now should be recorded (see ACTIVITY_RESOLUTION)."""
+    return last_active_at is None or last_active_at < now - ACTIVITY_RESOLUTION
+
+
+class Used(Protocol):
+    """A corpus as loaded (a Corpus or a retrieval CorpusRef)."""
+
+    pk: int
+    last_active_at: datetime | None
+
+
+def corpora_touch(*, corpora: Sequence[Used]) -> int:
+    """Record a use of these corpora (a search, files added), which pushes their expiry
+    back: one UPDATE, and none at all when each was used within ACTIVITY_RESOLUTION (as
+    loaded: most uses of a busy store cost no query)."""
+    now = timezone.now()
+    idle = [c.pk for c in corpora if is_idle(c.last_active_at, now)]
+    if not idle:
+        return 0
+    return (
+        Corpus.objects.filter(
+            pk__in=idle, expired_at__isnull=True, last_active_at__lt=now - ACTIVITY_RESOLUTION
+        )
+        .alias(expires_at_db=_expires_at_db())
+        # Never an expired one: a use that raced its expiry does not revive it.
+        .filter(Q(expires_after_days__isnull=True) | Q(expires_at_db__gt=now))
+        .update(last_active_at=now)
+    )
+
+
+def corpora_expire(*, now: datetime | None = None) -> int:
+    """Mark the stores past their expires_at expired and free their chunks (embeddings
+    and text; the store and its file list stay, as OpenAI keeps an expired store)."""
+    now = now or timezone.now()
+    expired = 0
+    with transaction.atomic():
+        due = list(
+            Corpus.objects.select_for_update(skip_locked=True)
+            .filter(expired_at__isnull=True, expires_after_days__isnull=False)
+            .alias(expires_at_db=_expires_at_db())
+            .filter(expires_at_db__lte=now)
+            .values_list("pk", flat=True)
+        )
+        if due:
+            expired = Corpus.objects.filter(pk__in=due).update(expired_at=now)
+            Chunk.objects.filter(corpus_id__in=due).delete()
+    return expired
 
 
 def corpus_delete(*, corpus: Corpus) -> None:
@@ -188,6 +291,8 @@ def document_add(*, corpus: Corpus, stored: StoredFile) -> tuple[Document, bool]
     document. A new one is queued for ingestion in the same transaction."""
     if stored.tenant_id != corpus.tenant_id:
         raise RagError(f"No such File object: {stored.public_id}", param="file_id", status=404)
+    if corpus.is_expired():
+        raise expired_error(corpus)
     existing = corpus.documents.filter(sha256=stored.sha256).first()
     if existing is not None:
         return existing, False
@@ -209,6 +314,7 @@ def document_add(*, corpus: Corpus, stored: StoredFile) -> tuple[Document, bool]
             document_enqueue(document=document)
     except IntegrityError:  # the same content added concurrently
         return corpus.documents.get(sha256=stored.sha256), False
+    corpora_touch(corpora=[corpus])
     return document, True
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from channels.db import database_sync_to_async
+from django.utils import timezone
 
 from apps.core.context import RequestContext
 from apps.core.errors import ApiError, invalid_request
@@ -25,6 +26,7 @@ from apps.rag import selectors
 from apps.rag.engine import EngineError
 from apps.rag.models import Corpus
 from apps.rag.retrieval import CorpusRef, Hit, corpus_refs, retrieve
+from apps.rag.services import corpora_touch, expired_error, is_idle
 
 CITE_INSTRUCTION = (
     "Answer using the numbered sources below when they are relevant, and cite each one you "
@@ -116,10 +118,21 @@ def _corpora_now(tenant_id: int, wanted: RagRequest) -> list[CorpusRef]:
             code="not_found",
             param="rag.corpora",
         )
-    return corpus_refs([found[c] for c in wanted.corpus_ids if c in found])
+    now = timezone.now()
+    expired = [c for c in found.values() if c.is_expired(now)]
+    if expired and wanted.by_public_id:  # asked for by id: say so, as OpenAI does
+        error = expired_error(expired[0])
+        raise ApiError(error.status, error.message, code=error.code, param="rag.corpora")
+    live = [found[c] for c in wanted.corpus_ids if c in found and found[c] not in expired]
+    # A default's (key's, tenant's, session's) expired store is left out, not an error:
+    # the chat still answers, without what that store held.
+    return corpus_refs(live)
 
 
 _corpora = database_sync_to_async(_corpora_now, thread_sensitive=False)
+
+
+_touch = database_sync_to_async(corpora_touch, thread_sensitive=False)
 
 
 def newest_user_text(messages: Any) -> str:
@@ -154,6 +167,10 @@ async def rag_retrieve(ctx: RequestContext) -> None:
         raise ApiError(
             502, f"Retrieval failed: {exc}", type="api_error", code="rag_failed"
         ) from None
+    # Most requests send no query here: each store's use is recorded once a minute at most.
+    now = timezone.now()
+    if any(is_idle(c.last_active_at, now) for c in corpora):
+        await _touch(corpora=corpora)
     ctx.added_prompt_tokens += sum(
         heuristic_tokens(h.text) + SOURCE_OVERHEAD_TOKENS for h in turn.hits
     )

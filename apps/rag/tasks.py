@@ -41,3 +41,15 @@ async def stalled_jobs_retry() -> int:
 @app.task(name="rag.retry_stalled_jobs", queue=QUEUE, queueing_lock="rag.retry_stalled_jobs")
 async def retry_stalled_jobs(timestamp: int) -> None:
     await stalled_jobs_retry()
+
+
+@app.periodic(cron="* * * * *")
+@app.task(name="rag.expire_vector_stores", queue=QUEUE, queueing_lock="rag.expire_vector_stores")
+async def expire_vector_stores(timestamp: int) -> int:
+    """Stores past their expires_at: marked expired, their chunks freed (searches on them
+    are refused from that moment on anyway; this frees the space)."""
+    from channels.db import database_sync_to_async
+
+    from apps.rag.services import corpora_expire
+
+    return await database_sync_to_async(corpora_expire, thread_sensitive=False)()

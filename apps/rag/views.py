@@ -88,11 +88,14 @@ def corpus_page(request: HttpRequest, corpus_id: str) -> HttpResponse:
     corpus, membership = corpus_for(request, corpus_id)
     query = request.GET.get("q", "").strip()
     hits, search_error = [], ""
-    if query:
+    if query and corpus.is_expired():
+        search_error = services.expired_error(corpus).message
+    elif query:
         try:
             hits = search_now(corpora=[corpus], query=query, top_k=None, tenant=corpus.tenant.slug)
         except EngineError as exc:
             search_error = str(exc)
+        services.corpora_touch(corpora=[corpus])
     documents = [presenters.document_json(d) for d in selectors.documents_of(corpus=corpus)]
     context = {
         "corpus": corpus,

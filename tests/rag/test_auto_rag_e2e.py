@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+from datetime import timedelta
 
 import httpx
 import openai
 import pytest
+from django.utils import timezone
 
 from apps.rag.models import AutoRag, Corpus
 from tests.conftest import wait_until
@@ -148,3 +150,44 @@ def test_it_refuses_a_malformed_rag_field(rag_engine, rag_gateway, alice, rag, p
     )
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == param
+
+
+def expire_soon(rag_client, store, *, idle: timedelta) -> None:
+    """A one-day policy (set through the SDK), as if the store's last use was `idle` ago."""
+    updated = rag_client.vector_stores.update(
+        store.id, expires_after={"anchor": "last_active_at", "days": 1}
+    )
+    assert updated.expires_at == updated.last_active_at + 86400
+    Corpus.objects.filter(public_id=store.id).update(last_active_at=timezone.now() - idle)
+
+
+def test_an_expired_store_asked_for_by_id_is_refused(store, rag_gateway, rag_client, alice):
+    expire_soon(rag_client, store, idle=timedelta(days=2))
+    resp = httpx.post(
+        f"{rag_gateway.base_url}/chat/completions",
+        headers=alice.auth,
+        json={"model": CHAT, "messages": QUESTION, "rag": {"corpora": [store.id]}},
+    )
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "vector_store_expired"
+    assert resp.json()["error"]["param"] == "rag.corpora"
+
+
+def test_an_expired_default_store_is_left_out(store, rag_client, alice):
+    expire_soon(rag_client, store, idle=timedelta(days=2))
+    auto = AutoRag.objects.create(tenant=alice.tenant)
+    auto.corpora.add(Corpus.objects.get(public_id=store.id))
+    resp = rag_client.chat.completions.create(model=CHAT, messages=QUESTION)
+    assert resp.choices[0].message.content
+    assert "sources" not in (resp.model_extra or {})
+
+
+def test_a_chat_retrieving_from_a_store_pushes_its_expiry(store, rag_client):
+    expire_soon(rag_client, store, idle=timedelta(hours=20))
+    resp = rag_client.chat.completions.create(
+        model=CHAT, messages=QUESTION, extra_body={"rag": {"corpora": [store.id]}}
+    )
+    assert resp.model_extra["sources"]
+    retrieved = rag_client.vector_stores.retrieve(store.id)
+    assert abs(retrieved.last_active_at - timezone.now().timestamp()) < 30
+    assert retrieved.expires_at == retrieved.last_active_at + 86400

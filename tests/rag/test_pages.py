@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
 
 from apps.rag.models import Corpus, Document
 from tests.rag.conftest import EMBED, corpus_for, upload
@@ -93,3 +96,13 @@ def test_uploads_are_csrf_protected(setup):
     )
     assert resp.status_code == 403
     assert Document.objects.count() == 1
+
+
+def test_the_page_refuses_to_search_an_expired_corpus(setup, client):
+    corpus, _ = setup
+    Corpus.objects.filter(pk=corpus.pk).update(
+        expires_after_days=1, last_active_at=timezone.now() - timedelta(days=2)
+    )
+    client.login(username="vic", password="a-long-test-password")
+    page = client.get(f"/rag/{corpus.public_id}/", {"q": "otters"}).content.decode()
+    assert f"Vector store {corpus.public_id} has expired" in page
