@@ -232,6 +232,10 @@ QUOTA_LEASE_IDLE_SECONDS = env_float("QUOTA_LEASE_IDLE_SECONDS", 60.0)
 # long one may wait; beyond either, 503 with Retry-After.
 SCHEDULER_MAX_QUEUE = env_int("SCHEDULER_MAX_QUEUE", 1000)
 SCHEDULER_MAX_WAIT_SECONDS = env_float("SCHEDULER_MAX_WAIT_SECONDS", 120.0)
+# Each process keeps the session histories it sent last, up to this many MB (least
+# recently used go first; 0: off), so a session's open reads only its new messages
+# (apps/sessions/history_cache.py).
+SESSION_HISTORY_CACHE_MB = env_int("SESSION_HISTORY_CACHE_MB", 64)
 # A session whose history sent along has at least this many tokens waits briefly for its own
 # (busy) llama.cpp slot, whose prompt cache holds that history; a shorter one takes any
 # free slot at once.

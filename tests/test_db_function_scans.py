@@ -31,6 +31,7 @@ from tests.conftest import TenantKey
 pytestmark = pytest.mark.django_db
 
 ROWS = 3000
+LONG = 500  # messages of one long session
 NOW = datetime(2026, 11, 22, 18, 30, tzinfo=UTC)
 
 
@@ -198,3 +199,28 @@ def test_it_renews_leases_without_scanning(alice: TenantKey, old_windows: Quota)
     assert quota_scans() == before
     window = current_window(old_windows)
     assert (window.used_tokens, window.reserved_tokens) == (40, 100)
+
+
+def test_it_reads_only_the_new_messages_of_a_session_the_gateway_holds(alice: TenantKey) -> None:
+    """An open told what the gateway holds (migration 0008) reads the messages after it,
+    by the (session, position) index, whatever the session's length and the plan's age."""
+    plan_for_any_values()
+    session = ChatSession.objects.create(tenant=alice.tenant, external_id="long")
+    Message.objects.bulk_create(
+        Message(session=session, position=i, role="user" if i % 2 == 0 else "assistant",
+                payload={"role": "user", "content": "hi"}, tokens=5)
+        for i in range(LONG)
+    )  # fmt: skip
+    many_sessions(alice)
+    item = store.open_item(tenant_id=alice.tenant.pk, external_id="long", cap=10**6)
+    full = store.open_now(item)
+    turn = {"role": "user", "payload": {"role": "user", "content": "q"}, "model": "m"}
+    store.record_now({"session": session.pk, "messages": [turn, turn | {"role": "assistant"}]})
+    known = {"session": session.pk, "version": full[13], "upto": full[14]}
+    before = seq_scans(Message), rows_read(Message)
+
+    delta = store.open_now({**item, "known": known})
+
+    # The cut's window and the history each read the two new messages.
+    assert (seq_scans(Message), rows_read(Message) - before[1]) == (before[0], 4)
+    assert (delta[11], delta[8], delta[14]) == (True, [2], LONG + 1)

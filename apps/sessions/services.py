@@ -66,9 +66,11 @@ def session_context_load(
     return session_context(row, variant_system_prompt=variant_system_prompt)
 
 
-def session_context(row: store.OpenRow, *, variant_system_prompt: str) -> SessionContext:
+def session_context(
+    row: store.OpenRow, *, variant_system_prompt: str, history: StoredHistory | None = None
+) -> SessionContext:
     session_pk, system_prompt, history = store.context_parts(
-        row, variant_system_prompt=variant_system_prompt
+        row, variant_system_prompt=variant_system_prompt, history=history
     )
     return SessionContext(session_pk=session_pk, system_prompt=system_prompt, history=history)
 

@@ -34,6 +34,7 @@ from apps.engines.tokens import (
 )
 from apps.sessions import services as sessions
 from apps.sessions import store
+from apps.sessions.history_cache import history_cache
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +46,20 @@ async def _load(
     *, tenant_id: int, external_id: str, variant: VariantRoute
 ) -> sessions.SessionContext:
     """The session, opened in the next batch (alone on a thread if that batch fails), with
-    only the history that could fit the variant's context."""
-    item = store.open_item(tenant_id=tenant_id, external_id=external_id, cap=variant.ctx_size)
+    only the history that could fit the variant's context: of it, only what this process
+    does not hold yet comes back (apps/sessions/history_cache.py)."""
+    cache = history_cache()
+    request = cache.request(
+        store.open_item(tenant_id=tenant_id, external_id=external_id, cap=variant.ctx_size)
+    )
     try:
-        row = await asyncio.shield(store.open_batcher.submit(orjson.dumps(item)))
+        row = await asyncio.shield(store.open_batcher.submit(orjson.dumps(request.item)))
     except psycopg.Error:
         logger.warning("session open batch failed; opening alone", exc_info=True)
-        row = await _open_alone(item)
-    return sessions.session_context(row, variant_system_prompt=variant.system_prompt)
+        row = await _open_alone(request.item)
+    return sessions.session_context(
+        row, variant_system_prompt=variant.system_prompt, history=cache.opened(request, row)
+    )
 
 
 async def session_store_close() -> None:

@@ -1,4 +1,4 @@
-"""Opening a session and recording a turn: the SQL functions of migrations 0002-0007, driven
+"""Opening a session and recording a turn: the SQL functions of migrations 0002-0008, driven
 from sync code (Django's connection: services, admin, tests) or from the async /v1
 pipeline (in batches, apps/core/db_batch.py). One implementation, two drivers."""
 
@@ -13,16 +13,18 @@ from django.db import connection
 from psycopg.adapt import Loader
 
 from apps.core.db_batch import Batcher, json_array
+from apps.sessions.history_cache import answer_of
 from apps.sessions.prompts import SYSTEM_ROLES, StoredHistory, system_prompt_resolve
 
 OPEN_SQL = "SELECT * FROM gateway_session_open_batch(%s::jsonb)"
 RECORD_SQL = "SELECT gateway_session_record_batch(%s::jsonb)"
 
 # (n, session id, created, session prompt, tenant prompt, history, unit offsets, unit
-# tokens, unit messages, media): see migration 0007. Texts are str from Django's
+# tokens, unit messages, unit stored counts, unit media, delta, continues, history
+# version, last position): see migrations 0007 and 0008. Texts are str from Django's
 # connection, bytes from the batch connection (_TextAsBytes).
 OpenRow = tuple[int, int, bool, str | bytes, str | bytes, str | bytes, list[int], list[int],
-                list[int], bool]  # fmt: skip
+                list[int], list[int], list[bool], bool, bool, int, int]  # fmt: skip
 
 
 def open_item(*, tenant_id: int, external_id: str, cap: int | None = None) -> dict[str, Any]:
@@ -34,22 +36,20 @@ def open_item(*, tenant_id: int, external_id: str, cap: int | None = None) -> di
     return item
 
 
-def context_parts(row: OpenRow, *, variant_system_prompt: str) -> tuple[int, str, StoredHistory]:
-    """(session pk, the system prompt that applies, its history) from an open row. The
+def context_parts(
+    row: OpenRow, *, variant_system_prompt: str, history: StoredHistory | None = None
+) -> tuple[int, str, StoredHistory]:
+    """(session pk, the system prompt that applies, its history) from an open row: the
+    row's own history (a full open), unless the history cache made it (`history`). The
     history stays text: the engine gets it as stored (apps/core/context.py engine_body)."""
-    _, session_pk, _, session_prompt, tenant_prompt, text, offsets, tokens, messages, media = row
+    session_pk, session_prompt, tenant_prompt = row[1], row[3], row[4]
     system_prompt = system_prompt_resolve(
         tenant_system_prompt=_str(tenant_prompt),
         variant_system_prompt=variant_system_prompt,
         session_system_prompt=_str(session_prompt),
     )
-    history = StoredHistory(
-        json=text.encode() if isinstance(text, str) else text,
-        unit_offsets=tuple(offsets),
-        unit_tokens=tuple(tokens),
-        unit_messages=tuple(messages),
-        media=media,
-    )
+    if history is None:
+        history = answer_of(row).stored()
     return session_pk, system_prompt, history
 
 
