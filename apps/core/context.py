@@ -195,6 +195,17 @@ class RequestContext:
             for hook in self.before_finish:
                 await hook()
 
+    def release(self) -> None:
+        """Drop the stages' hooks once the request is settled. Each holds this context (a
+        closure, a partial, a filter's reference), so every request would otherwise leave
+        a reference cycle that only the collector frees: measured in bench/run.py (c),
+        ~17 objects of cyclic garbage per request and most of the full collections'
+        pauses. Without the hooks the context is freed as soon as the last reference goes."""
+        self.before_finish.clear()
+        self.on_refusal.clear()
+        self.response_filters.clear()
+        self.tool_checks.clear()
+
 
 def _history_at(messages: Sequence[Any]) -> int:
     """Where the stored history goes among the request's messages: after the leading

@@ -210,6 +210,7 @@ class ProxyConsumer(V1Consumer):
             raise
         finally:
             settle(ctx)
+            ctx.release()
 
     @staticmethod
     async def refused(ctx: RequestContext, err: ApiError) -> None:
