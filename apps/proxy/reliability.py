@@ -153,6 +153,7 @@ async def with_retries(ctx: RequestContext, attempt: Attempt[T]) -> T:
     """Run `attempt` for the request's model, then for each fallback, until one answers."""
     deadline = time.monotonic() + settings.ENGINE_RETRY_MAX_SECONDS
     fallbacks = await _fallbacks_left(ctx)
+    # Replaced, not added: a tool loop calls this once per round.
     ctx.response_headers = [h for h in ctx.response_headers if h[0] != b"x-gateway-model"]
     ctx.response_headers.append((b"x-gateway-model", ctx.model.encode()))
     while True:
