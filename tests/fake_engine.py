@@ -88,6 +88,12 @@ class Knobs:
     tool_call: str | None = None
     tool_args: str = "{}"
     tool_rounds: int = 1
+    # Answer `fail_status` to the chat request of this round (1 + the tool results its
+    # conversation holds) `fail_times` times, then serve it: an engine that fails now and
+    # then, which retrying the same request rides over (the tool loop's retry tests).
+    fail_round: int | None = None
+    fail_times: int = 1
+    fail_status: int = 503
 
 
 KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
@@ -107,6 +113,9 @@ KNOB_PARSERS: dict[str, Callable[[Any], Any]] = {
     "tool_call": _parse_str,
     "tool_args": _parse_str,
     "tool_rounds": int,
+    "fail_round": int,
+    "fail_times": int,
+    "fail_status": int,
 }
 # Header lookups are precomputed: header parsing runs on every request of a benchmark.
 KNOB_HEADERS: tuple[tuple[str, str], ...] = tuple(
@@ -464,6 +473,7 @@ class FakeEngine:
         self.config = config
         self.recorder = Recorder()
         self._ids = itertools.count(1)
+        self.failures: dict[str, int] = {}  # the `fail_round` knob's count, by conversation
 
     def app(self) -> web.Application:
         middlewares = [self.recorder.middleware] if self.config.record else []
@@ -534,6 +544,9 @@ class FakeEngine:
         if knobs.pieces is not None:
             knobs = dataclasses.replace(knobs, chunks=len(knobs.pieces))
         knobs = guard_verdict(body, knobs)
+        failure = self.flaky_failure(knobs, body) if chat else None
+        if failure is not None:
+            return failure
         if chat and knobs.tool_call:
             knobs = tool_turn(knobs, body)
         completion = Completion(
@@ -579,6 +592,22 @@ class FakeEngine:
             tail += sse({**completion.head("chat.completion.chunk"), "choices": [], "usage": usage})
         await response.write_eof(tail + SSE_DONE)
         return response
+
+    def flaky_failure(self, knobs: Knobs, body: dict[str, Any]) -> web.Response | None:
+        """The `fail_round` knob: this round's failure, while it has failed fewer than
+        `fail_times` times (counted by the conversation's messages: a retry sends the same)."""
+        if knobs.fail_round is None:
+            return None
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        tool_results = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "tool")
+        if tool_results + 1 != knobs.fail_round:
+            return None
+        key = hashlib.blake2b(orjson.dumps(messages, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        failed = self.failures.get(key, 0)
+        if failed >= knobs.fail_times:
+            return None
+        self.failures[key] = failed + 1
+        return error_response(knobs.fail_status)
 
     def context_overflow(self, prompt_tokens: int, body: dict[str, Any]) -> web.Response | None:
         """llama-server refuses a prompt (plus the asked-for answer) its context cannot hold."""
@@ -750,6 +779,7 @@ class FakeEngine:
 
     async def fake_reset(self, request: web.Request) -> web.StreamResponse:
         self.recorder.records.clear()
+        self.failures.clear()
         return json_response({"status": "ok"})
 
 

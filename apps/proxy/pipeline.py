@@ -31,18 +31,15 @@ from django.utils import timezone
 
 from apps.cache.stage import cache_state, response_cache
 from apps.core.context import RequestContext, engine_body
-from apps.core.errors import ApiError
 from apps.engines.stage import (
     EngineTarget,
     adapt_for_engine,
     choose_variant_by_size,
-    engine_slot,
     pin_session_slot,
     resolve_model,
     tool_call_parsing,
 )
-from apps.observability import metrics, tracing
-from apps.observability.metrics import child
+from apps.observability import tracing
 from apps.observability.recording import record_request
 from apps.proxy import validation
 from apps.proxy.cached import cached_hit, send_cached, unless_cached
@@ -55,14 +52,7 @@ from apps.proxy.engine_call import (
     whole_answer,
 )
 from apps.proxy.limits import input_limits
-from apps.proxy.reliability import (
-    RETRY_STATUSES,
-    RetryableAnswer,
-    RetryableFailure,
-    failed,
-    succeeded,
-    with_retries,
-)
+from apps.proxy.reliability import MayRetry, check_answer, engine_attempt, with_retries
 from apps.proxy.responder import Responder
 from apps.proxy.sse import error_event
 from apps.proxy.tool_loop import answer_with_tools
@@ -211,30 +201,11 @@ async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> Non
         await answer_with_tools(ctx, responder, path=path, tools=tools, settle=settle)
         return
 
-    async def attempt(avoid: frozenset[int], may_retry: Callable[[], bool]) -> None:
-        assert ctx.variant is not None
-        queued = child(metrics.QUEUED, ctx.variant.engine.name)
-        queued.inc()
-        waiting = True
-        try:
-            progress = _progress(ctx, responder) if ctx.stream else None
-            async with engine_slot(ctx, avoid=avoid, progress=progress) as target:
-                queued.dec()
-                waiting = False
-                in_flight = child(metrics.IN_FLIGHT, target.engine.name)
-                in_flight.inc()
-                try:
-                    await _call_engine(ctx, responder, target, path=path, may_retry=may_retry)
-                finally:
-                    in_flight.dec()
-        except ApiError as err:
-            if err.code == "engine_unreachable" and not responder.started and not waiting:
-                raise RetryableFailure(target, err) from None
-            raise
-        finally:
-            if waiting:
-                queued.dec()
+    async def call(target: EngineTarget, may_retry: MayRetry) -> None:
+        await _call_engine(ctx, responder, target, path=path, may_retry=may_retry)
 
+    progress = _progress(ctx, responder) if ctx.stream else None
+    attempt = engine_attempt(ctx, call, untouched=lambda: not responder.started, progress=progress)
     await with_retries(ctx, attempt)
 
 
@@ -262,17 +233,12 @@ async def _call_engine(
     target: EngineTarget,
     *,
     path: str,
-    may_retry: Callable[[], bool],
+    may_retry: MayRetry,
 ) -> None:
     pin_session_slot(ctx, target)
     body = engine_body(ctx)
     async with engine_response(ctx, target, path=path, body=body) as resp:
-        if resp.status in RETRY_STATUSES:
-            if may_retry():
-                raise RetryableAnswer(target, resp.status)
-            failed(target, f"HTTP {resp.status}")
-        else:
-            succeeded(target)
+        check_answer(target, resp.status, may_retry)
         if is_event_stream(ctx, resp):
             await responder.start_stream(status=resp.status, headers=stream_headers(ctx, resp))
             async for events in stream_events(ctx, resp, stream_relay(ctx), target.engine):

@@ -10,6 +10,17 @@ runs), is reserved against the quota before it starts (429 `insufficient_quota` 
 loop) and settled and logged when it ends. Streamed: every round's content streams as it
 comes, built-in calls are held back and never sent, and while a tool runs the client gets
 SSE comments (`: tool python running`), never made-up content.
+
+Engine faults: each round's engine call goes through reliability.py's `with_retries` as a
+plain request's does (retries on another replica with backoff, the breakers fed, the
+model's fallbacks), with its own retries and retry time, while nothing of that round
+reached the client. A streamed answer's earlier rounds have streamed already; a round is
+retried only while it sent nothing itself, and a round's stream that breaks ends the
+answer as a plain stream does. A fallback model that took over a round (one the tenant
+may use) serves the later rounds too, the conversation so far as its prompt; when it
+fails, the rest of the requested model's fallbacks are tried. When retries and fallbacks
+are spent, the client gets the error a plain request would (an error event once the
+stream has started).
 """
 
 from __future__ import annotations
@@ -19,12 +30,13 @@ import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import aiohttp
 import orjson
 from django.conf import settings
 
 from apps.core.context import RequestContext, engine_body
 from apps.core.errors import ApiError
-from apps.engines.stage import engine_slot, pin_session_slot
+from apps.engines.stage import EngineTarget, pin_session_slot
 from apps.engines.tokens import heuristic_message_tokens
 from apps.proxy.engine_call import (
     WholeAnswer,
@@ -35,6 +47,7 @@ from apps.proxy.engine_call import (
     stream_relay,
     whole_answer,
 )
+from apps.proxy.reliability import MayRetry, check_answer, engine_attempt, with_retries
 from apps.proxy.responder import Responder
 from apps.quotas.stage import quota_reserve
 from apps.tools.runner import ToolCaller, tool_call_run
@@ -111,29 +124,40 @@ async def answer_with_tools(
 async def _round(
     ctx: RequestContext, responder: Responder, *, path: str, tools: BuiltInTools, last: bool
 ) -> dict[str, Any] | None:
-    """One model call: the assistant message of built-in calls to run, or None once the
-    answer went to the client (always, in the last round: whatever the model said)."""
+    """One model call, retried (or served by a fallback) as a plain request is while
+    nothing of this round reached the client: earlier rounds' streamed content does not
+    stop it, this round's does. The assistant message of built-in calls to run, or None
+    once the answer went to the client (always, in the last round: whatever the model
+    said)."""
     if last:
         tools = BuiltInTools(names=frozenset(), sandbox=None)
-    async with engine_slot(ctx) as target:
-        pin_session_slot(ctx, target)
-        body = engine_body(ctx)  # the built-in tools stage changed the payload
-        async with engine_response(ctx, target, path=path, body=body) as resp:
-            if is_event_stream(ctx, resp):
-                catcher = BuiltInCallCatcher(tools.names)
-                relay = stream_relay(ctx)
-                relay.filters.append(catcher)
-                await responder.start_stream(status=resp.status, headers=stream_headers(ctx, resp))
-                async for events in stream_events(ctx, resp, relay, target.engine):
-                    await responder.write(events)
-                if catcher.built_in_only() and not ctx.stream_failed:
-                    if catcher.usage is not None:
-                        ctx.record_usage(catcher.usage)
-                    return catcher.message()
-                await ctx.finish()
-                await responder.end_stream()
-                return None
-            whole = await whole_answer(ctx, resp)
+    writes = responder.writes
+
+    async def call(target: EngineTarget, may_retry: MayRetry) -> dict[str, Any] | None:
+        return await _call_round(
+            ctx, responder, target, path=path, tools=tools, may_retry=may_retry
+        )
+
+    attempt = engine_attempt(ctx, call, untouched=lambda: responder.writes == writes)
+    return await with_retries(ctx, attempt)
+
+
+async def _call_round(
+    ctx: RequestContext,
+    responder: Responder,
+    target: EngineTarget,
+    *,
+    path: str,
+    tools: BuiltInTools,
+    may_retry: MayRetry,
+) -> dict[str, Any] | None:
+    pin_session_slot(ctx, target)
+    body = engine_body(ctx)  # the built-in tools stage changed the payload
+    async with engine_response(ctx, target, path=path, body=body) as resp:
+        check_answer(target, resp.status, may_retry)
+        if is_event_stream(ctx, resp):
+            return await _streamed_round(ctx, responder, resp, target, tools)
+        whole = await whole_answer(ctx, resp)
     message = _built_in_calls(whole, tools)
     if message is not None:
         return message
@@ -141,6 +165,28 @@ async def _round(
         raise _engine_refusal(whole)
     await ctx.finish()
     await responder.send_whole(whole)
+    return None
+
+
+async def _streamed_round(
+    ctx: RequestContext,
+    responder: Responder,
+    resp: aiohttp.ClientResponse,
+    target: EngineTarget,
+    tools: BuiltInTools,
+) -> dict[str, Any] | None:
+    catcher = BuiltInCallCatcher(tools.names)
+    relay = stream_relay(ctx)
+    relay.filters.append(catcher)
+    await responder.start_stream(status=resp.status, headers=stream_headers(ctx, resp))
+    async for events in stream_events(ctx, resp, relay, target.engine):
+        await responder.write(events)
+    if catcher.built_in_only() and not ctx.stream_failed:
+        if catcher.usage is not None:
+            ctx.record_usage(catcher.usage)
+        return catcher.message()
+    await ctx.finish()
+    await responder.end_stream()
     return None
 
 
