@@ -96,6 +96,9 @@ def test_an_editor_uploads_watches_searches_and_deletes(
     member(bob.tenant, "bert", "editor")
     page = log_in(browser, base, "ann")
     page.click("text=Handbook")
+    # Dropped before corpus.js ran, the files would find no listener (a loaded host is
+    # slow to serve the script): wait for the corpus page's load event.
+    page.wait_for_url(f"**/rag/{corpus.public_id}/", wait_until="load")
     page.evaluate(
         DROP,
         [
