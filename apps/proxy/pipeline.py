@@ -52,6 +52,7 @@ from apps.proxy.engine_call import (
     whole_answer,
 )
 from apps.proxy.limits import input_limits
+from apps.proxy.progress import loading_progress
 from apps.proxy.reliability import MayRetry, check_answer, engine_attempt, with_retries
 from apps.proxy.responder import Responder
 from apps.proxy.sse import error_event
@@ -204,27 +205,9 @@ async def answer(ctx: RequestContext, responder: Responder, *, path: str) -> Non
     async def call(target: EngineTarget, may_retry: MayRetry) -> None:
         await _call_engine(ctx, responder, target, path=path, may_retry=may_retry)
 
-    progress = _progress(ctx, responder) if ctx.stream else None
+    progress = loading_progress(ctx, responder)
     attempt = engine_attempt(ctx, call, untouched=lambda: not responder.started, progress=progress)
     await with_retries(ctx, attempt)
-
-
-def _progress(ctx: RequestContext, responder: Responder) -> Callable[[float], Awaitable[None]]:
-    """While a managed engine starts for a streamed request: SSE comment lines, so clients
-    and proxies keep the connection (the stream's headers go out with the first one)."""
-
-    async def loading(waited: float) -> None:
-        if not responder.stream_started:
-            headers = [
-                *ctx.response_headers,
-                (b"content-type", b"text/event-stream"),
-                (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no"),
-            ]
-            await responder.start_stream(status=200, headers=headers)
-        await responder.comment(f"loading model {ctx.model} ({waited:.0f} s)")
-
-    return loading
 
 
 async def _call_engine(

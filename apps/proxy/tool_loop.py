@@ -9,7 +9,9 @@ answers). An answer without built-in calls — text, or calls of the client's ow
 runs), is reserved against the quota before it starts (429 `insufficient_quota` stops the
 loop) and settled and logged when it ends. Streamed: every round's content streams as it
 comes, built-in calls are held back and never sent, and while a tool runs the client gets
-SSE comments (`: tool python running`), never made-up content.
+SSE comments (`: tool python running`), never made-up content; so does a round that waits
+for a managed engine to start (`: loading model X (N s)`, as a plain streamed call gets):
+the first, or a later one whose engine stopped while a tool ran.
 
 Engine faults: each round's engine call goes through reliability.py's `with_retries` as a
 plain request's does (retries on another replica with backoff, the breakers fed, the
@@ -47,6 +49,7 @@ from apps.proxy.engine_call import (
     stream_relay,
     whole_answer,
 )
+from apps.proxy.progress import loading_progress
 from apps.proxy.reliability import MayRetry, check_answer, engine_attempt, with_retries
 from apps.proxy.responder import Responder
 from apps.quotas.stage import quota_reserve
@@ -138,7 +141,14 @@ async def _round(
             ctx, responder, target, path=path, tools=tools, may_retry=may_retry
         )
 
-    attempt = engine_attempt(ctx, call, untouched=lambda: responder.writes == writes)
+    # Streamed, a round that waits for a managed engine to start (the first, or a later one
+    # after the engine stopped while a tool ran) sends the same comments as a plain call.
+    attempt = engine_attempt(
+        ctx,
+        call,
+        untouched=lambda: responder.writes == writes,
+        progress=loading_progress(ctx, responder),
+    )
     return await with_retries(ctx, attempt)
 
 
