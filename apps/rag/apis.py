@@ -51,6 +51,45 @@ def corpus_fields(
     return fields
 
 
+def expires_after_days(value: Any) -> Any:
+    """OpenAI's `expires_after` ({"anchor": "last_active_at", "days": 1..365}, or null: no
+    expiry) as its days."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid_request("`expires_after` must be an object or null.", param="expires_after")
+    unknown = sorted(set(value) - {"anchor", "days"})
+    if unknown:
+        raise invalid_request(
+            f"Unknown field `expires_after.{unknown[0]}`.", param=f"expires_after.{unknown[0]}"
+        )
+    if value.get("anchor") != "last_active_at":
+        raise invalid_request(
+            "`expires_after.anchor` must be 'last_active_at'.", param="expires_after.anchor"
+        )
+    if value.get("days") is None:
+        raise invalid_request("`expires_after.days` is required.", param="expires_after.days")
+    return value["days"]  # its type and range are the service's to check (any writer's)
+
+
+def expiry_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Pops `expires_after` from a body (changed in place) and gives it as the services'
+    `expires_after_days`, only when the body names it: absent keeps the policy, null
+    removes it. The same shape on /api/corpora and /v1/vector_stores."""
+    if "expires_after" not in data:
+        return {}
+    return {"expires_after_days": expires_after_days(data.pop("expires_after"))}
+
+
+def native_corpus_fields(data: Any) -> dict[str, Any]:
+    """The body of POST/PATCH /api/corpora: the corpus fields and the expiry policy."""
+    if not isinstance(data, dict):
+        raise invalid_request("The body must be a JSON object.")
+    data = dict(data)
+    expiry = expiry_fields(data)
+    return {**corpus_fields(data), **expiry}
+
+
 def top_k_of(value: Any, *, param: str = "top_k") -> int | None:
     if value is None:
         return None
@@ -92,7 +131,7 @@ class CorporaApi(RagApiView):
         return Response(presenters.list_json([presenters.corpus_json(c) for c in corpora]))
 
     def post(self, request: Request) -> Response:
-        fields = corpus_fields(request.data)
+        fields = native_corpus_fields(request.data)
         name = fields.pop("name", None)
         if name is None:
             raise invalid_request("`name` is required.", param="name")
@@ -106,7 +145,7 @@ class CorpusApi(RagApiView):
 
     def patch(self, request: Request, corpus_id: str) -> Response:
         corpus = services.corpus_update(
-            corpus=self.corpus(corpus_id), **corpus_fields(request.data)
+            corpus=self.corpus(corpus_id), **native_corpus_fields(request.data)
         )
         return Response(presenters.corpus_json(corpus))
 

@@ -14,7 +14,7 @@ from rest_framework.response import Response
 
 from apps.core.errors import invalid_request
 from apps.rag import presenters, selectors, services
-from apps.rag.apis import RagApiView, corpus_fields, read_upload, top_k_of
+from apps.rag.apis import RagApiView, corpus_fields, expiry_fields, read_upload, top_k_of
 from apps.rag.models import Document
 
 FILE_PURPOSES = ("assistants", "user_data")
@@ -88,36 +88,13 @@ class FileApi(RagApiView):
         return Response({"id": file_id, "object": "file", "deleted": True})
 
 
-def expires_after_days(value: Any) -> Any:
-    """OpenAI's `expires_after` ({"anchor": "last_active_at", "days": 1..365}, or null: no
-    expiry) as its days."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise invalid_request("`expires_after` must be an object or null.", param="expires_after")
-    unknown = sorted(set(value) - {"anchor", "days"})
-    if unknown:
-        raise invalid_request(
-            f"Unknown field `expires_after.{unknown[0]}`.", param=f"expires_after.{unknown[0]}"
-        )
-    if value.get("anchor") != "last_active_at":
-        raise invalid_request(
-            "`expires_after.anchor` must be 'last_active_at'.", param="expires_after.anchor"
-        )
-    if value.get("days") is None:
-        raise invalid_request("`expires_after.days` is required.", param="expires_after.days")
-    return value["days"]  # its type and range are the service's to check (any writer's)
-
-
 def store_fields(data: Any) -> dict[str, Any]:
     """OpenAI's create/update fields (+ our corpus settings, e.g. via extra_body); the
     expiry policy as `expires_after_days` only when the body names it."""
     if not isinstance(data, dict):
         raise invalid_request("The body must be a JSON object.")
     data = dict(data)
-    expiry = {}
-    if "expires_after" in data:
-        expiry["expires_after_days"] = expires_after_days(data.pop("expires_after"))
+    expiry = expiry_fields(data)
     strategy = data.pop("chunking_strategy", None)
     file_ids = data.pop("file_ids", None) or []
     if not isinstance(file_ids, list) or not all(isinstance(i, str) for i in file_ids):

@@ -11,6 +11,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(next_page="rag_pages:login"), name="logout"),
     path("corpora/new", views.corpus_create, name="corpus_create"),
     path("<str:corpus_id>/", views.corpus_page, name="corpus"),
+    path("<str:corpus_id>/expiry", views.corpus_expiry, name="corpus_expiry"),
     path("<str:corpus_id>/documents.json", views.documents_json, name="documents_json"),
     path("<str:corpus_id>/upload", views.document_upload, name="upload"),
     path(

@@ -76,16 +76,50 @@ def corpus_create(request: HttpRequest) -> HttpResponse:
             tenant=membership.tenant,
             name=request.POST.get("name", "").strip(),
             embedding_model=request.POST.get("embedding_model") or None,
+            expires_after_days=expiry_days_of(request.POST.get("expires_after_days", "")),
         )
     except services.RagError as exc:
-        return _corpora(request, error=exc.message, status=400)
+        return _corpora(request, error=form_error(exc), status=400)
     return redirect("rag_pages:corpus", corpus_id=corpus.public_id)
+
+
+EXPIRY_ERROR = (
+    f"Expires after: a whole number of days from 1 to {services.EXPIRY_MAX_DAYS}, "
+    "or empty to never expire."
+)
+
+
+def expiry_days_of(raw: str) -> int | None:
+    """The form's "expires after (days)" field: empty is no expiry; the range is the
+    service's to check (as for the APIs)."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise services.RagError(EXPIRY_ERROR, param="expires_after.days")
+    return int(raw)
+
+
+def form_error(exc: services.RagError) -> str:
+    """A service's refusal as the form says it (its field, not the API's name for it)."""
+    return EXPIRY_ERROR if exc.param == "expires_after.days" else exc.message
 
 
 @login_required
 @require_GET
 def corpus_page(request: HttpRequest, corpus_id: str) -> HttpResponse:
     corpus, membership = corpus_for(request, corpus_id)
+    return _corpus(request, corpus, membership)
+
+
+def _corpus(
+    request: HttpRequest,
+    corpus: Corpus,
+    membership: TenantMembership,
+    *,
+    expiry_error: str = "",
+    status: int = 200,
+) -> HttpResponse:
     query = request.GET.get("q", "").strip()
     hits, search_error = [], ""
     if query and corpus.is_expired():
@@ -104,8 +138,27 @@ def corpus_page(request: HttpRequest, corpus_id: str) -> HttpResponse:
         "query": query,
         "hits": hits,
         "search_error": search_error,
+        "expired": corpus.is_expired(),
+        "expiry_error": expiry_error,
+        "expiry_max_days": services.EXPIRY_MAX_DAYS,
     }
-    return render(request, "rag/corpus.html", context)
+    return render(request, "rag/corpus.html", context, status=status)
+
+
+@login_required
+@require_POST
+def corpus_expiry(request: HttpRequest, corpus_id: str) -> HttpResponse:
+    """Set or remove (empty field) the corpus's expiry, as `expires_after` does on the APIs."""
+    corpus, membership = corpus_for(request, corpus_id, edit=True)
+    try:
+        services.corpus_update(
+            corpus=corpus,
+            expires_after_days=expiry_days_of(request.POST.get("expires_after_days", "")),
+        )
+    except services.RagError as exc:
+        corpus.refresh_from_db()
+        return _corpus(request, corpus, membership, expiry_error=form_error(exc), status=400)
+    return redirect("rag_pages:corpus", corpus_id=corpus.public_id)
 
 
 @login_required
