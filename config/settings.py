@@ -369,6 +369,8 @@ RAG_NUMPY_REFRESH_SECONDS = env_float("RAG_NUMPY_REFRESH_SECONDS", 1.0)
 RAG_EXACT_SEARCH_MAX_CHUNKS = env_int("RAG_EXACT_SEARCH_MAX_CHUNKS", 5000)
 # Full-text candidates are ranked among at most this many matching chunks.
 RAG_TEXT_MATCH_CAP = env_int("RAG_TEXT_MATCH_CAP", 1000)
+# How often the chat path's search counts (admin charts) are written (apps/rag/usage.py).
+RAG_USAGE_FLUSH_SECONDS = env_float("RAG_USAGE_FLUSH_SECONDS", 1.0)
 
 # Sandboxed tools (apps/tools, README "Sandboxed tools"): `subprocess` (bubblewrap; the
 # default) or `docker`. Without bwrap the subprocess backend refuses to run unless the

@@ -1,5 +1,6 @@
 """ASGI lifespan: start the engine manager; at shutdown stop the engines this process
-runs, settle quota work, flush request logs and close the engine client."""
+runs, settle quota work, flush request logs (and the other batched writes) and close the
+engine client."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from apps.engines.client import close_engine_session
 from apps.engines.manager import engine_manager
 from apps.observability import loop_watch, tracing
 from apps.quotas.stage import quota_stage_drain
+from apps.rag.usage import search_counter as rag_search_counter
 from apps.request_logs.writer import request_log_writer
 from apps.safety.events import event_writer as safety_event_writer
 from apps.sessions.stage import session_store_close
@@ -39,6 +41,7 @@ class LifespanApp:
                 await session_store_close()
                 await request_log_writer.flush()
                 await safety_event_writer.flush()
+                await rag_search_counter.flush()
                 await close_engine_session()
                 tracing.shutdown()
                 loop_watch.stop()

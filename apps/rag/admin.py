@@ -4,11 +4,13 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Q, QuerySet, Sum
 from django.http import HttpRequest
 
 from apps.core.admin import ReadOnlyAdminMixin
+from apps.core.charts import Chart, Frame, Series, bar_chart
 from apps.rag.models import AutoRag, Corpus, Document, SessionRag, StoredFile
+from apps.rag.selectors import CorpusStats, corpus_stats
 from apps.rag.services import document_enqueue
 
 
@@ -33,6 +35,7 @@ class CorpusAdmin(admin.ModelAdmin):
         "embedding_model",
         "embedding_dims",
         "document_count",
+        "chunks_stored",
         "rerank_model",
         "created_at",
     ]
@@ -42,16 +45,109 @@ class CorpusAdmin(admin.ModelAdmin):
     inlines = [DocumentInline]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Corpus]:
+        ready = Q(documents__status=Document.Status.READY)
         return (
             super()
             .get_queryset(request)
             .select_related("tenant")
-            .annotate(num_documents=Count("documents"))
+            .annotate(
+                num_documents=Count("documents"),
+                num_chunks=Sum("documents__chunk_count", filter=ready),
+            )
         )
 
     @admin.display(description="documents", ordering="num_documents")
     def document_count(self, obj: Corpus) -> int:
         return obj.num_documents
+
+    @admin.display(description="chunks", ordering="num_chunks")
+    def chunks_stored(self, obj: Corpus) -> int:
+        return 0 if obj.expired_at else obj.num_chunks or 0  # expiry freed them
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> Any:
+        response = super().changelist_view(request, extra_context)
+        changelist = getattr(response, "context_data", {}).get("cl")
+        if changelist is not None:
+            # The charts follow the filters and the search of the list below them.
+            stats = corpus_stats(corpora=changelist.queryset)
+            response.context_data["rag_stats"] = stats_context(stats, scope="these corpora")
+        return response
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> Any:
+        context = dict(extra_context or {})
+        corpus = self.get_object(request, object_id)
+        if corpus is not None and self.has_view_permission(request, corpus):
+            stats = corpus_stats(corpora=Corpus.objects.filter(pk=corpus.pk))
+            context["rag_stats"] = stats_context(stats, scope="this corpus")
+        return super().change_view(request, object_id, form_url, extra_context=context)
+
+
+STATS_FRAME = Frame(width=440, height=200, left=48, right=8, top=10, bottom=24, label_gap=4)
+
+
+def day_label(day: Any) -> str:
+    return f"{day:%b} {day.day}"  # "Nov 3"
+
+
+def stats_context(stats: CorpusStats, *, scope: str) -> dict[str, Any]:
+    """The figures and charts of the corpus pages: documents by status now, and per day
+    ingestion (documents, failures, chunks) and searches."""
+    statuses = list(stats.statuses)
+    failed = Document.Status.FAILED
+    labels = [day_label(day) for day in stats.days]
+    titles = [day.isoformat() for day in stats.days]
+    period = f"last {len(stats.days)} days (UTC)"
+
+    def per_day(name: str, title: str, unit: str, values: list[int]) -> Chart:
+        return bar_chart(
+            id=f"rag-chart-{name}", css="rag-chart", title=f"{title}, {period}",
+            frame=STATS_FRAME, labels=labels, series=[Series(unit, "bar", values)],
+            titles=[f"{t}: {v:,} {unit}" for t, v in zip(titles, values, strict=True)],
+            empty_text=f"No {unit} in these days.",
+        )  # fmt: skip
+
+    charts = [
+        bar_chart(
+            id="rag-chart-statuses", css="rag-chart", title="Documents by status, now",
+            frame=STATS_FRAME, labels=statuses, legend=False,
+            series=[Series("documents", "bar", [0 if s == failed else stats.statuses[s]
+                                                for s in statuses]),
+                    Series("failed", "bar error", [stats.statuses[s] if s == failed else 0
+                                                   for s in statuses])],
+            titles=[f"{s}: {stats.statuses[s]:,} documents" for s in statuses],
+            empty_text="No documents.",
+        ),
+        bar_chart(
+            id="rag-chart-ingested", css="rag-chart", frame=STATS_FRAME, legend=True,
+            title=f"Documents ingested and ingestions failed per day, {period}",
+            labels=labels,
+            series=[Series("ingested", "bar", stats.documents_ingested),
+                    Series("failed", "bar error", stats.failures)],
+            titles=[f"{t}: {i:,} ingested + {f:,} failed"
+                    for t, i, f in zip(titles, stats.documents_ingested, stats.failures,
+                                       strict=True)],
+            empty_text="No documents ingested in these days.",
+        ),
+        per_day("chunks", "Chunks ingested per day", "chunks", stats.chunks_ingested),
+        per_day("searches", "Searches per day", "searches", stats.searches),
+    ]  # fmt: skip
+    return {
+        "scope": scope,
+        "period": period,
+        "documents": stats.documents,
+        "statuses": stats.statuses,
+        "chunks": stats.chunks,
+        "ingested": sum(stats.documents_ingested),
+        "failures": sum(stats.failures),
+        "searches": sum(stats.searches),
+        "charts": charts,
+    }
 
 
 @admin.register(Document)

@@ -21,6 +21,7 @@ from apps.rag.chunking import HEURISTIC_CHARS_PER_TOKEN, Piece, chunk_sections
 from apps.rag.indexes import hnsw_index_ensure
 from apps.rag.models import Chunk, Corpus, Document
 from apps.rag.services import document_progress
+from apps.rag.usage import ingestion_record
 
 logger = logging.getLogger(__name__)
 TOKENIZER_SAMPLE_CHARS = 8000
@@ -63,11 +64,16 @@ async def ingest(*, document_id: int) -> None:
         await _fail(document_id, f"Ingestion failed: {exc!r}")
 
 
+def _fail_now(document_id: int, message: str) -> None:
+    with transaction.atomic():
+        _progress(document_id, status=Status.FAILED, error=message[:2000], chunks_embedded=0)
+        corpus_id = Document.objects.filter(pk=document_id).values_list("corpus_id", flat=True)
+        ingestion_record(corpus_id=corpus_id[0], failed=True)
+
+
 async def _fail(document_id: int, message: str) -> None:
-    with contextlib.suppress(Gone):
-        await sync_to_async(_progress)(
-            document_id, status=Status.FAILED, error=message[:2000], chunks_embedded=0
-        )
+    with contextlib.suppress(Gone, IndexError):
+        await sync_to_async(_fail_now)(document_id, message)
 
 
 async def _ingest(document: Document) -> None:
@@ -144,3 +150,4 @@ def _store(
         Document.objects.filter(pk=document.pk).update(
             status=Status.READY, updated_at=timezone.now(), chunks_embedded=len(pieces)
         )
+        ingestion_record(corpus_id=corpus.pk, chunks=len(pieces))  # counted once it is ready

@@ -252,3 +252,28 @@ class SessionRag(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant.slug} / session {self.session_id}"
+
+
+class CorpusDay(models.Model):
+    """A corpus's activity on one UTC day, for the operators' charts (admin → Corpora):
+    documents ingested (turned ready) and their chunks, ingestions that failed, searches
+    (the search endpoints, the page, chat RAG). Counted per document and per search, never
+    per chunk; the chat path's searches are summed in memory and written in batches
+    (apps/rag/usage.py)."""
+
+    corpus = models.ForeignKey(Corpus, on_delete=models.CASCADE, related_name="days")
+    day = models.DateField()
+    documents_ingested = models.PositiveIntegerField(default=0)
+    chunks_ingested = models.PositiveBigIntegerField(default=0)
+    failures = models.PositiveIntegerField(default=0)
+    searches = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        verbose_name = "corpus day"
+        constraints = [
+            models.UniqueConstraint(fields=["corpus", "day"], name="unique_corpus_day"),
+        ]
+        indexes = [models.Index(fields=["day"], name="rag_corpusday_day")]
+
+    def __str__(self) -> str:
+        return f"{self.corpus_id} {self.day}"

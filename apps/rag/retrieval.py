@@ -29,6 +29,7 @@ from django.db.models import Sum
 from apps.rag import engine
 from apps.rag.models import Corpus, Document
 from apps.rag.stores import _vector_literal, vector_store
+from apps.rag.usage import searches_record
 
 RRF_K = 60
 RERANK_POOL_FACTOR = 4  # candidates reranked per result kept
@@ -268,4 +269,6 @@ def search_now(*, corpora: list[Corpus], query: str, top_k: int | None, tenant: 
                 corpora=refs, query=query, top_k=top_k, tenant=tenant, client=client
             )
 
-    return async_to_sync(run)()
+    hits = async_to_sync(run)()
+    searches_record(corpus_ids=[c.pk for c in corpora])
+    return hits

@@ -4,10 +4,14 @@ of another tenant is indistinguishable from one that does not exist (404)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date, timedelta
 
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet, Sum
 
-from apps.rag.models import AutoRag, Corpus, Document, SessionRag, StoredFile
+from apps.rag.models import AutoRag, Corpus, CorpusDay, Document, SessionRag, StoredFile
+from apps.rag.usage import COLUMNS, today
+
+STATS_DAYS = 14  # the admin's charts: this many UTC days, today included
 
 
 class NotFound(Exception):
@@ -122,3 +126,55 @@ def ingestion_backlog() -> dict[str, object]:
         "failed": failed,
         "oldest_waiting_seconds": round(float(oldest), 1) if oldest is not None else None,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class CorpusStats:
+    """Corpora as operators chart them: now (documents by status, chunks stored) and per
+    UTC day, oldest first (ingested documents and their chunks, failures, searches)."""
+
+    statuses: dict[str, int]  # every status, in Document.Status order
+    chunks: int
+    days: list[date]
+    documents_ingested: list[int]
+    chunks_ingested: list[int]
+    failures: list[int]
+    searches: list[int]
+
+    @property
+    def documents(self) -> int:
+        return sum(self.statuses.values())
+
+
+def corpus_stats(*, corpora: QuerySet[Corpus], days: int = STATS_DAYS) -> CorpusStats:
+    """Three aggregate queries, whatever the number of corpora, documents or chunks:
+    chunks stored are summed over ready documents (as retrieval counts them), none for a
+    corpus whose chunks expiry freed."""
+    ids = corpora.order_by().values("pk")
+    documents = Document.objects.filter(corpus__in=ids)
+    by_status = dict(documents.values_list("status").annotate(n=Count("pk")).order_by())
+    chunks = documents.filter(
+        status=Document.Status.READY, corpus__expired_at__isnull=True
+    ).aggregate(n=Sum("chunk_count"))["n"]
+    first = today() - timedelta(days=days - 1)
+    rows = {
+        row["day"]: row
+        for row in CorpusDay.objects.filter(corpus__in=ids, day__gte=first)
+        .values("day")
+        .annotate(**{f"total_{c}": Sum(c) for c in COLUMNS})
+        .order_by()
+    }
+    span = [first + timedelta(days=i) for i in range(days)]
+
+    def series(column: str) -> list[int]:
+        return [int(rows[d][f"total_{column}"]) if d in rows else 0 for d in span]
+
+    return CorpusStats(
+        statuses={status: by_status.get(status, 0) for status in Document.Status.values},
+        chunks=chunks or 0,
+        days=span,
+        documents_ingested=series("documents_ingested"),
+        chunks_ingested=series("chunks_ingested"),
+        failures=series("failures"),
+        searches=series("searches"),
+    )

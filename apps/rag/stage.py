@@ -27,6 +27,7 @@ from apps.rag.engine import EngineError
 from apps.rag.models import Corpus
 from apps.rag.retrieval import CorpusRef, Hit, corpus_refs, retrieve
 from apps.rag.services import corpora_touch, expired_error, is_idle
+from apps.rag.usage import search_counter
 
 CITE_INSTRUCTION = (
     "Answer using the numbered sources below when they are relevant, and cite each one you "
@@ -167,6 +168,7 @@ async def rag_retrieve(ctx: RequestContext) -> None:
         raise ApiError(
             502, f"Retrieval failed: {exc}", type="api_error", code="rag_failed"
         ) from None
+    search_counter.add(c.pk for c in corpora)  # in memory, written in batches
     # Most requests send no query here: each store's use is recorded once a minute at most.
     now = timezone.now()
     if any(is_idle(c.last_active_at, now) for c in corpora):
