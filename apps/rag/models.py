@@ -261,7 +261,12 @@ class CorpusDay(models.Model):
     per chunk; the chat path's searches are summed in memory and written in batches
     (apps/rag/usage.py)."""
 
-    corpus = models.ForeignKey(Corpus, on_delete=models.CASCADE, related_name="days")
+    # No database constraint: its check would take a share lock on the corpus row, and a
+    # count would wait for whatever holds that row (ingestion storing a document's chunks,
+    # an update). The upsert skips deleted corpora; deleting one deletes its days (ORM).
+    corpus = models.ForeignKey(
+        Corpus, on_delete=models.CASCADE, related_name="days", db_constraint=False
+    )
     day = models.DateField()
     documents_ingested = models.PositiveIntegerField(default=0)
     chunks_ingested = models.PositiveBigIntegerField(default=0)

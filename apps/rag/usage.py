@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from apps.rag.models import CorpusDay
+from apps.rag.models import Corpus, CorpusDay
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ _UPSERT = (
     f"SELECT v.corpus_id, v.day, {', '.join(f'v.{c}' for c in COLUMNS)} "
     "FROM unnest(%s::bigint[], %s::date[], %s::int[], %s::bigint[], %s::int[], %s::bigint[]) "
     f"AS v(corpus_id, day, {', '.join(COLUMNS)}) "
-    "JOIN rag_corpus c ON c.id = v.corpus_id "
+    f"JOIN {Corpus._meta.db_table} c ON c.id = v.corpus_id "
     "ON CONFLICT (corpus_id, day) DO UPDATE SET "
     + ", ".join(f"{c} = {_TABLE}.{c} + EXCLUDED.{c}" for c in COLUMNS)
 )

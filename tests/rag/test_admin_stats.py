@@ -184,3 +184,43 @@ def test_chat_rag_searches_are_counted_in_batches(rag_engine, rag_client, alice)
     assert wait_until(counted, timeout=10)
     row = CorpusDay.objects.get(corpus=one, day=today())  # ingestion and searches: one row
     assert (row.documents_ingested, row.failures) == (1, 0)
+
+
+def test_counts_of_a_corpus_deleted_meanwhile_do_not_lose_the_others(rag_engine, alice):
+    from apps.rag.usage import corpus_days_add
+
+    kept, gone = corpus_for(alice.tenant, name="kept"), corpus_for(alice.tenant, name="gone")
+    gone_pk = gone.pk
+    gone.delete()
+    day = today()
+    corpus_days_add({(kept.pk, day): {"searches": 2}, (gone_pk, day): {"searches": 1}})
+    corpus_days_add({(kept.pk, day): {"searches": 3, "failures": 1}})
+    row = CorpusDay.objects.get()
+    assert (row.corpus_id, row.searches, row.failures) == (kept.pk, 5, 1)
+    kept.delete()
+    assert not CorpusDay.objects.exists()  # a corpus's days go with it
+
+
+def test_a_count_does_not_wait_for_a_corpus_row_held_by_ingestion(rag_engine, alice):
+    """Ingestion stores a document's chunks with its corpus row locked (FOR UPDATE); a
+    count then must not wait for it (as a foreign key check would)."""
+    import psycopg
+    from django.db import connection
+
+    from apps.core.db import connection_kwargs
+    from apps.rag.usage import ingestion_record, searches_record
+
+    corpus = corpus_for(alice.tenant)
+    with psycopg.connect(**connection_kwargs()) as other:
+        other.execute("SELECT 1 FROM rag_corpus WHERE id = %s FOR UPDATE", [corpus.pk])
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '1s'")
+        try:
+            searches_record(corpus_ids=[corpus.pk])
+            ingestion_record(corpus_id=corpus.pk, failed=True)
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+        other.rollback()
+    row = CorpusDay.objects.get(corpus=corpus)
+    assert (row.searches, row.failures) == (1, 1)
