@@ -100,3 +100,19 @@ def test_a_later_round_streams_loading_comments_when_the_engine_stopped_meanwhil
         f"{loading_gateway.url}/metrics", headers={"Authorization": "Bearer t"}, timeout=5
     )
     assert 'gateway_engine_starts_total{engine="local"} 2.0' in metrics.text  # it did stop
+
+
+def test_a_start_that_fails_after_comments_ends_the_loop_with_an_error_event(
+    loading_gateway, alice
+) -> None:
+    tools_allow(tenant=alice.tenant, tools=["python"])
+    managed_engine(
+        ctx_sizes=(1024,),
+        template=FAKE_TEMPLATE + " --startup-delay 30",
+        startup_timeout_seconds=2.5,
+    )
+    lines = streamed_tool_call(loading_gateway, alice, "print(1)")
+    assert lines[0] == f"{LOADING} (1 s)"
+    assert TOOL not in lines  # the first round never ran
+    assert '"engine_unavailable"' in lines[-2]
+    assert lines[-1] == "data: [DONE]"
