@@ -6,6 +6,7 @@ process's shared aiohttp client."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from apps.core.errors import ApiError
 from apps.core.usage import UsageCall
 from apps.engines.client import engine_session, engine_url, request_timeout
 from apps.engines.registry import ModelRoute, VariantRoute, registry
-from apps.engines.scheduler import SchedulerBusy, SlotRequest
+from apps.engines.scheduler import Placement, SchedulerBusy, SlotRequest
 from apps.engines.scheduler_service import worker_scheduler
 from apps.engines.stage import largest_variant, replica_order, replica_url
 from apps.observability import metrics
@@ -61,9 +62,15 @@ async def engine_post(
     client: aiohttp.ClientSession | None = None,
     pick: VariantPick = largest_variant,
     call: UsageCall | None = None,
+    slot_held_on: str = "",
 ) -> dict[str, Any]:
     """POST `body` (with the model's own name) to `path` of the model's engine, in a slot
-    taken for `tenant` (its fairness share `weight`); `call` learns the engine's name."""
+    taken for `tenant` (its fairness share `weight`); `call` learns the engine's name.
+
+    `slot_held_on`: the engine on which the request this call is made for holds a slot
+    while it waits for the call (a response's safety check): a call to that engine goes
+    without a slot of its own, since queueing behind that request would wait for itself
+    (with one slot, for ever); the engine queues it if it must."""
     name, variant = await variant_of(model, pick=pick)
     engine = variant.engine
     if call is not None:
@@ -79,7 +86,11 @@ async def engine_post(
         max_wait=settings.SCHEDULER_MAX_WAIT_SECONDS,
         replica_order=await replica_order(variant),
     )
-    lease = worker_scheduler().slot(request)
+    lease = (
+        _InHeldSlot(engine.name, request.replica_order)
+        if slot_held_on == engine.name
+        else worker_scheduler().slot(request)
+    )
     headers = {"Content-Type": "application/json"}
     if engine.upstream_api_key:
         headers["Authorization"] = f"Bearer {engine.upstream_api_key}"
@@ -136,3 +147,19 @@ async def engine_post(
     if not isinstance(answer, dict):
         raise EngineError(f"Engine `{engine.name}` sent no JSON object on {path}.", transient=False)
     return answer
+
+
+class _InHeldSlot:
+    """The placement of a call made within its request's slot (see engine_post)."""
+
+    def __init__(self, engine_key: str, order: tuple[int, ...]) -> None:
+        replica = order[0] if order else 0
+        self.placement = Placement(
+            engine_key, replica, slot=0, waited=0.0, sticky=False, granted_at=time.monotonic()
+        )
+
+    async def __aenter__(self) -> Placement:
+        return self.placement
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None

@@ -140,11 +140,12 @@ def request_body(model: str, prompt: str, *, flavor: str) -> dict[str, Any]:
     return body
 
 
-async def classify(model: str, prompt: str, *, payer: Payer) -> Verdict:
-    """One verdict from the model (ClassifierFailed when there is none in time)."""
+async def classify(model: str, prompt: str, *, payer: Payer, slot_held_on: str = "") -> Verdict:
+    """One verdict from the model (ClassifierFailed when there is none in time).
+    `slot_held_on`: the engine serving the answer being checked (engines/calls.py)."""
     try:
         async with asyncio.timeout(settings.SAFETY_CLASSIFIER_TIMEOUT_SECONDS):
-            return parse_verdict(await _ask(model, prompt, payer=payer))
+            return parse_verdict(await _ask(model, prompt, payer=payer, slot_held_on=slot_held_on))
     except TimeoutError:
         raise ClassifierFailed(
             f"no answer within {settings.SAFETY_CLASSIFIER_TIMEOUT_SECONDS:g} s"
@@ -164,7 +165,7 @@ def _first_variant(route: ModelRoute) -> VariantRoute:
     return route.variants[0]
 
 
-async def _ask(model: str, prompt: str, *, payer: Payer) -> str:
+async def _ask(model: str, prompt: str, *, payer: Payer, slot_held_on: str = "") -> str:
     """The classifier's answer, like any engine call of the tenant's: in a scheduler slot
     (waking or starting a managed engine, on the replica the scheduler picks), charged to
     the payer's quota with the tokens the engine reports. Charged even past the quota's
@@ -185,6 +186,7 @@ async def _ask(model: str, prompt: str, *, payer: Payer) -> str:
             weight=payer.weight,
             pick=_first_variant,
             call=call,
+            slot_held_on=slot_held_on,
         )
         text = answer_text(answer)
         call.took(answer.get("usage"), completion_estimate=heuristic_tokens(text))
@@ -204,8 +206,11 @@ async def classify_rules(
     conversation: list[Turn] | None,
     tool_command: str | None,
     payer: Payer,
+    slot_held_on: str = "",
 ) -> list[Finding]:
-    """Findings of the model rules: one classifier call per distinct model, concurrently."""
+    """Findings of the model rules: one classifier call per distinct model, concurrently.
+    `slot_held_on`: the engine serving the answer being checked, while it holds its slot
+    there (a response's checks)."""
     rules = list(rules)
     if tool_command is not None:
         turns = [("Agent", f"Run this tool command: {tool_command}")]
@@ -218,7 +223,8 @@ async def classify_rules(
     prompt = guard_prompt(turns, assess=assess)
     models = sorted({rule.classifier_model for rule in rules})
     results = await asyncio.gather(
-        *(classify(m, prompt, payer=payer) for m in models), return_exceptions=True
+        *(classify(m, prompt, payer=payer, slot_held_on=slot_held_on) for m in models),
+        return_exceptions=True,
     )
     verdicts = dict(zip(models, results, strict=True))
     excerpt = turns[-1][1][-EXCERPT_CHARS:]
@@ -292,7 +298,11 @@ class StreamClassifier:
         turns = [*self.conversation, ("Agent", "".join(self.text))]
         self.task = asyncio.ensure_future(
             classify_rules(
-                self.rules.model, conversation=turns, tool_command=None, payer=self.state.payer
+                self.rules.model,
+                conversation=turns,
+                tool_command=None,
+                payer=self.state.payer,
+                slot_held_on=self.ctx.engine,
             )
         )
 
@@ -321,7 +331,11 @@ class StreamClassifier:
         if self.tokens > self.checked_at:
             turns = [*self.conversation, ("Agent", "".join(self.text))]
             findings = await classify_rules(
-                self.rules.model, conversation=turns, tool_command=None, payer=self.state.payer
+                self.rules.model,
+                conversation=turns,
+                tool_command=None,
+                payer=self.state.payer,
+                slot_held_on=self.ctx.engine,
             )
             if self._record(findings, Stage.RESPONSE) is not None:
                 return self._refuse()

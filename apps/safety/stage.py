@@ -213,7 +213,11 @@ async def whole_precheck(ctx: RequestContext, resp: Any) -> None:
             continue
         turns = [*conversation, ("Agent", text)]
         findings = await classify_rules(
-            rules.model, conversation=turns, tool_command=None, payer=state.payer
+            rules.model,
+            conversation=turns,
+            tool_command=None,
+            payer=state.payer,
+            slot_held_on=ctx.engine,  # the answer's slot is held until it is sent
         )
         for finding in findings:
             state.record(Stage.RESPONSE, finding)

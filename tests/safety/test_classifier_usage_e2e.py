@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apps.quotas.selectors import quota_states
 from apps.quotas.services import quota_set
+from apps.safety.models import SafetyEvent
 from tests.conftest import request_logs, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -148,3 +149,25 @@ def test_a_classifier_call_queues_for_the_engines_slot(solo, gateway, alice, bob
     # It reached the engine only once Bob's answer was done with the slot.
     assert alices[0]["started_at"] >= chat["finished_at"]
     assert sample(scrape(gateway), "gateway_engine_queued", engine="solo") == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answers_check_on_its_own_one_slot_engine_does_not_wait_for_itself(
+    solo, gateway, alice, stream
+):
+    """The answer holds the engine's only slot until it is sent; its response check on
+    that engine runs within it instead of queueing behind it (which would time out)."""
+    call_command("add_safety_rule", "solo-answer", "--stage", "response", "--model", GUARD)
+    response = httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        json={"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stream": stream},
+        headers=alice.auth,
+        timeout=30,
+    )
+    assert response.status_code == 200
+    assert "content_filter" not in response.text
+    logs = wait_until(
+        lambda: len(classifier_logs(alice.tenant)) >= 2 and classifier_logs(alice.tenant)
+    )
+    assert {log.status_code for log in logs} == {200}  # the prompt's check and the answer's
+    assert not SafetyEvent.objects.filter(detail__contains="classifier failed").exists()
