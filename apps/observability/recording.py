@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from apps.core.context import RequestContext
+from apps.core.usage import UsageCall
 from apps.observability import metrics
 from apps.observability.metrics import child
 
@@ -44,3 +45,18 @@ def _record_speed(ctx: RequestContext, model: str) -> None:
             speed = (ctx.completion_tokens - 1) / elapsed
     if speed:
         child(metrics.TOKENS_PER_SECOND, model).observe(speed)
+
+
+def record_engine_call(call: UsageCall) -> None:
+    """An engine call made for a tenant besides its request's own (apps/core/usage.py),
+    counted like a request: its kind ("embeddings (ingestion)", "safety classifier", ...)
+    as the endpoint, its tokens in the tenant's token counter."""
+    tenant, model = call.payer.tenant_slug, call.model or "-"
+    child(metrics.REQUESTS, call.kind, model, tenant, str(call.status or 0)).inc()
+    child(metrics.DURATION, call.kind, model).observe(call.latency_ms / 1000)
+    if call.prompt_tokens:
+        child(metrics.TOKENS, model, tenant, "prompt").inc(call.prompt_tokens)
+    if call.completion_tokens:
+        child(metrics.TOKENS, model, tenant, "completion").inc(call.completion_tokens)
+    if call.error_code in QUOTA_CODES:
+        child(metrics.QUOTA_REFUSALS, tenant).inc()

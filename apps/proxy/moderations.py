@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from apps.core.errors import invalid_request
+from apps.core.usage import Payer
 from apps.proxy.consumers import V1Consumer
 from apps.proxy.validation import parse_json_object
 from apps.safety.moderation import moderate
@@ -43,11 +44,7 @@ class ModerationsConsumer(V1Consumer):
         model = payload.get("model", DEFAULT_MODEL)
         if not isinstance(model, str):
             raise invalid_request("`model` must be a string.", param="model")
-        results = await moderate(
-            tenant_id=principal.tenant_id,
-            key_id=principal.key_id,
-            texts=moderation_inputs(payload),
-        )
+        results = await moderate(payer=Payer.of(principal), texts=moderation_inputs(payload))
         await self.send_json(
             200, {"id": f"modr-{uuid.uuid4().hex}", "model": model, "results": results}
         )

@@ -28,6 +28,7 @@ from apps.quotas.selectors import (
     spend_by_day,
     spend_per_day,
     usage_by_day,
+    usage_by_kind,
     usage_since,
     usage_totals,
 )
@@ -217,6 +218,7 @@ class UsageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             "days": USAGE_DAYS,
             "chart": usage_chart(days, key_name=key.name if key else None),
             "keys": keys,
+            "kinds": usage_by_kind(tenant_id=tenant.pk, api_key_id=key_id),
             "total_prompt": sum(day.prompt_tokens for day in days),
             "total_completion": sum(day.completion_tokens for day in days),
             "total_requests": sum(key.requests for key in keys),

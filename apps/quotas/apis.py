@@ -14,6 +14,7 @@ from apps.quotas.selectors import (
     quota_states,
     spend_by_day,
     usage_by_day,
+    usage_by_kind,
     usage_totals,
 )
 from apps.quotas.state import QuotaState
@@ -43,6 +44,17 @@ class DayOutput(serializers.Serializer):
 
 class KeyOutput(serializers.Serializer):
     name = serializers.CharField()
+    requests = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class KindOutput(serializers.Serializer):
+    """A kind of call: a /v1 endpoint, or an engine call made for the tenant (RAG
+    embeddings, the safety classifier)."""
+
+    kind = serializers.CharField()
     requests = serializers.IntegerField()
     prompt_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
@@ -112,6 +124,7 @@ class UsageApi(TenantApiView):
                 "quotas": QuotaOutput(states, many=True, context=context).data,
                 "usage_by_day": DayOutput(usage_by_day(tenant_id=tenant.pk), many=True).data,
                 "usage_by_key": KeyOutput(usage_totals(tenant_id=tenant.pk), many=True).data,
+                "usage_by_kind": KindOutput(usage_by_kind(tenant_id=tenant.pk), many=True).data,
                 "budgets": BudgetOutput(budgets, many=True, context=context).data,
                 "spend_by_day": SpendOutput(spend_by_day(tenant_id=tenant.pk), many=True).data,
             }

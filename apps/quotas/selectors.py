@@ -162,7 +162,9 @@ def usage_totals(
         keys = keys.filter(pk=api_key_id)
     names: dict[int | None, str] = dict(keys.values_list("pk", "name"))
     if None in by_key:
-        names[None] = "(deleted keys)"
+        # Calls made without a key: a document's ingestion, a member's search on the
+        # pages (apps/core/usage.py), and the requests of keys deleted since.
+        names[None] = "(no key: ingestion, pages, deleted keys)"
     totals = [_key_usage(key_id, name, by_key.get(key_id)) for key_id, name in names.items()]
     return sorted(totals, key=lambda usage: (-usage.total_tokens, usage.name))
 
@@ -176,6 +178,44 @@ def _key_usage(key_id: int | None, name: str, row: dict | None) -> KeyUsage:
         prompt_tokens=row.get("prompt", 0),
         completion_tokens=row.get("completion", 0),
     )
+
+
+@dataclass(frozen=True)
+class KindUsage:
+    """Requests and tokens of one kind of call: a /v1 endpoint ("chat.completions"), or
+    an engine call made for the tenant ("embeddings (ingestion)", "safety classifier")."""
+
+    kind: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usage_by_kind(
+    *,
+    tenant_id: int,
+    api_key_id: int | None = None,
+    days: int = USAGE_DAYS,
+    now: datetime | None = None,
+) -> list[KindUsage]:
+    """Requests and tokens per kind of call over the last `days` days, the heaviest
+    first. One query."""
+    rows = (
+        _logs(tenant_id=tenant_id, api_key_id=api_key_id, since=usage_since(days=days, now=now))
+        .values("endpoint")
+        .annotate(
+            requests=Count("id"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens")
+        )
+    )
+    kinds = [
+        KindUsage(row["endpoint"], row["requests"], row["prompt"], row["completion"])
+        for row in rows
+    ]
+    return sorted(kinds, key=lambda usage: (-usage.total_tokens, usage.kind))
 
 
 class DaySpend(NamedTuple):

@@ -242,6 +242,51 @@ def quota_release(*, ticket: ReservationTicket) -> None:
     quota_settle(ticket=ticket, actual_tokens=0)
 
 
+# An admitted call's tokens straight into the current windows (created if need be), in
+# the global lock order (quota id); no limit check: the call was admitted already.
+_CHARGE_SQL = f"""
+INSERT INTO {_WINDOW} AS w (quota_id, window_start, used_tokens, reserved_tokens)
+SELECT t.q, t.s, %s, 0
+FROM unnest(%s::bigint[], %s::timestamptz[]) WITH ORDINALITY AS t(q, s, n)
+ORDER BY t.n
+ON CONFLICT (quota_id, window_start) DO UPDATE SET used_tokens = w.used_tokens + EXCLUDED.used_tokens
+"""
+
+
+def quota_charge(
+    *,
+    tenant_id: int,
+    api_key_id: int | None,
+    tokens: int,
+    now: datetime | None = None,
+    quotas: list[ApplicableQuota] | None = None,
+) -> None:
+    """Charge `tokens` to every quota that applies, even past its limit: for engine work
+    done on behalf of a request that was already admitted (a safety classifier call),
+    which refusing now would not undo. One statement; nothing reserved."""
+    _require_non_negative(tokens, "tokens")
+    if tokens == 0:
+        return
+    now = now or timezone.now()
+    for attempt in range(2):
+        if quotas is None or attempt:
+            quotas = quotas_applicable(tenant_id=tenant_id, api_key_id=api_key_id)
+        if not quotas:
+            return
+        params = [
+            tokens,
+            [quota[0] for quota in quotas],
+            [window_start(period, now) for _, period, *_ in quotas],
+        ]
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(_CHARGE_SQL, params)
+            return
+        except IntegrityError:
+            if attempt:  # a quota deleted meanwhile: looked up again once already
+                raise
+
+
 def reservations_release_stale(
     *, now: datetime | None = None, ttl_seconds: float | None = None
 ) -> int:

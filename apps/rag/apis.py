@@ -12,6 +12,7 @@ from rest_framework.response import Response
 
 from apps.core.errors import ApiError, invalid_request
 from apps.core.session_ids import InvalidSessionId, session_id_validate
+from apps.core.usage import Payer, UsageRefused
 from apps.rag import presenters, selectors, services
 from apps.rag.engine import EngineError
 from apps.rag.models import Corpus
@@ -108,6 +109,8 @@ class RagApiView(TenantApiView):
             exc = ApiError(404, str(exc), code="not_found")
         elif isinstance(exc, EngineError):
             exc = ApiError(502, str(exc), type="api_error", code="engine_error")
+        elif isinstance(exc, UsageRefused):  # the tenant's token quota has no room
+            exc = exc.error
         return super().handle_exception(exc)
 
     def corpus(self, corpus_id: str) -> Corpus:
@@ -118,9 +121,14 @@ class RagApiView(TenantApiView):
             raise invalid_request("`query` must be a non-empty string.", param="query")
         if corpus.is_expired():
             raise services.expired_error(corpus)
-        hits = search_now(
-            corpora=[corpus], query=query, top_k=top_k, tenant=self.principal.tenant.slug
+        tenant, key = self.principal.tenant, self.principal.api_key
+        payer = Payer(
+            tenant_id=tenant.pk,
+            tenant_slug=tenant.slug,
+            api_key_id=key.pk,
+            weight=tenant.scheduling_weight,
         )
+        hits = search_now(corpora=[corpus], query=query, top_k=top_k, payer=payer)
         services.corpora_touch(corpora=[corpus])
         return hits
 

@@ -4,6 +4,12 @@ Runs in a procrastinate job (apps/rag/tasks.py). The chunks are written, and the
 turns `ready`, in one transaction at the end, so retrieval sees all of a document or none
 of it; a job run again (its worker crashed) starts over. Every failure ends `failed` with
 a readable message and no chunks.
+
+The embeddings are the corpus's tenant's engine work: each batch reserves its estimate in
+the tenant's token quotas before the engine is asked and is charged what the engine
+reports (apps/core/usage.py). A batch that does not fit stops the document (`failed`,
+"Token quota exhausted: ..."): the batches before it stay charged (the engine did that
+work), nothing more is spent, and the document can be queued again once the quota allows.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from apps.core.usage import EMBEDDINGS_INGESTION, Payer, UsageRefused
 from apps.rag import engine, extraction
 from apps.rag.chunking import HEURISTIC_CHARS_PER_TOKEN, Piece, chunk_sections
 from apps.rag.indexes import hnsw_index_ensure
@@ -59,6 +66,8 @@ async def ingest(*, document_id: int) -> None:
         logger.info("document %s was deleted during ingestion", document_id)
     except (extraction.ExtractionError, engine.EngineError, Expired) as exc:
         await _fail(document_id, str(exc))
+    except UsageRefused as refused:
+        await _fail(document_id, f"Token quota exhausted: {refused}")
     except Exception as exc:
         logger.exception("ingestion of document %s failed", document_id)
         await _fail(document_id, f"Ingestion failed: {exc!r}")
@@ -102,11 +111,15 @@ async def _ingest(document: Document) -> None:
 async def _embed(document: Document, pieces: list[Piece]) -> list[list[float]]:
     vectors: list[list[float]] = []
     batch = max(1, settings.RAG_EMBED_BATCH)
-    tenant = document.corpus.tenant.slug
+    tenant = document.corpus.tenant
+    payer = Payer(tenant_id=tenant.pk, tenant_slug=tenant.slug, weight=tenant.scheduling_weight)
     for start in range(0, len(pieces), batch):
         texts = [p.text for p in pieces[start : start + batch]]
         vectors += await engine.embed_with_retries(
-            model=document.corpus.embedding_model, texts=texts, tenant=tenant
+            model=document.corpus.embedding_model,
+            texts=texts,
+            payer=payer,
+            kind=EMBEDDINGS_INGESTION,
         )
         await sync_to_async(_progress)(document.pk, chunks_embedded=len(vectors))
     return vectors

@@ -26,6 +26,7 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import Sum
 
+from apps.core.usage import Payer, usage_drain
 from apps.rag import engine
 from apps.rag.models import Corpus, Document
 from apps.rag.stores import _vector_literal, vector_store
@@ -106,12 +107,13 @@ async def retrieve(
     corpora: list[CorpusRef],
     query: str,
     top_k: int | None,
-    tenant: str,
-    weight: int = 1,
+    payer: Payer,
     store: str | None = None,
     client: aiohttp.ClientSession | None = None,
 ) -> list[Hit]:
-    """The best chunks for `query` across `corpora` (all of one tenant: the caller checked)."""
+    """The best chunks for `query` across `corpora` (all of one tenant: the caller checked).
+    The query's embeddings and reranking are charged to `payer` (UsageRefused if its
+    quota has no room)."""
     searchable = [c for c in corpora if c.dims]
     if not searchable or not query.strip():
         return []
@@ -119,9 +121,7 @@ async def retrieve(
     vectors = {}
     for model in {c.embedding_model for c in searchable}:
         vectors[model] = (
-            await engine.embed(
-                model=model, texts=[query], tenant=tenant, weight=weight, client=client
-            )
+            await engine.embed(model=model, texts=[query], payer=payer, client=client)
         )[0]
     rerank_model = next((c.rerank_model for c in searchable if c.rerank_model), "")
     pool = k * RERANK_POOL_FACTOR if rerank_model else k
@@ -133,8 +133,7 @@ async def retrieve(
             model=rerank_model,
             query=query,
             documents=[h.text for h in hits],
-            tenant=tenant,
-            weight=weight,
+            payer=payer,
             client=client,
         )
         hits = sorted(
@@ -257,17 +256,21 @@ def _hits(
     return hits
 
 
-def search_now(*, corpora: list[Corpus], query: str, top_k: int | None, tenant: str) -> list[Hit]:
+def search_now(*, corpora: list[Corpus], query: str, top_k: int | None, payer: Payer) -> list[Hit]:
     """retrieve() from synchronous code (the tenant API, the page), with a client of its
-    own: the worker's shared one belongs to its event loop."""
+    own: the worker's shared one belongs to its event loop. Its charges and log rows are
+    written before it returns (the loop it runs in may end with it)."""
 
     refs = corpus_refs(corpora)
 
     async def run() -> list[Hit]:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
-            return await retrieve(
-                corpora=refs, query=query, top_k=top_k, tenant=tenant, client=client
-            )
+            try:
+                return await retrieve(
+                    corpora=refs, query=query, top_k=top_k, payer=payer, client=client
+                )
+            finally:
+                await usage_drain()
 
     hits = async_to_sync(run)()
     searches_record(corpus_ids=[c.pk for c in corpora])

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from apps.core.context import RequestContext
 from apps.core.errors import ApiError, invalid_request
+from apps.core.usage import Payer, UsageRefused
 from apps.engines.tokens import heuristic_tokens, message_text
 from apps.rag import selectors
 from apps.rag.engine import EngineError
@@ -161,9 +162,10 @@ async def rag_retrieve(ctx: RequestContext) -> None:
             corpora=corpora,
             query=query,
             top_k=wanted.top_k,
-            tenant=ctx.principal.tenant_slug,
-            weight=ctx.principal.tenant_weight,
+            payer=Payer.of(ctx.principal),
         )
+    except UsageRefused as refused:  # no room in the quota even for the query's embedding
+        raise refused.error from None
     except EngineError as exc:
         raise ApiError(
             502, f"Retrieval failed: {exc}", type="api_error", code="rag_failed"

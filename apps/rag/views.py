@@ -13,6 +13,7 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
+from apps.core.usage import Payer, UsageRefused
 from apps.rag import presenters, selectors, services
 from apps.rag.apis import read_upload
 from apps.rag.engine import EngineError
@@ -126,8 +127,12 @@ def _corpus(
         search_error = services.expired_error(corpus).message
     elif query:
         try:
-            hits = search_now(corpora=[corpus], query=query, top_k=None, tenant=corpus.tenant.slug)
-        except EngineError as exc:
+            tenant = corpus.tenant
+            payer = Payer(
+                tenant_id=tenant.pk, tenant_slug=tenant.slug, weight=tenant.scheduling_weight
+            )
+            hits = search_now(corpora=[corpus], query=query, top_k=None, payer=payer)
+        except (EngineError, UsageRefused) as exc:
             search_error = str(exc)
         services.corpora_touch(corpora=[corpus])
     documents = [presenters.document_json(d) for d in selectors.documents_of(corpus=corpus)]

@@ -12,6 +12,7 @@ from pathlib import Path
 from django.conf import settings
 from procrastinate.contrib.django import app
 
+from apps.core.usage import usage_drain
 from apps.engines.client import close_engine_session
 from apps.rag.tasks import QUEUE, stalled_jobs_retry
 
@@ -33,6 +34,7 @@ async def worker_run(*, concurrency: int, wait: bool = True, name: str | None = 
                     fetch_job_polling_interval=1.0,
                 )
             finally:
+                await usage_drain()  # the embeddings' charges and request-log rows
                 await close_engine_session()
 
 

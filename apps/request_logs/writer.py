@@ -15,6 +15,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from apps.core.usage import UsageCall
 from apps.request_logs.models import RequestLog
 from apps.tenants.services import api_keys_touch
 
@@ -55,6 +56,34 @@ def log_row(**values: object) -> tuple:
     if len(values) != len(LOG_COLUMNS):
         raise TypeError(f"log_row takes exactly {LOG_COLUMNS}, got {sorted(values)}")
     return tuple(values[column] for column in LOG_COLUMNS)
+
+
+def engine_call_row(call: UsageCall) -> tuple:
+    """The log row of an engine call made for a tenant besides its request's own
+    (apps/core/usage.py): its kind is the endpoint, its key the caller's (none for a
+    document's ingestion)."""
+    return log_row(
+        created_at=timezone.now(),
+        tenant_id=call.payer.tenant_id,
+        api_key_id=call.payer.api_key_id,
+        endpoint=call.kind,
+        model=call.model,
+        engine=call.engine,
+        stream=False,
+        status_code=call.status,
+        error_code=call.error_code,
+        prompt_tokens=call.prompt_tokens,
+        cached_tokens=0,
+        completion_tokens=call.completion_tokens,
+        ttft_ms=None,
+        latency_ms=call.latency_ms,
+        client_disconnected=False,
+        usage_estimated=call.estimated,
+        safety_action="",
+        cache_status="",
+        cache_saved_tokens=0,
+        cost=None,
+    )
 
 
 _COPY_SQL = f"COPY {RequestLog._meta.db_table} ({', '.join(LOG_COLUMNS)}) FROM STDIN"

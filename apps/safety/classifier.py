@@ -1,8 +1,10 @@
 """Classifier (model) rules, Llama Guard style.
 
 The conversation (or a tool command) is rendered in Llama Guard 3's prompt and sent as
-one user message to the rule's model, any chat model of the gateway (through the engine
-registry, so managed engines start on demand). The answer's first line is `safe` or
+one user message to the rule's model, any chat model of the gateway, as any engine call
+of the tenant's (apps/engines/calls.py: the engine registry, so managed engines start on
+demand, and a scheduler slot, shared fairly with the requests), charged to the tenant's
+token quota (apps/core/usage.py). The answer's first line is `safe` or
 `unsafe`; an unsafe answer's second line lists the violated categories. On llama.cpp
 engines a grammar holds the model to exactly that shape (small general models, such as
 Gemma 3 270M, then always answer parseably).
@@ -26,7 +28,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import httpx
 import orjson
 from django.conf import settings
@@ -38,10 +39,11 @@ from apps.core.context import (
     StreamStop,
     messages_with_history,
 )
-from apps.engines.client import engine_session, engine_url
-from apps.engines.registry import load_snapshot, registry
-from apps.engines.stage import replica_url
-from apps.engines.tokens import message_text
+from apps.core.usage import SAFETY_CLASSIFIER, Payer, UsageCall, metered
+from apps.engines.calls import EngineError, ModelNotServed, engine_post
+from apps.engines.registry import ModelRoute, VariantRoute, load_snapshot, registry
+from apps.engines.scheduler import SchedulerBusy
+from apps.engines.tokens import heuristic_tokens, message_text
 from apps.safety.checks import Finding, content_filter_error
 from apps.safety.models import Action, Stage
 from apps.safety.rules import Rule
@@ -138,51 +140,77 @@ def request_body(model: str, prompt: str, *, flavor: str) -> dict[str, Any]:
     return body
 
 
-async def classify(model: str, prompt: str) -> Verdict:
-    """One verdict from the model (ClassifierFailed when there is none in time)."""
+async def classify(model: str, prompt: str, *, payer: Payer, slot_held_on: str = "") -> Verdict:
+    """One verdict from the model (ClassifierFailed when there is none in time).
+    `slot_held_on`: the engine serving the answer being checked (engines/calls.py)."""
     try:
         async with asyncio.timeout(settings.SAFETY_CLASSIFIER_TIMEOUT_SECONDS):
-            return parse_verdict(await _ask(model, prompt))
+            return parse_verdict(await _ask(model, prompt, payer=payer, slot_held_on=slot_held_on))
     except TimeoutError:
         raise ClassifierFailed(
             f"no answer within {settings.SAFETY_CLASSIFIER_TIMEOUT_SECONDS:g} s"
         ) from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise ClassifierFailed(f"engine unreachable ({type(exc).__name__})") from None
+    except ModelNotServed:
+        raise ClassifierFailed(f"no model `{model}`") from None
+    except EngineError as exc:
+        if exc.status:
+            raise ClassifierFailed(f"engine answered HTTP {exc.status}") from None
+        if isinstance(exc.__cause__, SchedulerBusy):
+            raise ClassifierFailed(f"engine busy ({exc.__cause__.reason})") from None
+        cause = type(exc.__cause__ or exc).__name__
+        raise ClassifierFailed(f"engine unreachable ({cause})") from None
 
 
-async def _ask(model: str, prompt: str) -> str:
+def _first_variant(route: ModelRoute) -> VariantRoute:
+    return route.variants[0]
+
+
+async def _ask(model: str, prompt: str, *, payer: Payer, slot_held_on: str = "") -> str:
+    """The classifier's answer, like any engine call of the tenant's: in a scheduler slot
+    (waking or starting a managed engine, on the replica the scheduler picks), charged to
+    the payer's quota with the tokens the engine reports. Charged even past the quota's
+    limit: the request it checks was admitted already."""
     route = (await registry.get()).find(model)
     if route is None or not route.variants:
-        raise ClassifierFailed(f"no model `{model}`")
-    variant = route.variants[0]
-    body = orjson.dumps(request_body(route.name, prompt, flavor=variant.engine.flavor))
-    headers = {"Content-Type": "application/json"}
-    if variant.engine.upstream_api_key:
-        headers["Authorization"] = f"Bearer {variant.engine.upstream_api_key}"
-    async with (
-        replica_url(variant, 0) as base_url,
-        engine_session().post(
-            engine_url(base_url, "/v1/chat/completions"), data=body, headers=headers
-        ) as resp,
-    ):
-        raw = await resp.read()
-    if resp.status >= 400:
-        raise ClassifierFailed(f"engine answered HTTP {resp.status}")
-    return answer_text(raw)
+        raise ModelNotServed(f"no model `{model}`", transient=False)
+    body = request_body(route.name, prompt, flavor=_first_variant(route).engine.flavor)
+    call = UsageCall(
+        payer=payer, kind=SAFETY_CLASSIFIER, model=route.name, estimate=heuristic_tokens(prompt)
+    )
+    async with metered(call, admitted=True):
+        answer = await engine_post(
+            model=route.name,
+            path="/v1/chat/completions",
+            body=body,
+            tenant=payer.tenant_slug,
+            weight=payer.weight,
+            pick=_first_variant,
+            call=call,
+            slot_held_on=slot_held_on,
+        )
+        text = answer_text(answer)
+        call.took(answer.get("usage"), completion_estimate=heuristic_tokens(text))
+    return text
 
 
-def answer_text(raw: bytes) -> str:
+def answer_text(answer: Any) -> str:
     try:
-        return orjson.loads(raw)["choices"][0]["message"]["content"] or ""
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return answer["choices"][0]["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError):
         raise ClassifierFailed("the engine's answer is not a chat completion") from None
 
 
 async def classify_rules(
-    rules: Iterable[Rule], *, conversation: list[Turn] | None, tool_command: str | None
+    rules: Iterable[Rule],
+    *,
+    conversation: list[Turn] | None,
+    tool_command: str | None,
+    payer: Payer,
+    slot_held_on: str = "",
 ) -> list[Finding]:
-    """Findings of the model rules: one classifier call per distinct model, concurrently."""
+    """Findings of the model rules: one classifier call per distinct model, concurrently.
+    `slot_held_on`: the engine serving the answer being checked, while it holds its slot
+    there (a response's checks)."""
     rules = list(rules)
     if tool_command is not None:
         turns = [("Agent", f"Run this tool command: {tool_command}")]
@@ -194,7 +222,10 @@ async def classify_rules(
         return []
     prompt = guard_prompt(turns, assess=assess)
     models = sorted({rule.classifier_model for rule in rules})
-    results = await asyncio.gather(*(classify(m, prompt) for m in models), return_exceptions=True)
+    results = await asyncio.gather(
+        *(classify(m, prompt, payer=payer, slot_held_on=slot_held_on) for m in models),
+        return_exceptions=True,
+    )
     verdicts = dict(zip(models, results, strict=True))
     excerpt = turns[-1][1][-EXCERPT_CHARS:]
     return [
@@ -266,7 +297,13 @@ class StreamClassifier:
         self.checked_at = self.tokens
         turns = [*self.conversation, ("Agent", "".join(self.text))]
         self.task = asyncio.ensure_future(
-            classify_rules(self.rules.model, conversation=turns, tool_command=None)
+            classify_rules(
+                self.rules.model,
+                conversation=turns,
+                tool_command=None,
+                payer=self.state.payer,
+                slot_held_on=self.ctx.engine,
+            )
         )
 
     def raise_if_unsafe(self, stop_chunks: Any) -> None:
@@ -293,7 +330,13 @@ class StreamClassifier:
                 return self._refuse()
         if self.tokens > self.checked_at:
             turns = [*self.conversation, ("Agent", "".join(self.text))]
-            findings = await classify_rules(self.rules.model, conversation=turns, tool_command=None)
+            findings = await classify_rules(
+                self.rules.model,
+                conversation=turns,
+                tool_command=None,
+                payer=self.state.payer,
+                slot_held_on=self.ctx.engine,
+            )
             if self._record(findings, Stage.RESPONSE) is not None:
                 return self._refuse()
         return None
@@ -318,8 +361,8 @@ def try_classifier(*, rule: Rule, text: str) -> str:
             json=body,
             timeout=settings.SAFETY_CLASSIFIER_TIMEOUT_SECONDS,
         ).content
-        verdict = parse_verdict(answer_text(raw))
-    except (httpx.HTTPError, ClassifierFailed) as exc:
+        verdict = parse_verdict(answer_text(orjson.loads(raw)))
+    except (httpx.HTTPError, orjson.JSONDecodeError, ClassifierFailed) as exc:
         return f"The classifier failed ({exc}): the rule would fail {'open' if rule.fails_open else 'closed'}."
     if not verdict.unsafe:
         return "The classifier says safe: the text would pass."

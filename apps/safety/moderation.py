@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from apps.core.usage import Payer
 from apps.safety.checks import matching
 from apps.safety.classifier import CATEGORY_NAMES, classify_rules
 from apps.safety.models import Stage
@@ -43,17 +44,21 @@ LLAMA_GUARD_TO_OPENAI = {
 }
 
 
-async def moderate(*, tenant_id: int, key_id: int, texts: list[str]) -> list[dict[str, Any]]:
-    rules = (await rule_cache.get()).for_key(tenant_id=tenant_id, key_id=key_id, stage=Stage.PROMPT)
-    return [await _result(rules, text) for text in texts]
+async def moderate(*, payer: Payer, texts: list[str]) -> list[dict[str, Any]]:
+    """The key's prompt rules on each text; its classifier calls are charged to `payer`."""
+    assert payer.api_key_id is not None
+    rules = (await rule_cache.get()).for_key(
+        tenant_id=payer.tenant_id, key_id=payer.api_key_id, stage=Stage.PROMPT
+    )
+    return [await _result(rules, text, payer) for text in texts]
 
 
-async def _result(rules: Any, text: str) -> dict[str, Any]:
+async def _result(rules: Any, text: str, payer: Payer) -> dict[str, Any]:
     hits = [{"name": r.name, "action": r.action, "categories": []} for r in matching(rules, text)]
     codes: list[str] = []
     if rules.model and text:
         findings = await classify_rules(
-            rules.model, conversation=[("User", text)], tool_command=None
+            rules.model, conversation=[("User", text)], tool_command=None, payer=payer
         )
         for finding in findings:
             hits.append(

@@ -20,6 +20,7 @@ from django.conf import settings
 
 from apps.core.context import RequestContext
 from apps.core.errors import ApiError
+from apps.core.usage import Payer
 from apps.safety.checks import Finding, matching, regex_check
 from apps.safety.classifier import classify_rules, conversation_of
 from apps.safety.events import EventScope, event_of, event_writer
@@ -37,6 +38,7 @@ class SafetyState:
 
     snapshot: Snapshot
     scope: EventScope
+    payer: Payer  # whom the classifier calls are charged to
     actions: list[str] = field(default_factory=list)  # for the request log
     # A whole answer's classifier findings per choice index (whole_precheck).
     whole_verdicts: dict[int, list[Finding]] = field(default_factory=dict)
@@ -95,6 +97,7 @@ async def safety_prompt(ctx: RequestContext) -> None:
             session_id=ctx.session_id or "",
             request_id=uuid.uuid4().hex,
         ),
+        payer=Payer.of(ctx.principal),
     )
     ctx.extras[EXTRAS_KEY] = state
     prompt_rules = state.rules(Stage.PROMPT, ctx)
@@ -179,7 +182,10 @@ async def prompt_check(ctx: RequestContext, state: SafetyState, rules: StageRule
         prompt_regex(ctx, state, rules, slots)
     if rules.model:
         findings = await classify_rules(
-            rules.model, conversation=conversation_of(ctx.payload, ctx.history), tool_command=None
+            rules.model,
+            conversation=conversation_of(ctx.payload, ctx.history),
+            tool_command=None,
+            payer=state.payer,
         )
         settle_model_findings(state, Stage.PROMPT, findings, param=prompt_param(ctx))
 
@@ -206,7 +212,13 @@ async def whole_precheck(ctx: RequestContext, resp: Any) -> None:
         if not isinstance(text, str) or not text:
             continue
         turns = [*conversation, ("Agent", text)]
-        findings = await classify_rules(rules.model, conversation=turns, tool_command=None)
+        findings = await classify_rules(
+            rules.model,
+            conversation=turns,
+            tool_command=None,
+            payer=state.payer,
+            slot_held_on=ctx.engine,  # the answer's slot is held until it is sent
+        )
         for finding in findings:
             state.record(Stage.RESPONSE, finding)
         state.whole_verdicts[choice.get("index", 0)] = findings

@@ -44,7 +44,10 @@ class ToolChecker:
                 raise tool_refusal(verdict.blocked.rule.name)
         if self.rules.model:
             findings = await classify_rules(
-                self.rules.model, conversation=None, tool_command=command_text(tool_name, command)
+                self.rules.model,
+                conversation=None,
+                tool_command=command_text(tool_name, command),
+                payer=self.state.payer,
             )
             for finding in findings:
                 self.state.record(Stage.TOOL, finding)

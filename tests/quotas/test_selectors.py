@@ -144,7 +144,7 @@ def test_it_totals_usage_per_key_heaviest_first(alice: TenantKey, bob: TenantKey
     ] == [
         ("other", 1, 300, 3, 303),
         ("default", 2, 20, 10, 30),
-        ("(deleted keys)", 1, 1, 1, 2),
+        ("(no key: ingestion, pages, deleted keys)", 1, 1, 1, 2),
         ("idle", 0, 0, 0, 0),
     ]
     assert {t.api_key_id for t in totals} == {alice.api_key.pk, other.pk, idle.pk, None}

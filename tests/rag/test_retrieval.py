@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from apps.core.usage import Payer, usage_drain
 from apps.engines.client import close_engine_session
 from apps.rag.retrieval import corpus_refs, retrieve
 from tests.rag.conftest import RERANK, corpus_for, run_jobs, upload
@@ -28,17 +29,21 @@ def store(request, settings):
     return request.param.split("-")[0]
 
 
-def search(corpora, query, *, store, top_k=None, tenant="alice"):
+def search(corpora, query, *, store, top_k=None):
+    tenant = corpora[0].tenant
+    payer = Payer(tenant_id=tenant.pk, tenant_slug=tenant.slug)
+
     async def run():
         try:
             return await retrieve(
                 corpora=refs,
                 query=query,
                 top_k=top_k,
-                tenant=tenant,
+                payer=payer,
                 store=store,
             )
         finally:
+            await usage_drain()
             await close_engine_session()
 
     for c in corpora:

@@ -6,6 +6,7 @@ from typing import Any
 
 import openai
 
+from apps.core.usage import Payer
 from apps.safety.events import EventScope
 from apps.safety.models import SafetyRule
 from apps.safety.rules import Rule, Snapshot, rule_view
@@ -23,7 +24,8 @@ def rule(name: str, pattern: str, *, stage: str = "response", action: str = "blo
 def state_of(*rules: Rule) -> tuple[SafetyState, Snapshot]:
     snapshot = Snapshot(rules=rules)
     scope = EventScope(tenant_id=1, api_key_id=1, session_id="", request_id="r1")
-    return SafetyState(snapshot=snapshot, scope=scope), snapshot
+    payer = Payer(tenant_id=1, tenant_slug="t", api_key_id=1)
+    return SafetyState(snapshot=snapshot, scope=scope, payer=payer), snapshot
 
 
 def chat_chunk(text: str | None = None, *, finish: str | None = None, role: bool = False) -> dict:
