@@ -189,6 +189,70 @@ def retrieval(corpus, *, queries: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+# The full-text query before the rarest-words selection (any word's matches, the first
+# RAG_TEXT_MATCH_CAP of them ranked by ts_rank_cd), kept to compare with in the same run.
+OLD_TEXT_SQL = (
+    "WITH q AS (SELECT to_tsquery('english', %s) AS q) "
+    "SELECT m.id, m.corpus_id FROM q, LATERAL ("
+    "  SELECT c.id, c.corpus_id, c.search_vector FROM rag_chunk c "
+    "  WHERE c.corpus_id = ANY(%s) AND c.search_vector @@ q.q LIMIT %s) m "
+    "ORDER BY ts_rank_cd(m.search_vector, q.q) DESC, m.id LIMIT %s"
+)
+
+
+def old_text_matches(corpus_ids: list[int], query: str, limit: int) -> list[tuple[int, int]]:
+    from django.conf import settings
+
+    from apps.rag.retrieval import WORD
+
+    tsquery = " | ".join(f"'{w}'" for w in WORD.findall(query.lower())[:64])
+    with connection.cursor() as cursor:
+        cursor.execute(OLD_TEXT_SQL, [tsquery, corpus_ids, settings.RAG_TEXT_MATCH_CAP, limit])
+        return cursor.fetchall()
+
+
+def text_side(corpus, *, queries: int, k: int = 10) -> dict[str, tuple[float, float]]:
+    """The full-text candidates alone, old and new query: time, and recall@k against the
+    uncapped ranking (ts_rank_cd over every matching chunk). Many chunks tie (a chunk
+    with one query word once), so a result counts when its reference score is at least
+    the k-th best one."""
+    from apps.rag.retrieval import _text_matches
+
+    size = corpus.chunk_count_for_bench
+    out = {}
+    texts = [fake_text(8) for _ in range(queries)]
+    variants = {
+        "old (any word, first cap, ts_rank_cd)": lambda q: old_text_matches([corpus.pk], q, 40),
+        "new (rarest words, ts_rank)": lambda q: _text_matches([corpus.pk], q, 40, chunks=size),
+    }
+    for label, search in variants.items():
+        samples, recalls = [], []
+        for q in texts:
+            t = time.perf_counter()
+            found = search(q)
+            samples.append((time.perf_counter() - t) * 1000)
+        for q in texts[: max(1, queries // 8)]:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "WITH q AS (SELECT to_tsquery('english', %s) AS q) "
+                    "SELECT c.id, ts_rank_cd(c.search_vector, q.q) FROM rag_chunk c, q "
+                    "WHERE c.corpus_id = %s AND c.search_vector @@ q.q",
+                    [" | ".join(f"'{w}'" for w in q.split()), corpus.pk],
+                )
+                reference = dict(cursor.fetchall())
+            best = sorted(reference.values(), reverse=True)
+            if len(best) < k:
+                continue
+            found = [i for i, _ in search(q)[:k]]
+            recalls.append(sum(reference.get(i, 0) >= best[k - 1] for i in found) / k)
+        out[f"full text {label}"] = percentiles(samples)
+        out[f"  its recall@{k} vs uncapped ts_rank_cd (mean, min)"] = (
+            statistics.mean(recalls),
+            min(recalls),
+        )
+    return out
+
+
 def recall_at_10(corpus, *, queries: int = 50) -> float:
     """HNSW's recall against the exact (numpy) answer."""
     from apps.rag.stores import vector_store
@@ -333,7 +397,8 @@ def main() -> None:
         print(
             f"  {size:>7} chunks (HNSW index built in {index_seconds:.1f} s, recall@10 {recall_at_10(corpus):.2f})"
         )
-        for label, (p50, p99) in retrieval(corpus, queries=args.queries).items():
+        rows = {**retrieval(corpus, queries=args.queries), **text_side(corpus, queries=80)}
+        for label, (p50, p99) in rows.items():
             print(f"    {label:<52} {p50:8.2f} / {p99:8.2f}")
     with FakeEngineProcess().start(
         "--model",

@@ -371,6 +371,9 @@ RAG_EXACT_SEARCH_MAX_CHUNKS = env_int("RAG_EXACT_SEARCH_MAX_CHUNKS", 5000)
 RAG_TEXT_MATCH_CAP = env_int("RAG_TEXT_MATCH_CAP", 1000)
 # How often the chat path's search counts (admin charts) are written (apps/rag/usage.py).
 RAG_USAGE_FLUSH_SECONDS = env_float("RAG_USAGE_FLUSH_SECONDS", 1.0)
+# How often a process re-reads the lexemes' frequencies (PostgreSQL's statistics of the
+# chunks' tsvectors) that pick a query's rarest words for the full-text side.
+RAG_TERM_STATS_SECONDS = env_float("RAG_TERM_STATS_SECONDS", 60.0)
 
 # Sandboxed tools (apps/tools, README "Sandboxed tools"): `subprocess` (bubblewrap; the
 # default) or `docker`. Without bwrap the subprocess backend refuses to run unless the

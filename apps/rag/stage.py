@@ -26,7 +26,7 @@ from apps.engines.tokens import heuristic_tokens, message_text
 from apps.rag import selectors
 from apps.rag.engine import EngineError
 from apps.rag.models import Corpus
-from apps.rag.retrieval import CorpusRef, Hit, corpus_refs, retrieve
+from apps.rag.retrieval import CorpusRef, Hit, corpus_refs, retrieve, with_ready_chunks
 from apps.rag.services import corpora_touch, expired_error, is_idle
 from apps.rag.usage import search_counter
 
@@ -110,7 +110,10 @@ def _corpora_now(tenant_id: int, wanted: RagRequest) -> list[CorpusRef]:
     key = "public_id__in" if wanted.by_public_id else "pk__in"
     found = {
         (c.public_id if wanted.by_public_id else c.pk): c
-        for c in Corpus.objects.filter(tenant_id=tenant_id, **{key: list(wanted.corpus_ids)})
+        for c in with_ready_chunks(
+            # order_by(): the default ordering's join with the tenants is not needed here
+            Corpus.objects.filter(tenant_id=tenant_id, **{key: list(wanted.corpus_ids)}).order_by()
+        )
     }
     missing = [c for c in wanted.corpus_ids if c not in found]
     if missing and wanted.by_public_id:

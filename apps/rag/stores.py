@@ -59,19 +59,19 @@ class PgVectorStore:
         n = int(dims)
         # Ordering by the uncast column is not the index's expression: an exact scan of the
         # corpus's rows (found by the corpus_id index) instead of the HNSW walk.
+        # The distance is computed once per row, as the sort key (selected and ordered by
+        # separately, a scanned row's vector was read from TOAST and compared twice).
         order = "embedding" if exact else f"embedding::vector({n})"
         sql = (
-            f"SELECT id, corpus_id, 1 - (embedding::vector({n}) <=> %s::vector({n})) FROM rag_chunk "
-            f"WHERE dims = {n} AND corpus_id = ANY(%s) "
-            f"ORDER BY {order} <=> %s::vector({n}) LIMIT %s"
+            f"SELECT id, corpus_id, {order} <=> %s::vector({n}) AS distance FROM rag_chunk "
+            f"WHERE dims = {n} AND corpus_id = ANY(%s) ORDER BY distance LIMIT %s"
         )
-        literal = _vector_literal(query)
         with connection.cursor() as cursor:
             _hnsw_settings(cursor, limit)
-            cursor.execute(sql, [literal, list(corpus_ids), literal, limit])
+            cursor.execute(sql, [_vector_literal(query), list(corpus_ids), limit])
             rows = cursor.fetchall()
         # relaxed_order may return neighbours slightly out of order.
-        return sorted(((int(i), int(c), float(s)) for i, c, s in rows), key=lambda r: -r[2])
+        return sorted(((int(i), int(c), 1 - float(d)) for i, c, d in rows), key=lambda r: -r[2])
 
 
 def _hnsw_settings(cursor, limit: int) -> None:

@@ -107,3 +107,36 @@ def test_a_document_being_ingested_is_invisible(animals, store):
     upload(animals, "late.txt", b"Sea otters hold hands late at night.")  # queued, not run
     hits = search([animals], "otters hold hands", store=store, top_k=10)
     assert "late.txt" not in {h.document for h in hits}
+
+
+@pytest.fixture
+def rivers(rag_engine, alice, settings):
+    """Many chunks with a common word, one with it and a rare one, written last (the
+    first chunks PostgreSQL comes across are the common word's), and the column's
+    statistics up to date, as autovacuum keeps them."""
+    from django.db import connection
+
+    settings.RAG_TERM_STATS_SECONDS = 0  # this test's statistics, not an earlier test's
+    corpus = corpus_for(alice.tenant, name="rivers", hybrid_weight=0.0)  # full text only
+    for n in range(30):
+        upload(corpus, f"river{n}.txt", f"The river number {n} flows to the sea.".encode())
+    run_jobs()
+    upload(corpus, "kelp.txt", b"Kelp forests grow where the river meets the sea.")
+    run_jobs()
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE rag_chunk")
+    corpus.refresh_from_db()
+    return corpus
+
+
+def test_full_text_ranks_the_rare_words_matches_beyond_the_cap(rivers, settings):
+    # Fewer chunks ranked than match the common word: the rare word's are among them.
+    settings.RAG_TEXT_MATCH_CAP = 5
+    hits = search([rivers], "kelp river", store="pgvector", top_k=1)
+    assert [h.document for h in hits] == ["kelp.txt"]
+
+
+def test_full_text_of_stop_words_only_finds_nothing(rivers):
+    hits = search([rivers], "the of where", store="pgvector", top_k=3)
+    # The vector side still answers; the full-text side adds nothing and fails on nothing.
+    assert len(hits) == 3
