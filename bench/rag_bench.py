@@ -246,7 +246,7 @@ def text_side(corpus, *, queries: int, k: int = 10) -> dict[str, tuple[float, fl
             found = [i for i, _ in search(q)[:k]]
             recalls.append(sum(reference.get(i, 0) >= best[k - 1] for i in found) / k)
         out[f"full text {label}"] = percentiles(samples)
-        out[f"  its recall@{k} vs uncapped ts_rank_cd (mean, min)"] = (
+        out[f"  {label.split()[0]}: recall@{k} vs uncapped ts_rank_cd (mean, min)"] = (
             statistics.mean(recalls),
             min(recalls),
         )
