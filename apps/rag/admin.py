@@ -11,7 +11,7 @@ from apps.core.admin import ReadOnlyAdminMixin
 from apps.core.charts import Chart, Frame, Series, bar_chart
 from apps.rag.models import AutoRag, Corpus, Document, SessionRag, StoredFile
 from apps.rag.selectors import CorpusStats, corpus_stats
-from apps.rag.services import document_enqueue
+from apps.rag.services import EXPIRY_MAX_DAYS, document_enqueue
 
 
 class DocumentInline(ReadOnlyAdminMixin, admin.TabularInline):
@@ -26,8 +26,26 @@ class DocumentInline(ReadOnlyAdminMixin, admin.TabularInline):
         return f"{obj.progress} %"
 
 
+class CorpusAdminForm(forms.ModelForm):
+    """The API's and the pages' bounds on expiry, here too (the column takes any
+    positive number)."""
+
+    class Meta:
+        model = Corpus
+        fields = ["expires_after_days"]  # the admin adds its own fields to these
+
+    def clean_expires_after_days(self) -> int | None:
+        days = self.cleaned_data.get("expires_after_days")
+        if days is not None and not 1 <= days <= EXPIRY_MAX_DAYS:
+            raise forms.ValidationError(
+                f"A whole number of days from 1 to {EXPIRY_MAX_DAYS}, or empty: never expires."
+            )
+        return days
+
+
 @admin.register(Corpus)
 class CorpusAdmin(admin.ModelAdmin):
+    form = CorpusAdminForm
     list_display = [
         "name",
         "tenant",

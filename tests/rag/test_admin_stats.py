@@ -224,3 +224,24 @@ def test_a_count_does_not_wait_for_a_corpus_row_held_by_ingestion(rag_engine, al
         other.rollback()
     row = CorpusDay.objects.get(corpus=corpus)
     assert (row.searches, row.failures) == (1, 1)
+
+
+@pytest.mark.parametrize("days", [0, 366])
+def test_the_admin_form_refuses_expiry_days_out_of_bounds(rag_engine, alice, days):
+    from django.contrib import admin as django_admin
+
+    corpus = corpus_for(alice.tenant, name="handbook")
+    form_class = django_admin.site._registry[Corpus].form
+    form = form_class(data={"expires_after_days": days}, instance=corpus)
+    assert not form.is_valid()
+    assert "from 1 to 365" in form.errors["expires_after_days"][0]
+
+
+def test_the_admin_form_takes_expiry_days_in_bounds_or_none(rag_engine, alice):
+    from django.contrib import admin as django_admin
+
+    form_class = django_admin.site._registry[Corpus].form
+    for days in (1, 365, ""):
+        form = form_class(data={"expires_after_days": days}, instance=corpus_for(alice.tenant))
+        form.is_valid()
+        assert "expires_after_days" not in form.errors
