@@ -73,3 +73,30 @@ def test_it_cancels_a_waiting_non_streaming_request_too(engine, gateway, alice, 
     assert seen["cancelled_at"] - left_at < 1.0
     log = wait_until(lambda: request_logs(tenant=alice.tenant))[0]
     assert (log.client_disconnected, log.status_code, log.completion_tokens) == (True, 499, 0)
+
+
+def test_it_cancels_a_request_whose_client_left_at_once(engine, gateway, alice, fake_engine):
+    """A client gone before the watcher starts (DisconnectWatch.WATCH_AFTER_SECONDS) is seen
+    as soon as it does."""
+
+    async def leave_at_once() -> None:
+        body = {
+            "model": FAKE_MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "fake": {"delay": 5},
+        }
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(
+                    f"{gateway.base_url}/chat/completions",
+                    json=body,
+                    headers=alice.auth,
+                    timeout=httpx.Timeout(5, read=0.005),
+                )
+
+    asyncio.run(leave_at_once())
+    left_at = time.time()
+    seen = wait_until(lambda: _cancelled_request(fake_engine), timeout=5)
+    assert seen["cancelled_at"] - left_at < 1.0
+    log = wait_until(lambda: request_logs(tenant=alice.tenant))[0]
+    assert (log.client_disconnected, log.status_code) == (True, 499)

@@ -36,3 +36,41 @@ async def test_it_takes_startup_objects_out_of_the_garbage_collectors_walks() ->
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     # Everything loaded at startup, not a handful of objects.
     assert frozen_at_startup[0] > 10_000
+
+
+@override_settings(ENGINE_MANAGER_AUTOSTART=False, GC_THRESHOLDS=(12345, 7, 3))
+async def test_it_sets_the_collectors_thresholds_from_the_setting() -> None:
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    at_startup: list[tuple[int, ...]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            at_startup.append(gc.get_threshold())
+
+    before = gc.get_threshold()
+    try:
+        await LifespanApp()({"type": "lifespan"}, receive, send)
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+    assert at_startup == [(12345, 7, 3)]
+
+
+@pytest.mark.parametrize("raw", ["1,2", "1,2,x", "1,2,3,4", "1,-2,3"])
+def test_it_refuses_a_malformed_gc_thresholds_setting(monkeypatch, raw: str) -> None:
+    from config.settings import ImproperEnv, _gc_thresholds
+
+    monkeypatch.setenv("GC_THRESHOLDS", raw)
+    with pytest.raises(ImproperEnv, match="GC_THRESHOLDS must be three integers >= 0"):
+        _gc_thresholds()
+
+
+def test_it_reads_gc_thresholds_from_the_environment(monkeypatch) -> None:
+    from config.settings import _gc_thresholds
+
+    monkeypatch.setenv("GC_THRESHOLDS", "700, 10, 10")
+    assert _gc_thresholds() == (700, 10, 10)

@@ -92,8 +92,11 @@ def test_a_later_round_streams_loading_comments_when_the_engine_stopped_meanwhil
     after = [line for line in lines[tool + 1 :] if line.startswith(":")]
     assert before[:2] == [f"{LOADING} (1 s)", f"{LOADING} (2 s)"]
     assert after[:2] == [f"{LOADING} (1 s)", f"{LOADING} (2 s)"]
-    data = [line for line in lines if line.startswith("data: ")]
-    assert lines.index(after[-1]) < lines.index(data[0])  # no content before the answer
+    # The second round's comments all come before its first chunk.
+    second_round = lines[tool + 1 :]
+    last_comment = max(i for i, line in enumerate(second_round) if line.startswith(LOADING))
+    first_data = min(i for i, line in enumerate(second_round) if line.startswith("data: "))
+    assert last_comment < first_data
     assert json.loads(content_of(lines).removeprefix("Tool said: "))["stdout"] == "up\n"
     assert lines[-1] == "data: [DONE]"
     metrics = httpx.get(
