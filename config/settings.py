@@ -341,11 +341,12 @@ def _gc_thresholds() -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
-# gc.set_threshold() of each gateway process after startup (Python's default: 2000,10,10).
-# A request allocates a few thousand container objects, so the default ran a young
-# collection every request or so and an old one every few hundred; with these the bench's
-# full pipeline (bench/README.md, 2026-12-04) spent 316 µs CPU per request instead of 335
-# and its p99 in (c) dropped by several ms. Startup objects are frozen either way.
+# gc.set_threshold() of each gateway process after startup (Python 3.11's default:
+# 700,10,10). A request allocates a few thousand container objects, so the default runs
+# young collections several times per request. Measured with the full pipeline in the
+# bench's (a) (bench/README.md, 2026-12-04): gateway CPU per request 335 -> 316 µs on an
+# AMD EPYC host, 725-732 -> 656-694 µs on an Intel Xeon one (req/s 0.45-0.47 -> 0.49 of the
+# bare proxy); (c)'s longest pause did not grow. Startup objects are frozen either way.
 GC_THRESHOLDS = _gc_thresholds()
 # Response cache (apps/cache): default TTL of cached answers of deterministic requests, in
 # seconds (0 = off unless a cache policy in the admin turns it on for a tenant or model);
