@@ -12,6 +12,7 @@ every request in flight across processes) and the owner's state updates.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,13 +70,28 @@ class ControlConnection:
 
     def __init__(self) -> None:
         self._conn: psycopg.AsyncConnection | None = None
+        self._connecting = asyncio.Lock()
+        # Connections opened so far. A lock taken in one epoch is gone in the next: the
+        # manager compares, because any statement reconnects a lost connection silently.
+        self.epoch = 0
 
     async def connect(self) -> None:
-        if self._conn is None or self._conn.closed:
+        if self.connected:
+            return
+        # One caller at a time: two racing here would each open a connection, and the
+        # locks taken on the one overwritten would go when it is garbage-collected, with
+        # this process still believing it owns their replicas.
+        async with self._connecting:
+            if self.connected:
+                return
+            broken, self._conn = self._conn, None
+            if broken is not None:
+                await broken.close()
             self._conn = await psycopg.AsyncConnection.connect(
                 **{**connection_kwargs(), "application_name": "gateway-engine-manager"},
                 autocommit=True,
             )
+            self.epoch += 1
 
     @property
     def connected(self) -> bool:
@@ -108,6 +124,13 @@ class ControlConnection:
 
     async def unlock(self, key: int) -> None:
         await self.one("SELECT pg_advisory_unlock(%(key)s)", {"key": key})
+
+    async def owner(self, row_id: int) -> tuple[int | None, str]:
+        """The owner recorded on the row: process id and host."""
+        row = await self.one(
+            f"SELECT owner_pid, owner_host FROM {_TABLE} WHERE id = %(id)s", {"id": row_id}
+        )
+        return (row[0], row[1]) if row else (None, "")
 
     # --- rows -------------------------------------------------------------------------
 

@@ -13,7 +13,10 @@ through that row (an atomic counter, so drains see them) and asks the owner for 
 variant or an operator action by writing on it. The owner polls the row every
 ENGINE_OWNER_POLL_SECONDS. If the owner dies, PostgreSQL releases the lock and the next
 process that needs the replica (or notices its heartbeat stopped) takes over, first
-killing the previous owner's engine process if it is still running.
+killing the previous owner's engine process if it is still running. If the manager's own
+connection is lost, its locks go with it: a tick that finds it broken stops the engines at
+once; a reconnect made by some other statement first is seen on the next tick, which
+takes back the locks nobody took meanwhile (the engines keep running) and stops the rest.
 
 Swaps. A replica runs one variant at a time. When a request needs another one, a swap
 starts: it waits for the requests in flight on the old variant (bounded by
@@ -110,6 +113,8 @@ class EngineManager:
         self.control = ControlConnection()
         self.launches = 0  # engine processes this manager started (tests, status)
         self._replicas: dict[Key, Replica] = {}
+        self._dropped: dict[Key, Replica] = {}  # stopped with the lock lost; rows not tidied
+        self._locks_checked_epoch = 0
         self._claim_locks: dict[Key, asyncio.Lock] = {}
         self._background: set[asyncio.Task] = set()
         self._tick_task: asyncio.Task | None = None
@@ -224,6 +229,8 @@ class EngineManager:
             lock_id = lock_key(engine_id=key[0], replica=key[1])
             if not await self.control.try_lock(lock_id):
                 return None  # another process owns it (the cheap, common answer)
+            epoch = self.control.epoch  # the connection that holds the lock
+            self._dropped.pop(key, None)  # its row is ours again: claim() rewrites it
             try:
                 engine, row_id, last_variant = await engine_row(*key)
                 await self._kill_previous_process(row_id, engine)
@@ -239,6 +246,7 @@ class EngineManager:
                 replica=key[1],
                 row_id=row_id,
                 last_variant_id=last_variant,
+                lock_epoch=epoch,
             )
             self._replicas[key] = replica
             replica.start_driver()
@@ -274,22 +282,26 @@ class EngineManager:
             if stop and replica.process is not None:
                 await replica.stop_process()
                 replica.state, replica.variant = State.STOPPED, None
-            await self.control.update(
-                replica.row_id,
-                state=replica.state,
-                pid=None,
-                port=None,
-                base_url="",
-                in_flight=0,
-                queued=0,
-                owner_pid=None,
-                owner_host="",
-                swap_since=None,
-                log_tail=replica.log.tail(),
-                state_changed_at=NOW,
-            )
-            await self.control.unlock(lock_key(engine_id=replica.key[0], replica=replica.key[1]))
-            replica.log.close()
+            await self._release(replica)
+
+    async def _release(self, replica: Replica) -> None:
+        """Write the replica's row as nobody's, with nothing running, and unlock it."""
+        await self.control.update(
+            replica.row_id,
+            state=replica.state,
+            pid=None,
+            port=None,
+            base_url="",
+            in_flight=0,
+            queued=0,
+            owner_pid=None,
+            owner_host="",
+            swap_since=None,
+            log_tail=replica.log.tail(),
+            state_changed_at=NOW,
+        )
+        await self.control.unlock(lock_key(engine_id=replica.key[0], replica=replica.key[1]))
+        replica.log.close()
 
     # --- the owner loop -------------------------------------------------------------------
 
@@ -307,6 +319,10 @@ class EngineManager:
 
     async def _tick(self) -> None:
         await self.control.ping()
+        epoch = self.control.epoch
+        if epoch != self._locks_checked_epoch:
+            await self._retake_locks()
+            self._locks_checked_epoch = epoch
         for replica in list(self._replicas.values()):
             if not await replica.tick():
                 await self._give_up(replica, stop=True)
@@ -325,17 +341,60 @@ class EngineManager:
         if replica is not None and not await replica.tick():
             await self._give_up(replica, stop=True)
 
+    # --- a lost database connection ----------------------------------------------------
+
     async def _lost_connection(self) -> None:
-        """Without our connection we no longer hold the locks: another process may take
-        over at any moment, so our engine processes must go."""
-        for replica in list(self._replicas.values()):
+        await self._drop(list(self._replicas.values()))
+        await self.control.close()
+
+    async def _drop(self, replicas: list[Replica]) -> None:
+        """Without the connection that took their locks we no longer own these replicas:
+        another process may take over at any moment, so their engine processes must go.
+        Their rows still advertise them until we hold their locks again (_retake_locks)."""
+        for replica in replicas:
+            logger.warning(
+                "engine %s: the database connection holding its lock was lost; stopping "
+                "its engine (another process may own it now)",
+                replica.label,
+            )
             self._replicas.pop(replica.key, None)
             replica.dropped = True
             replica.changed.fire()
             await replica.stop_driver()
             with contextlib.suppress(Exception):
                 await replica.stop_process()
-        await self.control.close()
+            replica.state, replica.variant = State.STOPPED, None
+            self._dropped[replica.key] = replica
+
+    async def _retake_locks(self) -> None:
+        """After a reconnect (any statement reconnects a lost connection, and the locks
+        went with the old one): keep the replicas nobody took meanwhile, stop the others,
+        and write the rows of those dropped as stopped, so nobody is sent to them."""
+        epoch = self.control.epoch
+        for replica in [r for r in self._replicas.values() if r.lock_epoch != epoch]:
+            if await self._retake(replica):
+                replica.lock_epoch = self.control.epoch  # the connection that took it
+            else:
+                await self._drop([replica])
+        for key in list(self._dropped):
+            async with self._claim_locks.setdefault(key, asyncio.Lock()):
+                replica = self._dropped.pop(key, None)
+                if (
+                    replica is not None
+                    and key not in self._replicas
+                    and await self._retake(replica)
+                ):
+                    await self._release(replica)
+
+    async def _retake(self, replica: Replica) -> bool:
+        """Hold the replica's lock again if nobody owned the replica since; else hold none."""
+        lock_id = lock_key(engine_id=replica.key[0], replica=replica.key[1])
+        if not await self.control.try_lock(lock_id):
+            return False
+        if await self.control.owner(replica.row_id) == (os.getpid(), socket.gethostname()):
+            return True
+        await self.control.unlock(lock_id)
+        return False
 
     # --- observation --------------------------------------------------------------------
 

@@ -57,8 +57,10 @@ class Replica:
         replica: int,
         row_id: int,
         last_variant_id: int | None,
+        lock_epoch: int,
     ) -> None:
         self.manager = manager
+        self.lock_epoch = lock_epoch  # the control connection's epoch that holds our lock
         self.engine = engine
         self.replica = replica
         self.key: Key = (engine.id, replica)

@@ -121,7 +121,9 @@ async def eventually(check: Callable[[], object], *, within: float = 10.0):
 
 class Worker:
     """A separate process with its own EngineManager, on the test database; its JSON
-    lines are read by a thread, so waiting for one never blocks on a half-read buffer."""
+    lines are read by a thread, so waiting for one never blocks on a half-read buffer.
+    Its stderr (its log) goes to a file, printed when it finishes: pytest shows it when
+    the test fails, which is the only way to know what the other process saw."""
 
     def __init__(
         self, *, engine_id: int, variant_id: int, log_dir: Path, stop: Path, go: Path | None
@@ -133,14 +135,21 @@ class Worker:
         args = ["--engine", str(engine_id), "--variant", str(variant_id)]
         args += ["--log-dir", str(log_dir), "--stop", str(stop)]
         args += ["--go", str(go)] if go else []
-        env = {**os.environ, "DATABASE_URL": database_url(connection.settings_dict)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.engines.manager_worker", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url(connection.settings_dict),
+            "LOG_LEVEL": "INFO",
+        }
+        self.stderr_path = log_dir / f"worker-{time.monotonic_ns()}.stderr"
+        with self.stderr_path.open("w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.engines.manager_worker", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
         self.stop_file = stop
         self.messages: queue.Queue[dict | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -171,3 +180,5 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        print(f"--- worker {self.pid} (exit code {self.process.returncode}), its stderr:")
+        print(self.stderr_path.read_text())
