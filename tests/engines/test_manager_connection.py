@@ -107,3 +107,26 @@ async def test_it_stops_its_engine_when_another_process_took_the_lock_meanwhile(
         assert await chat(lease.base_url) == 200
     assert (await instance(engine)).pid != pid
     assert not await lock_is_free(key)
+
+
+async def test_it_stops_its_engine_and_frees_the_row_when_its_tick_finds_the_connection_lost(
+    manager: EngineManager,
+) -> None:
+    engine, variant, key, pid = await running_engine(manager)
+    (backend,) = await manager.control.one("SELECT pg_backend_pid()")
+    async with await psycopg.AsyncConnection.connect(**connection_kwargs()) as admin:
+        await admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+
+    await eventually(lambda: gone(pid), within=5)  # the tick's ping failed
+    # Once reconnected, the row no longer sends anyone to the stopped engine.
+    await eventually(lambda: row_is_free(engine), within=5)
+    assert await lock_is_free(key)
+    async with manager.acquire(engine_id=engine.pk, variant_id=variant.pk) as lease:
+        assert await chat(lease.base_url) == 200
+    assert (await instance(engine)).pid != pid
+    assert manager.launches == 2
+
+
+async def row_is_free(engine) -> bool:
+    row = await instance(engine)
+    return row.state == "stopped" and row.base_url == "" and row.owner_pid is None
