@@ -155,6 +155,30 @@ def gateway(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Ga
     gateway.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _flush_retries_deadlocks() -> Iterator[None]:
+    """A test's table flush (one TRUNCATE of every table) can still deadlock with a write
+    a gateway process makes late for that test (see _let_the_gateway_settle); PostgreSQL
+    then rolls the whole flush back, so it is simply run again."""
+    from django.db import OperationalError
+    from django.db.backends.base.operations import BaseDatabaseOperations
+
+    flush = BaseDatabaseOperations.execute_sql_flush
+
+    def flush_retrying(self, sql_list: list[str]) -> None:
+        for attempt in range(3):
+            try:
+                return flush(self, sql_list)
+            except OperationalError as exc:
+                if "deadlock detected" not in str(exc) or attempt == 2:
+                    raise
+                time.sleep(0.2)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BaseDatabaseOperations, "execute_sql_flush", flush_retrying)
+        yield
+
+
 def _uses_a_gateway(value: object) -> bool:
     """A fixture value that is a gateway process, or holds one (a list, a tuple, a dict)."""
     if isinstance(value, GatewayProcess):
