@@ -36,11 +36,11 @@ def test_it_logs_a_stall_with_what_blocked_the_loop(caplog) -> None:
 
     asyncio.run(run_watched(30, lambda: block_the_loop_in_json_parsing(0.2)))
 
-    # The one stall whose stack names the blocking call (a loaded host may add others).
-    [line] = [x for x in stall_lines(caplog) if "block_the_loop_in_json_parsing" in x]
+    # The one stall caught inside the blocking call (a loaded host may add others, and
+    # their stacks may quote this test's line that names it, hence the frame's own name).
+    [line] = [x for x in stall_lines(caplog) if ", in block_the_loop_in_json_parsing\n" in x]
     stalled_ms = float(line.split("stalled ")[1].split(" ms")[0])
     assert 190 <= stalled_ms < 400
-    assert "block_the_loop_in_json_parsing" in line  # the stack taken during the stall
 
 
 def test_it_names_the_garbage_collections_during_a_stall(caplog) -> None:
