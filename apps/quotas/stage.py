@@ -34,6 +34,7 @@ from apps.core.context import RequestContext
 from apps.core.errors import ApiError
 from apps.engines.sizing import TOKENIZE, prompt_token_bound, prompt_tokens
 from apps.engines.stage import GENERATING_ENDPOINTS
+from apps.quotas import services
 from apps.quotas.batching import reserve_batcher, settle_batcher
 from apps.quotas.costs import actual_cost, max_cost, money, prices_of
 from apps.quotas.errors import budget_exceeded_error, quota_exceeded_error
@@ -43,8 +44,6 @@ from apps.quotas.services import (
     ApplicableQuota,
     QuotaExceeded,
     ReservationTicket,
-    quota_reserve,
-    quota_settle,
     reserve_params,
     sweep_due,
     sweep_now,
@@ -55,8 +54,9 @@ from apps.tenants.auth import Principal
 
 logger = logging.getLogger(__name__)
 
-_reserve = database_sync_to_async(quota_reserve, thread_sensitive=False)
-_settle = database_sync_to_async(quota_settle, thread_sensitive=False)
+# The services' own reserve and settle, on a thread (this module's names are the stages').
+_reserve = database_sync_to_async(services.quota_reserve, thread_sensitive=False)
+_settle = database_sync_to_async(services.quota_settle, thread_sensitive=False)
 _settling: set[asyncio.Task] = set()
 
 
