@@ -179,23 +179,13 @@ def _flush_retries_deadlocks() -> Iterator[None]:
         yield
 
 
-def _uses_a_gateway(value: object) -> bool:
-    """A fixture value that is a gateway process, or holds one (a list, a tuple, a dict)."""
-    if isinstance(value, GatewayProcess):
-        return True
-    items = value.values() if isinstance(value, dict) else value
-    if isinstance(items, list | tuple | type({}.values())):
-        return any(isinstance(item, GatewayProcess) for item in items)
-    return False
-
-
 @pytest.fixture(autouse=True)
 def _let_the_gateway_settle(request) -> Iterator[None]:
     """After an end-to-end test, give its gateway processes time to write their batched
     request logs (REQUEST_LOG_FLUSH_SECONDS is 0.05 here), so the test's table flush never
     races with (or deadlocks against) that write: whatever the gateway fixture's name."""
     yield
-    if any(_uses_a_gateway(value) for value in request.node.funcargs.values()):
+    if any(isinstance(value, GatewayProcess) for value in request.node.funcargs.values()):
         time.sleep(0.15)
 
 

@@ -344,13 +344,15 @@ class EngineManager:
     # --- a lost database connection ----------------------------------------------------
 
     async def _lost_connection(self) -> None:
-        await self._drop(list(self._replicas.values()))
+        replicas = list(self._replicas.values())
+        await self._drop(replicas)
+        # Their rows still advertise them until we hold their locks again (_retake_locks).
+        self._dropped.update((replica.key, replica) for replica in replicas)
         await self.control.close()
 
     async def _drop(self, replicas: list[Replica]) -> None:
         """Without the connection that took their locks we no longer own these replicas:
-        another process may take over at any moment, so their engine processes must go.
-        Their rows still advertise them until we hold their locks again (_retake_locks)."""
+        another process may take over at any moment, so their engine processes must go."""
         for replica in replicas:
             logger.warning(
                 "engine %s: the database connection holding its lock was lost; stopping "
@@ -364,12 +366,12 @@ class EngineManager:
             with contextlib.suppress(Exception):
                 await replica.stop_process()
             replica.state, replica.variant = State.STOPPED, None
-            self._dropped[replica.key] = replica
 
     async def _retake_locks(self) -> None:
         """After a reconnect (any statement reconnects a lost connection, and the locks
-        went with the old one): keep the replicas nobody took meanwhile, stop the others,
-        and write the rows of those dropped as stopped, so nobody is sent to them."""
+        went with the old one): keep the replicas nobody took meanwhile, stop the others
+        (their rows are their new owners'), and write the rows of those dropped with the
+        lost connection as stopped, so nobody is sent to them."""
         epoch = self.control.epoch
         for replica in [r for r in self._replicas.values() if r.lock_epoch != epoch]:
             if await self._retake(replica):
