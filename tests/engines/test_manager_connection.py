@@ -12,8 +12,8 @@ import pytest
 from apps.core.db import connection_kwargs
 from apps.engines.instance_store import ControlConnection, lock_key
 from apps.engines.manager import EngineManager
-from tests.engines.manager_helpers import chat, create_managed, eventually, instance
-from tests.engines.test_manager_recovery import gone
+from tests.engines.manager_helpers import create_managed, eventually, instance
+from tests.engines.test_manager_recovery import gone, use
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -44,15 +44,19 @@ async def test_it_keeps_a_lock_taken_while_other_callers_open_the_connection() -
         await control.close()
 
 
-async def drop_connection_and_reconnect(manager: EngineManager, engine_settings) -> None:
-    """The manager's connection drops (a database restart, a network blip) and a
-    request's statement reconnects before the owner's tick notices: the new connection
-    holds no lock."""
-    engine_settings.ENGINE_OWNER_POLL_SECONDS = 1.0
-    await asyncio.sleep(0.3)  # the tick is now in its longer sleep
+async def drop_connection(manager: EngineManager) -> None:
+    """PostgreSQL ends the manager's connection (a database restart, a network blip)."""
     (backend,) = await manager.control.one("SELECT pg_backend_pid()")
     async with await psycopg.AsyncConnection.connect(**connection_kwargs()) as admin:
         await admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+
+
+async def drop_connection_and_reconnect(manager: EngineManager, engine_settings) -> None:
+    """The manager's connection drops and a request's statement reconnects before the
+    owner's tick notices: the new connection holds no lock."""
+    engine_settings.ENGINE_OWNER_POLL_SECONDS = 1.0
+    await asyncio.sleep(0.3)  # the tick is now in its longer sleep
+    await drop_connection(manager)
     with pytest.raises(psycopg.OperationalError):
         await manager.control.ping()
     await manager.control.ping()  # reconnected
@@ -61,8 +65,7 @@ async def drop_connection_and_reconnect(manager: EngineManager, engine_settings)
 
 async def running_engine(manager: EngineManager) -> tuple[object, object, int, int]:
     engine, (variant, _) = await create_managed()
-    async with manager.acquire(engine_id=engine.pk, variant_id=variant.pk) as lease:
-        assert await chat(lease.base_url) == 200
+    await use(manager, engine, variant)
     key = lock_key(engine_id=engine.pk, replica=0)
     assert not await lock_is_free(key)
     return engine, variant, key, (await instance(engine)).pid
@@ -76,8 +79,7 @@ async def test_it_takes_its_lock_back_after_a_reconnect_if_nobody_took_it(
     assert await lock_is_free(key)
 
     await eventually(lambda: not_free(key), within=5)
-    async with manager.acquire(engine_id=engine.pk, variant_id=variant.pk) as lease:
-        assert await chat(lease.base_url) == 200
+    await use(manager, engine, variant)
     assert (await instance(engine)).pid == pid  # the engine kept running, nothing relaunched
     assert manager.launches == 1
 
@@ -103,8 +105,7 @@ async def test_it_stops_its_engine_when_another_process_took_the_lock_meanwhile(
         assert manager.replica(engine_id=engine.pk) is None
     finally:
         await other.close()  # and dies: the lock is free again
-    async with manager.acquire(engine_id=engine.pk, variant_id=variant.pk) as lease:
-        assert await chat(lease.base_url) == 200
+    await use(manager, engine, variant)
     assert (await instance(engine)).pid != pid
     assert not await lock_is_free(key)
 
@@ -113,16 +114,13 @@ async def test_it_stops_its_engine_and_frees_the_row_when_its_tick_finds_the_con
     manager: EngineManager,
 ) -> None:
     engine, variant, key, pid = await running_engine(manager)
-    (backend,) = await manager.control.one("SELECT pg_backend_pid()")
-    async with await psycopg.AsyncConnection.connect(**connection_kwargs()) as admin:
-        await admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+    await drop_connection(manager)
 
     await eventually(lambda: gone(pid), within=5)  # the tick's ping failed
     # Once reconnected, the row no longer sends anyone to the stopped engine.
     await eventually(lambda: row_is_free(engine), within=5)
     assert await lock_is_free(key)
-    async with manager.acquire(engine_id=engine.pk, variant_id=variant.pk) as lease:
-        assert await chat(lease.base_url) == 200
+    await use(manager, engine, variant)
     assert (await instance(engine)).pid != pid
     assert manager.launches == 2
 
